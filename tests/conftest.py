@@ -1,0 +1,109 @@
+"""Shared fixtures: a real redis-server on a free port, and small real data sets."""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+ML100K = Path(__import__("os").environ.get("PSAD_ML100K", REPO.parent / "shared" / "data" / "ml-100k"))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class RedisServer:
+    """A real redis-server process that tests may stop and restart on the same port."""
+
+    def __init__(self, workdir: Path):
+        binary = shutil.which("redis-server")
+        if binary is None:
+            pytest.fail("redis-server is not installed: run `make setup` (apt-get install redis-server)")
+        self.binary = binary
+        self.workdir = workdir
+        self.port = free_port()
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(
+            [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+             "--dir", str(self.workdir)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2) as s:
+                    s.sendall(b"PING\r\n")
+                    if s.recv(16).startswith(b"+PONG"):
+                        return
+            except OSError:
+                time.sleep(0.05)
+        raise RuntimeError(f"redis-server did not start on port {self.port}")
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.terminate()
+            self.proc.wait(timeout=10)
+            self.proc = None
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    server = RedisServer(tmp_path_factory.mktemp("redis"))
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def ml100k_dir() -> Path:
+    if not (ML100K / "u.data").is_file():
+        pytest.skip(f"MovieLens-100K not found at {ML100K} (set PSAD_ML100K); licence forbids shipping it")
+    return ML100K
+
+
+# Small real artefacts, built once per session and shared by the tests downstream of them:
+# data set -> training run -> exported bundle. Each is built by the real code path.
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from training.data.synthetic import build_synthetic
+
+    out = tmp_path_factory.mktemp("data") / "tiny"
+    build_synthetic(out, lists=1200, users=80, items=150, list_length=10, max_history=20, seed=0)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tiny_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from training.config import TrainConfig
+    from training.train import train
+
+    out = tmp_path_factory.mktemp("runs") / "tiny"
+    config = TrainConfig.small_for_tests()
+    train(tiny_data, config, out, progress=False)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle(tiny_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from export.bundle import export_run
+
+    repo = tmp_path_factory.mktemp("models")
+    return export_run(tiny_run, repo, name="psad", version=1)

@@ -1,0 +1,214 @@
+"""The on-disk data-set format, written by every builder and read by training and profile loading.
+
+A data set is a directory:
+
+    schema.json        FeatureSchema (versioned)
+    vocab.json         Vocabularies: item ids and categorical user-feature values
+    stats.json         the summary printed at build time
+    users.parquet      user_id (str), <user categorical> (int64, encoded), <user numeric> (float32)
+    items.parquet      item_index (int64, 0..n_items-1 in order), item_id (str, "" for reserved rows),
+                       <item categorical> (int64), <item numeric> (float32)
+    behaviours.parquet user_id (str), item_id (str), timestamp (int64, unix s), action (str);
+                       sorted by user_id, timestamp; the source of histories and online profiles
+    {train,val,test}.parquet  one row per displayed list:
+                       list_id (int64), user_id (str), timestamp (int64),
+                       items (list<int64>, encoded, in the ranking stage's order),
+                       cand_<name> (list<float32>) for each schema.candidate_numeric feature,
+                       labels (list<float32>),
+                       hist_items / hist_ts / hist_actions (list<int64>): the user's last
+                       max_history behaviours strictly before `timestamp`, oldest first;
+                       builders may add list columns of their own (the simulator adds
+                       `attraction`), carried through as `extras`.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from training.features import EncodedProfile, assemble
+from training.schema import FeatureSchema, SchemaError, Vocabularies
+
+SPLITS = ("train", "val", "test")
+LIST_COLUMNS = ("list_id", "user_id", "timestamp", "items", "labels", "hist_items", "hist_ts", "hist_actions")
+
+
+class DataError(ValueError):
+    """A data file is invalid; the message names the file, row and column and the fix."""
+
+
+@dataclass
+class ListData:
+    """One split, padded and ready for batching: model inputs plus labels and extras."""
+
+    inputs: dict[str, np.ndarray]  # as training.features.assemble returns
+    labels: np.ndarray  # float32 [N, L]
+    list_ids: np.ndarray  # int64 [N]
+    user_ids: np.ndarray  # object [N]
+    extras: dict[str, np.ndarray] = field(default_factory=dict)  # float32 [N, L] each
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def take(self, idx: np.ndarray) -> ListData:
+        return ListData(
+            inputs={k: v[idx] for k, v in self.inputs.items()},
+            labels=self.labels[idx],
+            list_ids=self.list_ids[idx],
+            user_ids=self.user_ids[idx],
+            extras={k: v[idx] for k, v in self.extras.items()},
+        )
+
+
+def write_dataset(
+    out: Path,
+    schema: FeatureSchema,
+    vocabs: Vocabularies,
+    users: pd.DataFrame,
+    items: pd.DataFrame,
+    behaviours: pd.DataFrame,
+    splits: dict[str, pd.DataFrame],
+) -> dict:
+    """Validate and write a data set; returns the summary (also saved as stats.json)."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    schema.validate()
+    if len(items) != schema.n_items:
+        raise DataError(f"items table has {len(items)} rows but schema.n_items={schema.n_items}")
+    for name in SPLITS:
+        if name not in splits or len(splits[name]) == 0:
+            raise DataError(f"split {name!r} is empty: the source has too little data after filtering")
+        missing = [c for c in LIST_COLUMNS if c not in splits[name].columns]
+        missing += [f"cand_{f.name}" for f in schema.candidate_numeric if f"cand_{f.name}" not in splits[name].columns]
+        if missing:
+            raise DataError(f"split {name!r} lacks column(s) {missing}")
+    schema.save(out / "schema.json")
+    vocabs.save(out / "vocab.json")
+    users.to_parquet(out / "users.parquet", index=False)
+    items.to_parquet(out / "items.parquet", index=False)
+    behaviours.to_parquet(out / "behaviours.parquet", index=False)
+    for name in SPLITS:
+        pq.write_table(pa.Table.from_pandas(splits[name], preserve_index=False), out / f"{name}.parquet")
+    stats = summarise(splits, n_users=len(users), n_items=schema.n_items)
+    (out / "stats.json").write_text(json.dumps(stats, indent=2))
+    return stats
+
+
+def summarise(splits: dict[str, pd.DataFrame], n_users: int, n_items: int) -> dict:
+    per_split = {}
+    for name, df in splits.items():
+        lengths = df["items"].map(len)
+        clicks = np.concatenate([np.asarray(x, dtype=np.float32) for x in df["labels"]]) if len(df) else np.zeros(0)
+        per_split[name] = {
+            "lists": int(len(df)),
+            "users": int(df["user_id"].nunique()),
+            "mean_list_length": float(lengths.mean()) if len(df) else 0.0,
+            "mean_history_length": float(df["hist_items"].map(len).mean()) if len(df) else 0.0,
+            "click_rate": float((clicks > 0).mean()) if len(clicks) else 0.0,
+        }
+    return {"users": n_users, "items": n_items - 2, "splits": per_split}
+
+
+def format_summary(stats: dict) -> str:
+    rows = [f"users {stats['users']:,}   items {stats['items']:,}"]
+    rows.append(f"{'split':<6} {'lists':>9} {'users':>7} {'mean L':>7} {'mean H':>7} {'click rate':>10}")
+    for name, s in stats["splits"].items():
+        rows.append(
+            f"{name:<6} {s['lists']:>9,} {s['users']:>7,} {s['mean_list_length']:>7.2f} "
+            f"{s['mean_history_length']:>7.2f} {s['click_rate']:>10.4f}"
+        )
+    return "\n".join(rows)
+
+
+def load_schema(data_dir: Path) -> FeatureSchema:
+    data_dir = Path(data_dir)
+    if not data_dir.is_dir():
+        raise DataError(f"{data_dir}: data directory not found; build one with `psad data build`")
+    return FeatureSchema.load(data_dir / "schema.json")
+
+
+def load_vocabs(data_dir: Path, schema: FeatureSchema) -> Vocabularies:
+    return Vocabularies.load(Path(data_dir) / "vocab.json", schema)
+
+
+def load_items(data_dir: Path, schema: FeatureSchema) -> tuple[np.ndarray, np.ndarray]:
+    """Item side tables by item index: categorical int64 [n_items, n_cat], numeric float32 [n_items, n_num]."""
+    df = pd.read_parquet(Path(data_dir) / "items.parquet")
+    if len(df) != schema.n_items or not (df["item_index"].to_numpy() == np.arange(schema.n_items)).all():
+        raise DataError(f"{data_dir}/items.parquet: item_index must be 0..{schema.n_items - 1} in order")
+    cat = df[[f.name for f in schema.item_categorical]].to_numpy(dtype=np.int64).reshape(len(df), -1)
+    num = df[[f.name for f in schema.item_numeric]].to_numpy(dtype=np.float32).reshape(len(df), -1)
+    return cat, num
+
+
+def load_users(data_dir: Path, schema: FeatureSchema) -> pd.DataFrame:
+    return pd.read_parquet(Path(data_dir) / "users.parquet").set_index("user_id")
+
+
+def load_split(data_dir: Path, split: str, schema: FeatureSchema | None = None) -> ListData:
+    """Read one split and assemble its model inputs with the same code the service uses."""
+    if split not in SPLITS:
+        raise DataError(f"split must be one of {SPLITS}, got {split!r}")
+    data_dir = Path(data_dir)
+    schema = schema or load_schema(data_dir)
+    path = data_dir / f"{split}.parquet"
+    if not path.is_file():
+        raise DataError(f"{path}: split file not found; rebuild the data set")
+    df = pd.read_parquet(path)
+    users = load_users(data_dir, schema)
+    ucat_cols = [f.name for f in schema.user_categorical]
+    unum_cols = [f.name for f in schema.user_numeric]
+    known = df["user_id"].isin(users.index)
+    if not known.all():
+        raise DataError(f"{path}: user_id {df.loc[~known, 'user_id'].iloc[0]!r} is not in users.parquet")
+    urows = users.loc[df["user_id"]]
+    ucat = urows[ucat_cols].to_numpy(dtype=np.int64).reshape(len(df), -1)
+    unum = urows[unum_cols].to_numpy(dtype=np.float32).reshape(len(df), -1)
+    profiles = [
+        EncodedProfile(
+            user_cat=ucat[i],
+            user_num=unum[i],
+            hist_items=np.asarray(hi, dtype=np.int64),
+            hist_ts=np.asarray(ht, dtype=np.int64),
+            hist_actions=np.asarray(ha, dtype=np.int64),
+        )
+        for i, (hi, ht, ha) in enumerate(zip(df["hist_items"], df["hist_ts"], df["hist_actions"]))
+    ]
+    cand_items = [np.asarray(x, dtype=np.int64) for x in df["items"]]
+    num_cols = [df[f"cand_{f.name}"] for f in schema.candidate_numeric]
+    cand_num = [
+        np.stack([np.asarray(col.iloc[i], dtype=np.float32) for col in num_cols], axis=-1)
+        if num_cols
+        else np.zeros((len(cand_items[i]), 0), np.float32)
+        for i in range(len(df))
+    ]
+    inputs = assemble(schema, profiles, cand_items, cand_num, df["timestamp"].to_numpy(dtype=np.float64))
+    lmax = inputs["cand_items"].shape[1]
+
+    def pad(col: pd.Series) -> np.ndarray:
+        arr = np.zeros((len(df), lmax), dtype=np.float32)
+        for i, x in enumerate(col):
+            arr[i, : len(x)] = x
+        return arr
+
+    extra_cols = [c for c in df.columns if c not in LIST_COLUMNS and not c.startswith("cand_")]
+    return ListData(
+        inputs=inputs,
+        labels=pad(df["labels"]),
+        list_ids=df["list_id"].to_numpy(dtype=np.int64),
+        user_ids=df["user_id"].to_numpy(dtype=object),
+        extras={c: pad(df[c]) for c in extra_cols},
+    )
+
+
+def check_schema_files(data_dir: Path) -> None:
+    """Fail early with a clear message when a directory is not a data set."""
+    for name in ("schema.json", "vocab.json", "items.parquet", "users.parquet", *(f"{s}.parquet" for s in SPLITS)):
+        if not (Path(data_dir) / name).is_file():
+            raise SchemaError(f"{data_dir}: {name} missing; is this a data set built by `psad data build`?")

@@ -1,0 +1,250 @@
+"""The feature schema: the one data contract shared by training, export and the service.
+
+A data set, a training run and a model bundle each carry a copy of the schema as JSON; the
+service assembles model inputs from it, so the three agree by construction. Nothing here
+imports torch: the service uses this module without it.
+
+Index conventions (every vocabulary): 0 = padding / missing, 1 = out-of-vocabulary
+(never seen in training), 2.. = known values.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+SCHEMA_VERSION = 1
+PAD = 0
+OOV = 1
+N_RESERVED = 2
+
+
+class SchemaError(ValueError):
+    """A schema or vocabulary file is invalid; the message names the field and the fix."""
+
+
+@dataclass(frozen=True)
+class CategoricalFeature:
+    name: str
+    cardinality: int  # vocabulary size including the reserved PAD and OOV rows
+
+
+@dataclass(frozen=True)
+class NumericFeature:
+    """A float feature, standardised inside the model with training-split statistics."""
+
+    name: str
+    mean: float = 0.0
+    std: float = 1.0
+
+
+@dataclass(frozen=True)
+class FeatureSchema:
+    """What a list, its user and its candidates look like to the model.
+
+    user_*: static user features (stored in the user's profile).
+    item_*: static item features (baked into the model as lookup tables by item index).
+    candidate_numeric: per-impression candidate features sent with each request
+        (``rank_score`` is the ranking stage's score); the initial position of a candidate
+        is its index in the list the ranking stage sent.
+    history: the last ``max_history`` behaviours (item, timestamp, action) before the list.
+    """
+
+    n_items: int  # item vocabulary size, reserved rows included
+    actions: tuple[str, ...]  # behaviour types; index = N_RESERVED + position
+    max_history: int
+    max_list: int
+    user_categorical: tuple[CategoricalFeature, ...] = ()
+    user_numeric: tuple[NumericFeature, ...] = ()
+    item_categorical: tuple[CategoricalFeature, ...] = ()
+    item_numeric: tuple[NumericFeature, ...] = ()
+    candidate_numeric: tuple[NumericFeature, ...] = (NumericFeature("rank_score"),)
+    label: str = "click"  # "click" (0/1) or "graded" (0..max_label)
+    max_label: float = 1.0
+    version: int = SCHEMA_VERSION
+    extra: dict[str, Any] = field(default_factory=dict)  # free-form provenance, not validated
+
+    @property
+    def n_actions(self) -> int:
+        return len(self.actions) + N_RESERVED
+
+    def action_index(self, action: str) -> int:
+        try:
+            return self.actions.index(action) + N_RESERVED
+        except ValueError:
+            return OOV
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, raw: Any) -> FeatureSchema:
+        if not isinstance(raw, dict):
+            raise SchemaError("schema: expected a JSON object at the top level")
+        version = raw.get("version")
+        if version != SCHEMA_VERSION:
+            raise SchemaError(
+                f"schema.version is {version!r}, this release reads version {SCHEMA_VERSION}: "
+                "rebuild the data set (psad data build) or re-export the model with this release"
+            )
+        known = set(cls.__dataclass_fields__)
+        unknown = sorted(set(raw) - known)
+        if unknown:
+            raise SchemaError(f"schema: unknown field(s) {unknown}; allowed: {sorted(known)}")
+        try:
+            schema = cls(
+                n_items=int(raw["n_items"]),
+                actions=tuple(str(a) for a in raw["actions"]),
+                max_history=int(raw["max_history"]),
+                max_list=int(raw["max_list"]),
+                user_categorical=tuple(CategoricalFeature(**f) for f in raw.get("user_categorical", ())),
+                user_numeric=tuple(NumericFeature(**f) for f in raw.get("user_numeric", ())),
+                item_categorical=tuple(CategoricalFeature(**f) for f in raw.get("item_categorical", ())),
+                item_numeric=tuple(NumericFeature(**f) for f in raw.get("item_numeric", ())),
+                candidate_numeric=tuple(NumericFeature(**f) for f in raw.get("candidate_numeric", ())),
+                label=str(raw.get("label", "click")),
+                max_label=float(raw.get("max_label", 1.0)),
+                version=int(version),
+                extra=dict(raw.get("extra", {})),
+            )
+        except KeyError as exc:
+            raise SchemaError(f"schema: missing required field {exc.args[0]!r}") from None
+        except TypeError as exc:
+            raise SchemaError(f"schema: malformed feature entry ({exc})") from None
+        schema.validate()
+        return schema
+
+    def validate(self) -> None:
+        def need(cond: bool, msg: str) -> None:
+            if not cond:
+                raise SchemaError(f"schema.{msg}")
+
+        need(self.n_items > N_RESERVED, f"n_items must exceed {N_RESERVED} (reserved rows), got {self.n_items}")
+        need(self.max_history >= 0, f"max_history must be >= 0, got {self.max_history}")
+        need(self.max_list >= 1, f"max_list must be >= 1, got {self.max_list}")
+        need(self.label in ("click", "graded"), f"label must be 'click' or 'graded', got {self.label!r}")
+        need(self.max_label > 0, f"max_label must be > 0, got {self.max_label}")
+        need(len(set(self.actions)) == len(self.actions), f"actions has duplicates: {self.actions}")
+        groups = {
+            "user_categorical": self.user_categorical,
+            "user_numeric": self.user_numeric,
+            "item_categorical": self.item_categorical,
+            "item_numeric": self.item_numeric,
+            "candidate_numeric": self.candidate_numeric,
+        }
+        for group, feats in groups.items():
+            names = [f.name for f in feats]
+            need(len(set(names)) == len(names), f"{group} has duplicate names: {names}")
+            for f in feats:
+                if isinstance(f, CategoricalFeature):
+                    need(f.cardinality > N_RESERVED, f"{group}.{f.name}.cardinality must exceed {N_RESERVED}")
+                else:
+                    need(math.isfinite(f.mean), f"{group}.{f.name}.mean must be finite")
+                    need(math.isfinite(f.std) and f.std > 0, f"{group}.{f.name}.std must be finite and > 0")
+
+    def save(self, path: Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True))
+
+    @classmethod
+    def load(cls, path: Path) -> FeatureSchema:
+        path = Path(path)
+        if not path.is_file():
+            raise SchemaError(f"{path}: schema file not found; rebuild the data set with `psad data build`")
+        try:
+            raw = json.loads(path.read_text())
+        except json.JSONDecodeError as exc:
+            raise SchemaError(f"{path}: not valid JSON ({exc})") from None
+        return cls.from_dict(raw)
+
+
+class Vocab:
+    """Maps raw string values to indices; unseen values map to OOV, so new items never fail."""
+
+    def __init__(self, tokens: list[str]):
+        self.tokens = [str(t) for t in tokens]
+        self._index = {t: i + N_RESERVED for i, t in enumerate(self.tokens)}
+        if len(self._index) != len(self.tokens):
+            raise SchemaError("vocabulary has duplicate tokens")
+
+    def __len__(self) -> int:
+        return len(self.tokens) + N_RESERVED
+
+    def index(self, token: str) -> int:
+        return self._index.get(str(token), OOV)
+
+    def indices(self, tokens: list[str]) -> list[int]:
+        get = self._index.get
+        return [get(str(t), OOV) for t in tokens]
+
+
+@dataclass
+class Vocabularies:
+    """All vocabularies of a data set: items, plus one per categorical user feature.
+
+    Item categorical features need none at serving time: they are baked into the model.
+    """
+
+    items: Vocab
+    user_categorical: dict[str, Vocab]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "version": SCHEMA_VERSION,
+            "items": self.items.tokens,
+            "user_categorical": {k: v.tokens for k, v in self.user_categorical.items()},
+        }
+
+    def save(self, path: Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict()))
+
+    @classmethod
+    def load(cls, path: Path, schema: FeatureSchema) -> Vocabularies:
+        path = Path(path)
+        if not path.is_file():
+            raise SchemaError(f"{path}: vocabulary file not found")
+        try:
+            raw = json.loads(path.read_text())
+        except json.JSONDecodeError as exc:
+            raise SchemaError(f"{path}: not valid JSON ({exc})") from None
+        if raw.get("version") != SCHEMA_VERSION:
+            raise SchemaError(f"{path}: version {raw.get('version')!r}, expected {SCHEMA_VERSION}")
+        vocabs = cls(
+            items=Vocab(raw["items"]),
+            user_categorical={k: Vocab(v) for k, v in raw.get("user_categorical", {}).items()},
+        )
+        if len(vocabs.items) != schema.n_items:
+            raise SchemaError(f"{path}: {len(vocabs.items)} item rows but schema.n_items={schema.n_items}")
+        for f in schema.user_categorical:
+            v = vocabs.user_categorical.get(f.name)
+            if v is None or len(v) != f.cardinality:
+                raise SchemaError(f"{path}: user_categorical.{f.name} missing or size differs from the schema")
+        return vocabs
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    dtype: str  # numpy dtype name
+    dims: tuple[str, ...]  # symbolic: batch, list, history, or a fixed feature count name
+
+
+def model_inputs(schema: FeatureSchema) -> tuple[TensorSpec, ...]:
+    """The serving model's inputs, in order: ONNX input names and the service's arrays."""
+    return (
+        TensorSpec("user_cat", "int64", ("batch", str(len(schema.user_categorical)))),
+        TensorSpec("user_num", "float32", ("batch", str(len(schema.user_numeric)))),
+        TensorSpec("hist_items", "int64", ("batch", "history")),
+        TensorSpec("hist_actions", "int64", ("batch", "history")),
+        TensorSpec("hist_age", "float32", ("batch", "history")),  # days before the request, >= 0
+        TensorSpec("hist_mask", "bool", ("batch", "history")),
+        TensorSpec("cand_items", "int64", ("batch", "list")),
+        TensorSpec("cand_num", "float32", ("batch", "list", str(len(schema.candidate_numeric)))),
+        TensorSpec("cand_mask", "bool", ("batch", "list")),
+    )
+
+
+MODEL_OUTPUT = TensorSpec("scores", "float32", ("batch", "list"))
+INPUT_NAMES = tuple(s.name for s in model_inputs(FeatureSchema(n_items=3, actions=(), max_history=0, max_list=1)))
