@@ -1,0 +1,152 @@
+"""The generic builder: your own impression logs (CSV or Parquet) in the layout of docs/data.md#generic."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from training.data.generic import build_generic
+from training.data.store import SPLITS, DataError, load_items, load_schema, load_split
+
+N_REQUESTS, SHOWN, T0 = 40, 5, 1_700_000_000
+
+
+def impressions(graded: bool = False) -> pd.DataFrame:
+    """40 requests by 6 users, 5 shown items each (from 12), one request an hour."""
+    rows = []
+    for r in range(N_REQUESTS):
+        for pos in range(SHOWN):
+            item = (r * 3 + pos * 5) % 12
+            label = (item + r) % 3 if graded else int((item + r) % 3 == 0)
+            rows.append(
+                {"request_id": f"r{r}", "user_id": f"u{r % 6}", "timestamp": T0 + 3600 * r,
+                 "item_id": f"i{item}", "position": pos, "label": label, "f_price_rank": float(pos % 2)}
+            )  # fmt: skip
+    return pd.DataFrame(rows)
+
+
+def write_csv_example(directory: Path) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    impressions().to_csv(directory / "impressions.csv", index=False)
+    users = pd.DataFrame({"user_id": [f"u{u}" for u in range(6)], "age": [20 + u for u in range(6)],
+                          "country": ["fr", "de", "fr", "it", "de", "fr"]})  # fmt: skip
+    users.to_csv(directory / "users.csv", index=False)
+    items = pd.DataFrame({"item_id": [f"i{i}" for i in range(12)], "category": [f"c{i % 3}" for i in range(12)],
+                          "price": [1.5 * i for i in range(12)]})  # fmt: skip
+    items.to_csv(directory / "items.csv", index=False)
+    return directory
+
+
+def test_csv_example_builds_and_round_trips(tmp_path: Path) -> None:
+    out = tmp_path / "data"
+    stats = build_generic(write_csv_example(tmp_path / "src"), out, max_history=10, progress=False)
+    schema = load_schema(out)
+    assert [f.name for f in schema.user_numeric] == ["age"] and [f.name for f in schema.user_categorical] == ["country"]
+    assert [f.name for f in schema.item_numeric] == ["price"] and [f.name for f in schema.item_categorical] == [
+        "category"
+    ]
+    assert [f.name for f in schema.candidate_numeric] == ["rank_score", "f_price_rank"]
+    assert schema.actions == ("view", "click") and schema.label == "click" and schema.max_list == SHOWN
+    assert sum(s["lists"] for s in stats["splits"].values()) == N_REQUESTS
+    assert set(stats["initial_order"]) == {"val", "test"}
+    source = impressions()
+    cat, num = load_items(out, schema)
+    items = pd.read_parquet(out / "items.parquet")
+    price = dict(zip(items["item_id"], num[:, 0], strict=True))
+    assert price["i3"] == pytest.approx(4.5)
+    for name in SPLITS:
+        df = pd.read_parquet(out / f"{name}.parquet")
+        data = load_split(out, name)
+        assert data.inputs["cand_items"].shape == (len(df), SHOWN)
+        for request, labels, scores in zip(df["list_id"], df["labels"], df["cand_rank_score"], strict=True):
+            shown = source[source["request_id"] == f"r{request}"]  # list ids follow request time
+            assert list(labels) == shown.sort_values("position")["label"].tolist()
+            assert list(scores) == [-p for p in range(SHOWN)]  # derived from position: shown order kept
+        for ts, hist_ts in zip(df["timestamp"], df["hist_ts"], strict=True):
+            assert (np.asarray(hist_ts) < ts).all() and len(hist_ts) <= 10
+
+
+def test_split_is_by_request_time(tmp_path: Path) -> None:
+    out = tmp_path / "data"
+    build_generic(write_csv_example(tmp_path / "src"), out, max_history=10, progress=False)
+    parts = {s: pd.read_parquet(out / f"{s}.parquet") for s in SPLITS}
+    assert [len(parts[s]) for s in SPLITS] == [32, 4, 4]
+    assert parts["train"]["timestamp"].max() < parts["val"]["timestamp"].min()
+    assert parts["val"]["timestamp"].max() < parts["test"]["timestamp"].min()
+
+
+def test_parquet_example_with_behaviours_and_graded_labels(tmp_path: Path) -> None:
+    src, out = tmp_path / "src", tmp_path / "data"
+    src.mkdir()
+    impressions(graded=True).drop(columns="f_price_rank").assign(rank_score=lambda d: 10.0 - d["position"]).to_parquet(
+        src / "impressions.parquet"
+    )
+    behaviours = pd.DataFrame(
+        {"user_id": ["u0", "u0", "u1"], "item_id": ["i1", "i2", "i99"], "timestamp": [T0 - 10, T0 + 7200, T0 - 5],
+         "action": ["buy", "like", "buy"]}
+    )  # fmt: skip
+    behaviours.to_parquet(src / "behaviours.parquet")
+    build_generic(src, out, max_history=5, progress=False)
+    schema = load_schema(out)
+    assert schema.label == "graded" and schema.max_label == 2.0 and schema.actions == ("buy", "like")
+    assert schema.user_categorical == () and schema.item_numeric == ()
+    train = pd.read_parquet(out / "train.parquet")
+    first_u0 = train[train["user_id"] == "u0"].iloc[0]  # at T0: only the behaviour at T0 - 10 is earlier
+    assert list(first_u0["hist_ts"]) == [T0 - 10] and list(first_u0["hist_actions"]) == [schema.action_index("buy")]
+    u1 = train[train["user_id"] == "u1"].iloc[0]
+    assert list(u1["hist_items"]) == [1]  # i99 never shown in train -> OOV
+
+
+def _csv(directory: Path, df: pd.DataFrame, name: str = "impressions.csv", **kw) -> None:
+    df.to_csv(directory / name, index=False, **kw)
+
+
+def _set(row: int, column: str, value):
+    def corrupt(d: Path) -> None:
+        df = impressions().astype({column: object})
+        df.loc[row - 1, column] = value
+        _csv(d, df)
+
+    return corrupt
+
+
+BAD_INPUTS = {
+    "missing impressions": (lambda d: (d / "impressions.csv").unlink(), "impressions.csv not found"),
+    "semicolon delimiter": (lambda d: _csv(d, impressions(), sep=";"), "found one column named 'request_id;user_id"),
+    "empty user": (_set(3, "user_id", ""), "row 3, column 'user_id': empty value"),
+    "NaN label": (_set(4, "label", np.nan), "row 4, column 'label': empty value"),
+    "text label": (_set(4, "label", "yes"), "row 4, column 'label': 'yes' is not a finite number"),
+    "negative label": (_set(4, "label", -1), "row 4, column 'label': must be >= 0"),
+    "negative timestamp": (_set(2, "timestamp", -1), "row 2, column 'timestamp': must be >= 0"),
+    "fractional position": (_set(2, "position", 0.5), "row 2, column 'position': must be a whole number"),
+    "unknown column": (lambda d: _csv(d, impressions().assign(price=1)), "unknown column(s) ['price']"),
+    "missing column": (lambda d: _csv(d, impressions().drop(columns="label")), "missing required column(s) ['label']"),
+    "duplicate position": (_set(2, "position", 0), "row 2, column 'request_id+position': duplicate"),
+    "duplicate item": (_set(2, "item_id", "i0"), "row 2, column 'request_id+item_id': duplicate"),
+    "request with two users": (_set(2, "user_id", "u5"), "column 'user_id': differs between rows of the same request"),
+    "both formats": (lambda d: impressions().to_parquet(d / "impressions.parquet"), "keep exactly one"),
+    "duplicate user row": (
+        lambda d: _csv(d, pd.DataFrame({"user_id": ["u1", "u1"], "age": [1, 2]}), "users.csv"),
+        "users.csv: row 2, column 'user_id': duplicate",
+    ),
+    "behaviours without action": (
+        lambda d: _csv(d, pd.DataFrame({"user_id": ["u1"], "item_id": ["i1"], "timestamp": [T0]}), "behaviours.csv"),
+        "behaviours.csv: missing required column(s) ['action']",
+    ),
+    "too few distinct times": (lambda d: _csv(d, impressions().assign(timestamp=T0)), "would be empty"),
+    "only one-item lists": (lambda d: _csv(d, impressions().query("position == 0")), "no list of >= 2 items"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUTS))
+def test_bad_inputs_are_rejected_with_a_message(case: str, tmp_path: Path) -> None:
+    corrupt, message = BAD_INPUTS[case]
+    src = write_csv_example(tmp_path / "src")
+    corrupt(src)
+    with pytest.raises(DataError) as err:
+        build_generic(src, tmp_path / "out", max_history=10, progress=False)
+    assert message in str(err.value)
+    assert not (tmp_path / "out" / "schema.json").exists()
