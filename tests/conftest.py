@@ -11,6 +11,15 @@ from pathlib import Path
 
 import pytest
 
+# One torch thread per test process: on shared 2-core machines torch's default thread pool
+# oversubscribes the cores and slows small-model tests tenfold.
+try:
+    import torch
+
+    torch.set_num_threads(1)
+except ImportError:  # the serving-only install has no torch
+    pass
+
 REPO = Path(__file__).resolve().parents[1]
 ML100K = Path(__import__("os").environ.get("PSAD_ML100K", REPO.parent / "shared" / "data" / "ml-100k"))
 
@@ -39,8 +48,19 @@ class RedisServer:
 
     def start(self) -> None:
         self.proc = subprocess.Popen(
-            [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-             "--dir", str(self.workdir)],
+            [
+                self.binary,
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                str(self.workdir),
+            ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )

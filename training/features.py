@@ -60,7 +60,7 @@ def assemble(
     n = len(profiles)
     if not (len(cand_items) == len(cand_num) == len(now) == n):
         raise ValueError("assemble: profiles, cand_items, cand_num and now must have the same length")
-    windows = [_recent_history(p, t, schema.max_history) for p, t in zip(profiles, now)]
+    windows = [_recent_history(p, t, schema.max_history) for p, t in zip(profiles, now, strict=True)]
     h = max((w.stop - w.start for w in windows), default=0)
     lmax = max((len(c) for c in cand_items), default=0)
     n_num = len(schema.candidate_numeric)
@@ -76,7 +76,7 @@ def assemble(
         "cand_num": np.zeros((n, lmax, n_num), dtype=np.float32),
         "cand_mask": np.zeros((n, lmax), dtype=bool),
     }
-    for i, (p, w, items, num, t) in enumerate(zip(profiles, windows, cand_items, cand_num, now)):
+    for i, (p, w, items, num, t) in enumerate(zip(profiles, windows, cand_items, cand_num, now, strict=True)):
         out["user_cat"][i] = p.user_cat
         out["user_num"][i] = p.user_num
         k = w.stop - w.start

@@ -72,9 +72,9 @@ class ModelConfig:
         unknown = sorted(set(raw) - set(allowed))
         if unknown:
             raise ValueError(f"model config: unknown key(s) {unknown}; allowed: {allowed}")
-        cfg = cls(**raw)
+        cfg, defaults = cls(**raw), cls()
         for f in fields(cls):
-            value, want = getattr(cfg, f.name), type(getattr(cls(), f.name))
+            value, want = getattr(cfg, f.name), type(getattr(defaults, f.name))
             ok = isinstance(value, want) or (want is float and isinstance(value, int) and not isinstance(value, bool))
             if not ok or (want is int and isinstance(value, bool)):
                 raise ValueError(f"model.{f.name} = {value!r}: expected {want.__name__}")

@@ -1,0 +1,52 @@
+# syntax=docker/dockerfile:1
+# The PSAD serving image: FastAPI + ONNX Runtime + Redis client, no torch.
+# Training and export run elsewhere (`pip install .[train]`); this image serves exported bundles.
+#
+#   docker build -t psad .                                                 # CPU
+#   docker build -t psad:gpu --build-arg ORT_PACKAGE="onnxruntime-gpu[cuda,cudnn]" .
+#
+# The GPU variant takes CUDA and cuDNN from NVIDIA's pip wheels (LD_LIBRARY_PATH below), so the
+# base image stays python:slim; run it with `--gpus all` and check the active providers in the log.
+
+ARG PYTHON_VERSION=3.11
+
+FROM python:${PYTHON_VERSION}-slim AS build
+ARG ORT_PACKAGE=onnxruntime
+ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
+RUN python -m venv /opt/venv
+ENV PATH=/opt/venv/bin:$PATH
+WORKDIR /src
+COPY pyproject.toml README.md ./
+COPY training ./training
+COPY export ./export
+COPY service ./service
+COPY loadtest ./loadtest
+# The base dependencies are the serving ones (torch lives in the `train` extra).
+# Swap the CPU runtime for the requested one when it differs. Versions come from pyproject.toml's
+# bounds and the ORT_PACKAGE build argument (pin it there, e.g. onnxruntime==1.22.1).
+# hadolint ignore=DL3013
+RUN pip install . \
+ && if [ "$ORT_PACKAGE" != "onnxruntime" ]; then pip uninstall -y onnxruntime && pip install "$ORT_PACKAGE"; fi \
+ && python -c "import sys; sys.modules['torch'] = None; import service.app, training.cli"
+
+FROM python:${PYTHON_VERSION}-slim AS serve
+ARG PYTHON_VERSION
+RUN groupadd --system --gid 10001 psad \
+ && useradd --system --uid 10001 --gid psad --home-dir /app --shell /usr/sbin/nologin psad \
+ && mkdir -p /app /models /data \
+ && chown psad:psad /app /models /data
+COPY --from=build /opt/venv /opt/venv
+ENV PATH=/opt/venv/bin:$PATH \
+    PYTHONUNBUFFERED=1 \
+    PYTHONDONTWRITEBYTECODE=1 \
+    PSAD_MODEL_REPO=/models \
+    PSAD_REDIS_URL=redis://redis:6379/0 \
+    LD_LIBRARY_PATH=/opt/venv/lib/python${PYTHON_VERSION}/site-packages/nvidia/cudnn/lib:/opt/venv/lib/python${PYTHON_VERSION}/site-packages/nvidia/cublas/lib:/opt/venv/lib/python${PYTHON_VERSION}/site-packages/nvidia/cuda_runtime/lib:/opt/venv/lib/python${PYTHON_VERSION}/site-packages/nvidia/cufft/lib:/opt/venv/lib/python${PYTHON_VERSION}/site-packages/nvidia/curand/lib:/opt/venv/lib/python${PYTHON_VERSION}/site-packages/nvidia/cuda_nvrtc/lib
+WORKDIR /app
+USER 10001:10001
+EXPOSE 8000
+VOLUME ["/models", "/data"]
+# python:slim has no curl; the standard library is enough for a liveness probe.
+HEALTHCHECK --interval=10s --timeout=3s --start-period=20s --retries=3 \
+  CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/livez', timeout=2)"]
+CMD ["psad", "serve", "--host", "0.0.0.0"]

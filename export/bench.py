@@ -1,0 +1,315 @@
+"""`psad bench model`: latency of the served model, ONNX Runtime versus PyTorch eager, same threads.
+
+Every (batch, list length, history length) cell is timed call by call after a warm-up, for up
+to --iters calls or --seconds, whichever comes first; inputs are synthesised from the bundle's
+schema (full lists, no padding). ONNX Runtime is timed through Bundle.score (what the service
+calls, input checks included); PyTorch eager runs the same serving module under
+torch.inference_mode. Runs on the CPU, and on CUDA as well when a GPU is present. --profile
+adds ONNX Runtime's per-operator profile of the target cell: where the time goes.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import os
+import platform
+import shlex
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from functools import partial
+from pathlib import Path
+from typing import Annotated, Any
+
+import numpy as np
+import typer
+
+TARGET_SHAPE = (1, 100, 50)  # batch, list, history
+TARGET_P50_MS = 0.5
+TARGET_SPEEDUP = 3.0
+WARMUP_CALLS = 5
+
+
+@dataclass(frozen=True)
+class Timing:
+    p50: float  # milliseconds
+    p90: float
+    p99: float
+    lists_per_s: float
+    calls: int
+
+
+@dataclass(frozen=True)
+class Cell:
+    device: str
+    batch: int
+    list: int
+    history: int
+    ort: Timing
+    eager: Timing
+
+    @property
+    def speedup(self) -> float:
+        return self.eager.p50 / self.ort.p50
+
+
+def time_calls(fn: Callable[[], Any], batch: int, seconds: float, max_iters: int) -> Timing:
+    for _ in range(WARMUP_CALLS):
+        fn()
+    samples = []
+    deadline = time.perf_counter() + seconds
+    while len(samples) < max_iters and (len(samples) < WARMUP_CALLS or time.perf_counter() < deadline):
+        start = time.perf_counter_ns()
+        fn()
+        samples.append(time.perf_counter_ns() - start)
+    ms = np.asarray(samples, dtype=np.float64) / 1e6
+    p50, p90, p99 = np.percentile(ms, [50, 90, 99])
+    return Timing(float(p50), float(p90), float(p99), batch * 1000.0 / float(ms.mean()), len(samples))
+
+
+def parse_sizes(text: str, option: str, minimum: int) -> list[int]:
+    try:
+        sizes = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise typer.BadParameter(f"{option} takes comma-separated integers, e.g. 10,50,100; got {text!r}") from None
+    if not sizes or min(sizes) < minimum:
+        raise typer.BadParameter(f"{option} needs integers >= {minimum}, got {text!r}")
+    return sizes
+
+
+def run_bench(
+    bundle_dir: Path,
+    threads: int,
+    batches: list[int],
+    lists: list[int],
+    histories: list[int],
+    seconds: float,
+    max_iters: int,
+    spinning: bool,
+    progress: bool,
+) -> tuple[list[Cell], list[str]]:
+    """Time every cell on every available device; returns the cells and notes on the devices."""
+    import torch
+    from tqdm import tqdm
+
+    from export.bundle import load_torch_model
+    from export.parity import BatchMaker
+    from export.runtime import CUDA, load_bundle
+
+    torch.set_num_threads(threads)
+    devices, notes = ["cpu"], []
+    if torch.cuda.is_available():
+        devices.append("cuda")
+    module = load_torch_model(bundle_dir).serving_module().eval()
+    maker = BatchMaker(load_bundle(bundle_dir, device="cpu", warmup=False).schema, seed=0)
+    shapes = [(b, n, h) for b in batches for n in lists for h in histories]
+    cells = []
+    bar = tqdm(total=len(devices) * len(shapes), desc="bench model", disable=not progress)
+    for device in devices:
+        bundle = load_bundle(bundle_dir, device=device, threads=threads, spinning=spinning)
+        notes.append(f"{device}: ONNX Runtime provider {bundle.provider}")
+        if device == "cuda" and bundle.provider != CUDA:
+            notes.append("cuda: skipped, ONNX Runtime has no working CUDA provider here")
+            bar.update(len(shapes))
+            continue
+        eager = module.to(device)
+        for batch, length, history in shapes:
+            bar.set_postfix_str(f"{device} B={batch} L={length} H={history}")
+            inputs = maker.make(batch, length, history, pad_last=False)
+            ort_timing = time_calls(partial(bundle.score, inputs), batch, seconds, max_iters)
+            eager_timing = time_calls(partial(_eager_call, eager, inputs, device), batch, seconds, max_iters)
+            cells.append(Cell(device, batch, length, history, ort_timing, eager_timing))
+            bar.update()
+    bar.close()
+    return cells, notes
+
+
+def _eager_call(module, inputs: dict[str, np.ndarray], device: str) -> None:
+    import torch
+
+    from training.schema import INPUT_NAMES
+
+    with torch.inference_mode():
+        module(*(torch.from_numpy(inputs[n]).to(device) for n in INPUT_NAMES)).cpu()
+
+
+def format_table(cells: list[Cell]) -> str:
+    lines = [
+        "| device | batch | list | history | ORT p50 ms | ORT p90 | ORT p99 | eager p50 ms | eager p90 | eager p99 "
+        "| ORT lists/s | eager lists/s | ORT speed-up (p50) |",
+        "|:--|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
+    ]
+    for c in cells:
+        o, e = c.ort, c.eager
+        lines.append(
+            f"| {c.device} | {c.batch} | {c.list} | {c.history} | {o.p50:.3f} | {o.p90:.3f} | {o.p99:.3f} "
+            f"| {e.p50:.3f} | {e.p90:.3f} | {e.p99:.3f} | {o.lists_per_s:,.0f} | {e.lists_per_s:,.0f} "
+            f"| {c.speedup:.1f}x |"
+        )
+    return "\n".join(lines)
+
+
+def check_targets(cells: list[Cell], threads: int) -> list[str]:
+    """Pass/miss lines for the project's latency targets (CPU, one thread)."""
+    cpu = [c for c in cells if c.device == "cpu"]
+    target = next((c for c in cpu if (c.batch, c.list, c.history) == TARGET_SHAPE), None)
+    batch1 = [c for c in cpu if c.batch == 1]
+    b, n, h = TARGET_SHAPE
+    lines = []
+    if target is None or threads != 1:
+        lines.append(f"- ORT p50, batch {b}, L={n}, H={h}, 1 CPU thread (<= {TARGET_P50_MS} ms): not measured")
+    else:
+        verdict = "pass" if target.ort.p50 <= TARGET_P50_MS else "MISS"
+        lines.append(
+            f"- ORT p50, batch {b}, L={n}, H={h}, 1 CPU thread: {target.ort.p50:.3f} ms "
+            f"(target <= {TARGET_P50_MS} ms): **{verdict}**"
+        )
+    if batch1:
+        worst = min(batch1, key=lambda c: c.speedup)
+        verdict = "pass" if worst.speedup >= TARGET_SPEEDUP else "MISS"
+        lines.append(
+            f"- ORT vs PyTorch eager at batch 1 (CPU): lowest speed-up {worst.speedup:.1f}x at L={worst.list}, "
+            f"H={worst.history} (target >= {TARGET_SPEEDUP:g}x): **{verdict}**"
+        )
+    return lines
+
+
+def profile_ort(bundle_dir: Path, threads: int, runs: int = 200) -> str:
+    """ONNX Runtime's own profile of the target cell on the CPU: time per operator type and top nodes."""
+    import onnx
+    import onnxruntime as ort
+
+    from export.parity import BatchMaker
+    from export.runtime import CPU, MODEL_FILE, session_options, verify_bundle
+    from training.schema import MODEL_OUTPUT
+
+    _, schema, _ = verify_bundle(bundle_dir)
+    inputs = BatchMaker(schema, seed=0).make(*TARGET_SHAPE, pad_last=False)
+    scopes = _name_scopes(onnx.load(str(bundle_dir / MODEL_FILE)))
+    with tempfile.TemporaryDirectory() as tmp:
+        options = session_options(threads)
+        options.enable_profiling = True
+        options.profile_file_prefix = str(Path(tmp) / "ort")
+        session = ort.InferenceSession(str(bundle_dir / MODEL_FILE), options, providers=[CPU])
+        for _ in range(WARMUP_CALLS):
+            session.run([MODEL_OUTPUT.name], inputs)
+        for _ in range(runs):
+            session.run([MODEL_OUTPUT.name], inputs)
+        events = json.loads(Path(session.end_profiling()).read_text())
+    kernels = [e for e in events if e.get("cat") == "Node" and e["name"].endswith("_kernel_time")]
+    model_runs = [e["dur"] for e in events if e.get("name") == "model_run"][WARMUP_CALLS:]
+    per_run = float(np.mean(model_runs)) if model_runs else float("nan")
+    total_runs = WARMUP_CALLS + runs
+    by_type: dict[str, float] = {}
+    by_node: dict[str, tuple[str, float]] = {}
+    for e in kernels:
+        op = e["args"].get("op_name", "?")
+        node = e["name"].removesuffix("_kernel_time")
+        by_type[op] = by_type.get(op, 0.0) + e["dur"] / total_runs
+        by_node[node] = (op, by_node.get(node, (op, 0.0))[1] + e["dur"] / total_runs)
+    kernel_sum = sum(by_type.values())
+    b, n, h = TARGET_SHAPE
+    lines = [
+        f"ONNX Runtime profile, batch {b}, L={n}, H={h}, {threads} thread(s), {runs} runs: "
+        f"{per_run:.1f} us per run, {kernel_sum:.1f} us in {len(by_node)} kernels, "
+        f"{per_run - kernel_sum:.1f} us outside kernels (session.run overhead, input copies)",
+        "",
+        "| operator | us per run | share of kernel time |",
+        "|:--|--:|--:|",
+    ]
+    for op, us in sorted(by_type.items(), key=lambda kv: -kv[1]):
+        lines.append(f"| {op} | {us:.1f} | {us / kernel_sum:.0%} |")
+    lines += ["", "| top nodes | operator | us per run | PyTorch module |", "|:--|:--|--:|:--|"]
+    for node, (op, us) in sorted(by_node.items(), key=lambda kv: -kv[1][1])[:12]:
+        lines.append(f"| {node} | {op} | {us:.1f} | {scopes.get(node, '(fused by ORT)')} |")
+    return "\n".join(lines)
+
+
+def _name_scopes(model) -> dict[str, str]:
+    """ONNX node name -> the PyTorch module path the dynamo exporter recorded for it."""
+    scopes = {}
+    for node in model.graph.node:
+        meta = {p.key: p.value for p in node.metadata_props}
+        scope = meta.get("pkg.torch.onnx.name_scopes")  # a Python list literal: ['', 'upn', ..., 'linear_1']
+        if scope:
+            path = ast.literal_eval(scope)
+            scopes[node.name] = f"{path[-2] or '(top)'} ({path[-1]})" if len(path) >= 2 else str(path)
+    return scopes
+
+
+def environment(bundle_dir: Path, threads: int, spinning: bool) -> list[str]:
+    import onnxruntime
+    import torch
+
+    manifest = json.loads((bundle_dir / "manifest.json").read_text())
+    model = json.loads((bundle_dir / "config.json").read_text())["model"]
+    knobs = ", ".join(f"{k}={model[k]}" for k in ("arch", "d_model", "n_heads", "student_hidden") if k in model)
+    cpuinfo = Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").is_file() else []
+    cpu = next((line.split(":", 1)[1].strip() for line in cpuinfo if "model name" in line), platform.processor())
+    return [
+        f"- machine: {cpu}, {os.cpu_count()} logical cores; {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC",
+        f"- software: onnxruntime {onnxruntime.__version__}, torch {torch.__version__}, "
+        f"python {platform.python_version()}",
+        f"- model: {manifest['name']}/{manifest['version']} ({knobs})",
+        f"- threads: {threads} intra-op (ORT and torch); ORT inter-op 1, sequential, "
+        f"spinning {'on' if spinning else 'off'}",
+    ]
+
+
+def bench_model_command(
+    bundle: Annotated[Path | None, typer.Option("--bundle", help="Bundle directory (REPO/NAME/VERSION).")] = None,
+    run: Annotated[Path | None, typer.Option("--run", help="Training run; exported to a temporary bundle.")] = None,
+    threads: Annotated[int, typer.Option("--threads", min=1, help="Intra-op threads for both engines.")] = 1,
+    batches: Annotated[str, typer.Option("--batches", help="Batch sizes, comma-separated.")] = "1,32,256",
+    lists: Annotated[str, typer.Option("--lists", help="List lengths, comma-separated.")] = "10,50,100,200",
+    histories: Annotated[str, typer.Option("--histories", help="History lengths, comma-separated.")] = "0,50",
+    seconds: Annotated[float, typer.Option("--seconds", min=0.01, help="Time budget per cell and engine.")] = 1.0,
+    iters: Annotated[int, typer.Option("--iters", min=5, help="Most timed calls per cell and engine.")] = 2000,
+    spinning: Annotated[bool, typer.Option("--spinning", help="Let idle ORT pool threads spin.")] = False,
+    profile: Annotated[bool, typer.Option("--profile", help="Add ONNX Runtime's operator profile.")] = False,
+    out: Annotated[Path | None, typer.Option("--out", help="Write the report as markdown here.")] = None,
+) -> None:
+    """Model latency percentiles and throughput: ONNX Runtime versus PyTorch eager."""
+    if (bundle is None) == (run is None):
+        raise typer.BadParameter("pass exactly one of --bundle or --run")
+    sizes = (
+        parse_sizes(batches, "--batches", 1),
+        parse_sizes(lists, "--lists", 1),
+        parse_sizes(histories, "--histories", 0),
+    )
+    command = ["psad", "bench", "model", "--bundle" if bundle else "--run", str(bundle or run)]
+    command += ["--threads", str(threads), "--batches", batches, "--lists", lists, "--histories", histories]
+    command += ["--seconds", str(seconds), "--iters", str(iters)] + ["--spinning"] * spinning + ["--profile"] * profile
+    command += ["--out", str(out)] if out else []
+    with tempfile.TemporaryDirectory() as tmp:
+        if run is not None:
+            from export.bundle import export_run
+
+            bundle = export_run(run, Path(tmp), name="bench", version=1, progress=True)
+        assert bundle is not None
+        cells, notes = run_bench(bundle, threads, *sizes, seconds, iters, spinning, progress=True)
+        report = [
+            "## Model: ONNX Runtime vs PyTorch eager",
+            "",
+            f"Command: `{shlex.join(command)}`",
+            "",
+            *environment(bundle, threads, spinning),
+            *(f"- {note}" for note in notes),
+            "",
+            format_table(cells),
+            "",
+            "Targets:",
+            "",
+            *check_targets(cells, threads),
+        ]
+        if profile:
+            report += ["", profile_ort(bundle, threads)]
+    text = "\n".join(report) + "\n"
+    typer.echo(text)
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(text)
+        typer.echo(f"wrote {out}")

@@ -1,0 +1,304 @@
+"""Exports a training run as a versioned model bundle, laid out like a Triton model repository.
+
+    <repo>/<name>/<version>/
+        model.onnx           UPN + student in one graph: inputs INPUT_NAMES, output "scores"
+        model_fp16.onnx      optional float16 variant for GPUs (--fp16), float32 inputs and outputs
+        manifest.json        what the bundle is, where it came from, parity results, sha256 of every file
+        schema.json          the FeatureSchema the service assembles inputs with
+        vocab.json           item ids and user categorical values -> indices (unseen -> OOV row)
+        teacher.safetensors  the whole model state dict, teacher included, for offline shadow evaluation
+        items.safetensors    the item side tables the model was built with
+        config.json          the run's TrainConfig (+ data_dir)
+
+A bundle is assembled in a hidden directory beside its final place and renamed into place only
+after every file is written and the parity gate passed, so a version directory that exists is
+complete, and versions are immutable: exporting onto an existing version is refused.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import platform
+import re
+import shutil
+import uuid
+import warnings
+from collections.abc import Iterator
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from export.parity import FP16, FP32, BatchMaker, ParityReport, check_parity, require_parity
+from export.runtime import (
+    FORMAT_VERSION,
+    FP16_FILE,
+    MANIFEST_FILE,
+    MODEL_FILE,
+    BundleError,
+    latest_version,
+    sha256,
+)
+from training.checkpoint import RunError, load_run, load_weights, read_config
+from training.data.store import DataError, load_split, load_vocabs
+from training.models.registry import build_model
+from training.schema import INPUT_NAMES, MODEL_OUTPUT, FeatureSchema, SchemaError, TensorSpec, model_inputs
+
+OPSET = 18
+EXAMPLE_SHAPE = (2, 3, 5)  # batch, list, history: >= 2 and distinct, so no axis is frozen or merged
+NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+ONNX_DTYPES = {"int64": 7, "float32": 1, "bool": 9}  # onnx.TensorProto element types
+
+
+class ExportError(RuntimeError):
+    """A run cannot be exported; the message names the file or check that failed and the fix."""
+
+
+def export_run(
+    run_dir: Path,
+    repo_dir: Path,
+    name: str = "psad",
+    version: int | None = None,
+    fp16: bool = False,
+    progress: bool = False,
+) -> Path:
+    """Export `run_dir` to `repo_dir/name/version` (next free version when None); returns that directory."""
+    run_dir, repo_dir = Path(run_dir), Path(repo_dir)
+    if not NAME_PATTERN.match(name):
+        raise ExportError(f"--name {name!r}: use letters, digits, '_', '.', '-' (it becomes a directory name)")
+    model_dir = repo_dir / name
+    if version is None:
+        version = next_version(repo_dir, name)
+    if version < 1:
+        raise ExportError(f"--version {version}: versions are integers >= 1")
+    final = model_dir / str(version)
+    if final.exists():
+        raise ExportError(
+            f"{final} already exists and versions are immutable: omit --version to take the next one "
+            f"({next_version(repo_dir, name)})"
+        )
+    try:
+        model, config, schema = load_run(run_dir)
+        _, data_dir = read_config(run_dir)
+        vocabs = load_vocabs(data_dir, schema)
+        validation = best_validation(run_dir)
+    except (RunError, DataError, SchemaError) as exc:
+        raise ExportError(f"cannot export {run_dir}: {exc}") from None
+
+    model_dir.mkdir(parents=True, exist_ok=True)
+    tmp = model_dir / f".{version}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    steps = tqdm(total=4 + fp16, desc=f"export {name}/{version}", disable=not progress, leave=False)
+    try:
+        val_inputs = load_split(data_dir, "val", schema).inputs if (data_dir / "val.parquet").is_file() else None
+        maker = BatchMaker(schema, val_inputs, seed=0)
+        serving = model.serving_module().eval()
+        steps.set_postfix_str("torch.onnx.export")
+        export_onnx(serving, maker, tmp / MODEL_FILE)
+        steps.update()
+        steps.set_postfix_str("parity")
+        parity = [require_parity(check_parity(serving, tmp / MODEL_FILE, maker, FP32))]
+        steps.update()
+        if fp16:
+            steps.set_postfix_str("fp16")
+            convert_fp16(tmp / MODEL_FILE, tmp / FP16_FILE)
+            parity.append(require_parity(check_parity(serving, tmp / FP16_FILE, maker, FP16)))
+            steps.update()
+        steps.set_postfix_str("files")
+        schema.save(tmp / "schema.json")
+        vocabs.save(tmp / "vocab.json")
+        for src, dst in (("model.safetensors", "teacher.safetensors"), ("items.safetensors", "items.safetensors")):
+            shutil.copyfile(run_dir / src, tmp / dst)
+        shutil.copyfile(run_dir / "config.json", tmp / "config.json")
+        steps.update()
+        manifest = build_manifest(
+            tmp, name, version, schema, config.model.arch, run_dir, data_dir, validation, parity, fp16
+        )
+        (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2, sort_keys=True))
+        if final.exists():
+            raise ExportError(f"{final} appeared while exporting (another export?): versions are immutable")
+        os.rename(tmp, final)
+        steps.update()
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    finally:
+        steps.close()
+    return final
+
+
+def next_version(repo_dir: Path, name: str) -> int:
+    """One past the highest complete version of `name` (1 for a new model)."""
+    return (latest_version(repo_dir, name) or 0) + 1
+
+
+def best_validation(run_dir: Path) -> dict[str, Any]:
+    """The best epoch's validation metrics (the epoch whose weights are model.safetensors)."""
+    from training.train import VALIDATION_METRIC
+
+    path = Path(run_dir) / "history.json"
+    try:
+        history = json.loads(path.read_text())
+        best = max(history, key=lambda e: e["val"]["student"][VALIDATION_METRIC])
+    except FileNotFoundError:
+        raise ExportError(f"{path}: not found; export a run written by `psad train`") from None
+    except (json.JSONDecodeError, TypeError, KeyError, ValueError) as exc:
+        raise ExportError(f"{path}: cannot read per-epoch validation metrics ({exc!r}); re-run `psad train`") from None
+    return {"selected_by": f"student {VALIDATION_METRIC}", "epoch": best["epoch"], "metrics": best["val"]}
+
+
+def export_onnx(module: nn.Module, maker: BatchMaker, path: Path) -> None:
+    """torch.onnx (dynamo) with batch, list and history dynamic; axes renamed to the schema's names."""
+    import onnx
+    from torch.export import Dim
+
+    example = maker.make(*EXAMPLE_SHAPE)
+    args = tuple(torch.from_numpy(example[n]) for n in INPUT_NAMES)
+    specs = model_inputs(maker.schema)
+    dims = {"batch": Dim("batch", min=1), "list": Dim("list", min=1), "history": Dim("history", min=0)}
+    dynamic = {s.name: {axis: dims[d] for axis, d in enumerate(s.dims) if d in dims} for s in specs}
+    try:
+        with _quiet_exporter():
+            program = torch.onnx.export(
+                module,
+                args,
+                input_names=list(INPUT_NAMES),
+                output_names=[MODEL_OUTPUT.name],
+                dynamic_shapes=dynamic,
+                opset_version=OPSET,
+                dynamo=True,
+                optimize=True,
+                verbose=False,
+            )
+    except Exception as exc:
+        raise ExportError(f"torch.onnx.export failed for the serving module: {exc}") from exc
+    graph = program.model_proto
+    _name_axes(graph, specs)
+    onnx.checker.check_model(graph, full_check=True)
+    onnx.save_model(graph, str(path))
+
+
+@contextlib.contextmanager
+def _quiet_exporter() -> Iterator[None]:
+    """Silence the exporter's notes (torchvision not installed, axis names merged): axes are named after."""
+    logger = logging.getLogger("torch.onnx._internal.exporter._registration")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        logger.setLevel(level)
+
+
+def _name_axes(model, specs: tuple[TensorSpec, ...]) -> None:
+    """Give the exporter's symbolic axes the schema's names and check every input and the output."""
+    graph = model.graph
+    got = [i.name for i in graph.input]
+    if got != list(INPUT_NAMES):
+        raise ExportError(f"the exported graph has inputs {got}, expected {list(INPUT_NAMES)} in this order")
+    if [o.name for o in graph.output] != [MODEL_OUTPUT.name]:
+        raise ExportError(f"the exported graph has outputs {[o.name for o in graph.output]}, expected ['scores']")
+    rename: dict[str, str] = {}
+    for value, spec in zip([*graph.input, *graph.output], [*specs, MODEL_OUTPUT], strict=True):
+        tensor = value.type.tensor_type
+        if tensor.elem_type != ONNX_DTYPES[spec.dtype]:
+            raise ExportError(f"exported {spec.name} has ONNX element type {tensor.elem_type}, expected {spec.dtype}")
+        if len(tensor.shape.dim) != len(spec.dims):
+            raise ExportError(f"exported {spec.name} has rank {len(tensor.shape.dim)}, expected dims {spec.dims}")
+        for axis, (dim, want) in enumerate(zip(tensor.shape.dim, spec.dims, strict=True)):
+            if want.isdigit():
+                if dim.dim_value != int(want):
+                    raise ExportError(f"exported {spec.name} axis {axis} is {dim}, expected {want}")
+            elif dim.dim_param:
+                rename[dim.dim_param] = want
+            else:
+                raise ExportError(f"exported {spec.name} axis {axis} ({want}) was frozen to {dim.dim_value}")
+    for value in [*graph.input, *graph.output, *graph.value_info]:
+        for dim in value.type.tensor_type.shape.dim:
+            if dim.dim_param in rename:
+                dim.dim_param = rename[dim.dim_param]
+
+
+def convert_fp16(src: Path, dst: Path) -> None:
+    """Float16 weights and activations, float32 inputs and outputs (the service's arrays are unchanged)."""
+    import onnx
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    model = convert_float_to_float16(onnx.load(str(src)), keep_io_types=True)
+    onnx.save_model(model, str(dst))
+
+
+def build_manifest(
+    bundle: Path,
+    name: str,
+    version: int,
+    schema: FeatureSchema,
+    arch: str,
+    run_dir: Path,
+    data_dir: Path,
+    validation: dict[str, Any],
+    parity: list[ParityReport],
+    fp16: bool,
+) -> dict[str, Any]:
+    import onnx
+    import onnxruntime
+    import onnxscript
+
+    def spec(s: TensorSpec) -> dict[str, Any]:
+        return {"name": s.name, "dtype": s.dtype, "dims": list(s.dims)}
+
+    models = {"fp32": MODEL_FILE, **({"fp16": FP16_FILE} if fp16 else {})}
+    return {
+        "format_version": FORMAT_VERSION,
+        "name": name,
+        "version": version,
+        "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "arch": arch,
+        "models": models,
+        "inputs": [spec(s) for s in model_inputs(schema)],
+        "outputs": [spec(MODEL_OUTPUT)],
+        "opset": OPSET,
+        "schema_version": schema.version,
+        "schema": schema.to_dict(),
+        "software": {
+            "torch": torch.__version__,
+            "onnx": onnx.__version__,
+            "onnxruntime": onnxruntime.__version__,
+            "onnxscript": onnxscript.__version__,
+            "numpy": np.__version__,
+            "python": platform.python_version(),
+            "exporter": "torch.onnx.export(dynamo=True)",
+        },
+        "source": {"run": str(Path(run_dir).resolve()), "data": str(data_dir), "validation": validation},
+        "parity": {r.model_file: r.to_dict() for r in parity},
+        "files": {p.name: file_entry(p) for p in sorted(bundle.iterdir()) if p.name != MANIFEST_FILE},
+    }
+
+
+def file_entry(path: Path) -> dict[str, Any]:
+    return {"sha256": sha256(path), "bytes": path.stat().st_size}
+
+
+def load_torch_model(bundle_dir: Path) -> nn.Module:
+    """Rebuild the whole PyTorch model (teacher included, eval mode) from a bundle alone."""
+    from safetensors.torch import load_file
+
+    bundle_dir = Path(bundle_dir)
+    try:
+        config, _ = read_config(bundle_dir)
+        schema = FeatureSchema.load(bundle_dir / "schema.json")
+        items = load_file(str(bundle_dir / "items.safetensors"))
+        model = build_model(config.model, schema, items["item_cat"], items["item_num"])
+        load_weights(model, bundle_dir / "teacher.safetensors")
+    except (RunError, SchemaError, OSError, KeyError) as exc:
+        raise BundleError(f"{bundle_dir}: cannot rebuild the PyTorch model ({exc})") from None
+    return model.eval()

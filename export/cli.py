@@ -1,0 +1,40 @@
+"""`psad export` and `psad bench model`: command-line front ends of export.bundle and export.bench."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from export.bench import bench_model_command
+
+__all__ = ["bench_model_command", "export_command"]
+
+
+def export_command(
+    run: Annotated[Path, typer.Option("--run", help="Training run directory (written by `psad train`).")],
+    repo: Annotated[Path, typer.Option("--repo", help="Model repository: writes REPO/NAME/VERSION.")] = Path("models"),
+    name: Annotated[str, typer.Option("--name", help="Model name (a directory name).")] = "psad",
+    version: Annotated[
+        int | None, typer.Option("--version", min=1, help="Version number; default: one past the latest.")
+    ] = None,
+    fp16: Annotated[bool, typer.Option("--fp16", help="Also write model_fp16.onnx (GPUs), parity-checked.")] = False,
+) -> None:
+    """Export a run as a versioned model bundle (ONNX UPN + student), gated on ONNX/PyTorch parity."""
+    from export.bundle import ExportError, export_run
+    from export.parity import ParityError
+
+    try:
+        bundle = export_run(run, repo, name=name, version=version, fp16=fp16, progress=True)
+    except (ExportError, ParityError) as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(code=1) from None
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    for report in manifest["parity"].values():
+        typer.echo(
+            f"parity {report['model_file']}: passed on {len(report['shapes'])} shapes, "
+            f"max |onnx - torch| = {report['max_abs_diff']:.3g} (tolerance {report['tolerance']['max_abs']:g})"
+        )
+    typer.echo(f"wrote {bundle}")

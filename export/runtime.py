@@ -1,0 +1,256 @@
+"""The one loader the service uses: verifies a model bundle and scores batches with ONNX Runtime.
+
+load_bundle() refuses anything it cannot vouch for (a missing, truncated or altered file, a
+manifest that is not JSON, another schema version, inputs that differ from the schema's) with a
+BundleError naming the file and the problem. It picks the execution provider, then reports the
+one actually active: onnxruntime-gpu falls back to CPU with only a log line, so the provider a
+bundle reports is read back from the session, and a fallback is logged as a warning.
+
+Threads: a serving process runs one session per worker process, so intra-op threads default to
+1 (pass more for large batches), inter-op threads to 1 with sequential execution, and idle pool
+threads do not spin (spinning buys a little latency alone but steals cores from neighbours).
+numpy and onnxruntime only: the service imports this without torch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from training.schema import (
+    INPUT_NAMES,
+    MODEL_OUTPUT,
+    SCHEMA_VERSION,
+    FeatureSchema,
+    SchemaError,
+    Vocabularies,
+    model_inputs,
+)
+
+FORMAT_VERSION = 1
+MODEL_FILE = "model.onnx"
+FP16_FILE = "model_fp16.onnx"
+MANIFEST_FILE = "manifest.json"
+REQUIRED_FILES = (MODEL_FILE, "schema.json", "vocab.json")
+DEVICES = ("auto", "cpu", "cuda")
+CPU, CUDA = "CPUExecutionProvider", "CUDAExecutionProvider"
+WARMUP_RUNS = 3
+
+log = logging.getLogger(__name__)
+
+
+class BundleError(ValueError):
+    """A bundle cannot be served; the message names the file and the problem."""
+
+
+@dataclass
+class Bundle:
+    """A verified bundle with a live ONNX Runtime session."""
+
+    path: Path
+    name: str
+    version: int
+    manifest: dict[str, Any]
+    schema: FeatureSchema
+    vocabs: Vocabularies
+    provider: str  # the execution provider actually active, e.g. "CPUExecutionProvider"
+    threads: int
+    session: Any  # onnxruntime.InferenceSession
+
+    def score(self, inputs: dict[str, np.ndarray]) -> np.ndarray:
+        """Assembled model inputs (training.features.assemble) -> float32 scores [batch, list]."""
+        check_inputs(self.schema, inputs)
+        return self.session.run([MODEL_OUTPUT.name], {n: inputs[n] for n in INPUT_NAMES})[0]
+
+
+def check_inputs(schema: FeatureSchema, inputs: dict[str, np.ndarray]) -> None:
+    """Names, dtypes and shapes agree with model_inputs(schema), and batch/list/history agree across arrays."""
+    missing = [n for n in INPUT_NAMES if n not in inputs]
+    if missing:
+        raise ValueError(f"model inputs missing {missing}; build them with training.features.assemble")
+    sizes: dict[str, int] = {}
+    for spec in model_inputs(schema):
+        array = inputs[spec.name]
+        if not isinstance(array, np.ndarray) or array.dtype != np.dtype(spec.dtype):
+            got = array.dtype if isinstance(array, np.ndarray) else type(array).__name__
+            raise ValueError(f"model input {spec.name}: expected a numpy {spec.dtype} array, got {got}")
+        if array.ndim != len(spec.dims):
+            raise ValueError(f"model input {spec.name}: expected dims {spec.dims}, got shape {array.shape}")
+        for dim, size in zip(spec.dims, array.shape, strict=True):
+            want = int(dim) if dim.isdigit() else sizes.setdefault(dim, size)
+            if size != want:
+                raise ValueError(f"model input {spec.name}: {dim} is {size}, other inputs say {want} ({spec.dims})")
+
+
+def load_bundle(
+    path: Path,
+    *,
+    device: str = "auto",
+    threads: int | None = None,
+    spinning: bool = False,
+    fp16: bool = False,
+    warmup: bool = True,
+) -> Bundle:
+    """Verify the bundle at `path` (a version directory) and open an ONNX Runtime session on it.
+
+    device: "auto" (CUDA when it works, else CPU), "cuda" (CPU with a warning when CUDA does
+    not work) or "cpu". threads: intra-op threads, default 1. fp16: serve model_fp16.onnx.
+    """
+    if device not in DEVICES:
+        raise ValueError(f"device must be one of {list(DEVICES)}, got {device!r}")
+    if threads is not None and threads < 1:
+        raise ValueError(f"threads must be >= 1, got {threads}")
+    path = Path(path)
+    manifest, schema, vocabs = verify_bundle(path)
+    model_file = FP16_FILE if fp16 else MODEL_FILE
+    if model_file not in manifest["files"]:
+        raise BundleError(f"{path}: no {model_file} in this bundle; export it with `psad export --fp16`")
+    session = _session(path / model_file, device, threads or 1, spinning)
+    bundle = Bundle(
+        path=path,
+        name=str(manifest["name"]),
+        version=int(manifest["version"]),
+        manifest=manifest,
+        schema=schema,
+        vocabs=vocabs,
+        provider=session.get_providers()[0],
+        threads=threads or 1,
+        session=session,
+    )
+    if device != "cpu" and bundle.provider != CUDA:
+        import onnxruntime as ort
+
+        level = logging.WARNING if device == "cuda" or CUDA in ort.get_available_providers() else logging.INFO
+        log.log(level, "bundle %s: asked for device=%s, running on %s", bundle.path, device, bundle.provider)
+    if warmup:
+        _warm_up(bundle)
+    return bundle
+
+
+def verify_bundle(path: Path) -> tuple[dict[str, Any], FeatureSchema, Vocabularies]:
+    """Every check that needs no session: manifest, sha256 of each file, schema version, input specs."""
+    if not path.is_dir():
+        raise BundleError(f"{path}: bundle directory not found; export one with `psad export`")
+    manifest = _read_manifest(path / MANIFEST_FILE)
+    files = manifest["files"]
+    for name in REQUIRED_FILES:
+        if name not in files:
+            raise BundleError(f"{path / MANIFEST_FILE}: lists no {name}; re-export the bundle")
+    for name, entry in files.items():
+        file = path / name
+        if not file.is_file():
+            raise BundleError(f"{file}: missing (the manifest lists it); copy the whole bundle directory")
+        actual = sha256(file)
+        if actual != entry["sha256"]:
+            raise BundleError(
+                f"{file}: sha256 mismatch ({actual[:12]}... on disk, {entry['sha256'][:12]}... in the manifest; "
+                f"{file.stat().st_size} bytes, manifest says {entry.get('bytes')}): "
+                "corrupt or altered, re-copy or re-export"
+            )
+    try:
+        schema = FeatureSchema.load(path / "schema.json")
+        vocabs = Vocabularies.load(path / "vocab.json", schema)
+    except SchemaError as exc:
+        raise BundleError(f"{path}: {exc}") from None
+    if manifest.get("schema") != json.loads(json.dumps(schema.to_dict())):
+        raise BundleError(f"{path / MANIFEST_FILE}: embedded schema differs from schema.json; re-export the bundle")
+    expected = [{"name": s.name, "dtype": s.dtype, "dims": list(s.dims)} for s in model_inputs(schema)]
+    if manifest.get("inputs") != expected:
+        raise BundleError(
+            f"{path / MANIFEST_FILE}: inputs {manifest.get('inputs')} differ from the schema's model inputs {expected}"
+        )
+    return manifest, schema, vocabs
+
+
+def _read_manifest(file: Path) -> dict[str, Any]:
+    if not file.is_file():
+        raise BundleError(f"{file}: missing; is {file.parent} a version directory written by `psad export`?")
+    try:
+        manifest = json.loads(file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise BundleError(f"{file}: not valid JSON ({exc}); re-copy or re-export the bundle") from None
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("files"), dict):
+        raise BundleError(f"{file}: expected a JSON object with a 'files' table; re-export the bundle")
+    for name, entry in manifest["files"].items():
+        if not isinstance(entry, dict) or not isinstance(entry.get("sha256"), str) or "/" in name:
+            raise BundleError(f"{file}: files.{name} must be {{'sha256': hex, 'bytes': n}} for a file in the bundle")
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise BundleError(
+            f"{file}: format_version {manifest.get('format_version')!r}, this release reads {FORMAT_VERSION}; "
+            "re-export the bundle with this release"
+        )
+    if manifest.get("schema_version") != SCHEMA_VERSION:
+        raise BundleError(
+            f"{file}: schema_version {manifest.get('schema_version')!r}, this release reads {SCHEMA_VERSION}; "
+            "re-export the model with this release"
+        )
+    for key, kind in (("name", str), ("version", int)):
+        if not isinstance(manifest.get(key), kind):
+            raise BundleError(f"{file}: '{key}' must be a {kind.__name__}; re-export the bundle")
+    return manifest
+
+
+def sha256(file: Path) -> str:
+    digest = hashlib.sha256()
+    with open(file, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def session_options(threads: int, spinning: bool = False):
+    """The serving process's ONNX Runtime settings (see the module docstring)."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
+    options.add_session_config_entry("session.inter_op.allow_spinning", "0")
+    options.log_severity_level = 3
+    return options
+
+
+def _session(model: Path, device: str, threads: int, spinning: bool):
+    import onnxruntime as ort
+
+    options = session_options(threads, spinning)
+    want_cuda = device != "cpu" and CUDA in ort.get_available_providers()
+    providers = [CUDA, CPU] if want_cuda else [CPU]
+    try:
+        return ort.InferenceSession(str(model), options, providers=providers)
+    except Exception as exc:  # onnxruntime raises its own exception types for unreadable graphs
+        raise BundleError(f"{model}: ONNX Runtime cannot load it ({type(exc).__name__}: {exc})") from None
+
+
+def _warm_up(bundle: Bundle) -> None:
+    """Run representative shapes once or twice so the first requests do not pay for allocation."""
+    from export.parity import BatchMaker
+
+    maker = BatchMaker(bundle.schema, seed=0)
+    s = bundle.schema
+    for shape in ((1, s.max_list, s.max_history), (1, min(10, s.max_list), 0), (32, s.max_list, s.max_history)):
+        inputs = maker.make(*shape)
+        for _ in range(WARMUP_RUNS):
+            bundle.score(inputs)
+
+
+def latest_version(repo: Path, name: str) -> int | None:
+    """The highest complete version of model `name` in a repository (None when there is none).
+
+    A version directory is complete once it has a manifest (export renames it into place whole);
+    the service polls this to pick up new versions.
+    """
+    model_dir = Path(repo) / name
+    if not model_dir.is_dir():
+        return None
+    versions = [int(p.name) for p in model_dir.iterdir() if p.name.isdigit() and (p / MANIFEST_FILE).is_file()]
+    return max(versions, default=None)

@@ -1,0 +1,172 @@
+"""The HTTP contract: request and response models (they are the OpenAPI schema) and the checks
+that depend on settings or on the serving model's schema.
+
+Static rules (types, finite numbers, non-empty lists, top_k >= 1, timestamps >= 0) live in the
+models; limits that come from settings (max_candidates, max_id_length, ...) and from the model
+(known candidate features, behaviour actions) are checked by `check_*`, which raise the same
+422 error format FastAPI uses, with the location of the offending field.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Annotated, Any
+
+from fastapi.exceptions import RequestValidationError
+from pydantic import BaseModel, ConfigDict, Field
+
+from service.settings import Settings
+
+RANK_SCORE = "rank_score"  # the candidate_numeric feature fed by Candidate.score
+
+
+# Numbers reach the model as float32: bound them well inside its range so no input becomes inf.
+FLOAT32_SAFE = 1e30
+Feature = Annotated[float, Field(ge=-FLOAT32_SAFE, le=FLOAT32_SAFE)]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+
+class Candidate(_Strict):
+    item_id: str = Field(min_length=1, description="Item id as the ranking stage knows it; unknown ids are fine.")
+    score: float | None = Field(
+        None,
+        ge=-FLOAT32_SAFE,
+        le=FLOAT32_SAFE,
+        description="Ranking-stage score (feeds `rank_score`). Give it for every candidate or for none.",
+    )
+    features: dict[str, Feature] | None = Field(
+        None, description="Other per-candidate numeric features, by schema name (candidate_numeric)."
+    )
+
+
+class Context(_Strict):
+    timestamp: float | None = Field(None, ge=0, description="Request time, unix seconds (default: now).")
+
+
+class RerankRequest(_Strict):
+    request_id: str | None = Field(None, min_length=1, description="Echoed back; generated when absent.")
+    user_id: str = Field(min_length=1)
+    candidates: list[Candidate] = Field(min_length=1, description="In the ranking stage's order.")
+    context: Context | None = None
+    top_k: int | None = Field(None, ge=1, description="Return only the first top_k items (1..len(candidates)).")
+
+
+class RankedItem(BaseModel):
+    item_id: str
+    score: float
+
+
+class RerankResponse(BaseModel):
+    request_id: str
+    items: list[RankedItem]
+    model_version: str
+    degraded: bool
+    degraded_reasons: list[str]
+
+
+class BatchRerankRequest(_Strict):
+    requests: list[RerankRequest] = Field(min_length=1)
+
+
+class BatchRerankResponse(BaseModel):
+    responses: list[RerankResponse]
+
+
+class Event(_Strict):
+    user_id: str = Field(min_length=1)
+    item_id: str = Field(min_length=1)
+    action: str = Field(min_length=1, description="One of the model schema's actions.")
+    timestamp: int | None = Field(None, ge=0, description="Unix seconds (default: now).")
+    event_id: str | None = Field(
+        None,
+        min_length=1,
+        pattern=r"^[^|]+$",
+        description="Idempotency key: a retried event with the same id is stored once.",
+    )
+
+
+class EventBatch(_Strict):
+    events: list[Event] = Field(min_length=1)
+
+
+class EventsAccepted(BaseModel):
+    accepted: int
+
+
+class ReloadRequest(_Strict):
+    version: int | None = Field(None, ge=1, description="Version to load (default: the latest).")
+
+
+def _error(loc: Sequence[Any], msg: str, value: Any) -> dict[str, Any]:
+    return {"type": "value_error", "loc": ("body", *loc), "msg": msg, "input": value}
+
+
+def raise_if(errors: list[dict[str, Any]]) -> None:
+    if errors:
+        raise RequestValidationError(errors)
+
+
+def check_rerank(req: RerankRequest, settings: Settings, features: Sequence[str], loc: Sequence[Any] = ()) -> list:
+    """Errors of one request against the settings' limits and the model's candidate features."""
+    errors = []
+    limit = settings.max_id_length
+    n = len(req.candidates)
+    if n > settings.max_candidates:
+        errors.append(_error((*loc, "candidates"), f"at most {settings.max_candidates} candidates, got {n}", n))
+    for name, value in (("user_id", req.user_id), ("request_id", req.request_id)):
+        if value is not None and len(value) > limit:
+            errors.append(_error((*loc, name), f"longer than max_id_length={limit}", value[:limit] + "..."))
+    if req.top_k is not None and req.top_k > n:
+        errors.append(_error((*loc, "top_k"), f"top_k must be within 1..{n} (the number of candidates)", req.top_k))
+    allowed = [f for f in features if f != RANK_SCORE]
+    seen: dict[str, int] = {}
+    has_score = req.candidates[0].score is not None
+    for i, c in enumerate(req.candidates):
+        where = (*loc, "candidates", i)
+        if len(c.item_id) > limit:
+            errors.append(_error((*where, "item_id"), f"longer than max_id_length={limit}", c.item_id[:limit] + "..."))
+        if c.item_id in seen:
+            msg = f"duplicate item_id {c.item_id!r} (also at candidates[{seen[c.item_id]}])"
+            errors.append(_error((*where, "item_id"), msg, c.item_id))
+        seen.setdefault(c.item_id, i)
+        if (c.score is not None) != has_score:
+            errors.append(_error((*where, "score"), "give a score for every candidate or for none", c.score))
+        unknown = sorted(set(c.features or ()) - set(allowed))
+        if unknown:
+            msg = f"unknown feature(s) {unknown}; the model's candidate features are {allowed}"
+            errors.append(_error((*where, "features"), msg, unknown))
+        if len(errors) >= 20:  # enough to fix the request; do not build a huge error body
+            break
+    return errors
+
+
+def check_batch(batch: BatchRerankRequest, settings: Settings, features: Sequence[str]) -> None:
+    n = len(batch.requests)
+    if n > settings.max_batch_requests:
+        msg = f"at most {settings.max_batch_requests} requests per batch, got {n}"
+        raise_if([_error(("requests",), msg, n)])
+    errors = []
+    for i, req in enumerate(batch.requests):
+        errors += check_rerank(req, settings, features, loc=("requests", i))
+    raise_if(errors)
+
+
+def check_events(events: Sequence[Event], settings: Settings, actions: Sequence[str], batch: bool) -> None:
+    errors = []
+    if len(events) > settings.max_events:
+        errors.append(_error(("events",), f"at most {settings.max_events} events per request", len(events)))
+    limit = settings.max_id_length
+    for i, e in enumerate(events):
+        where = ("events", i) if batch else ()
+        for name in ("user_id", "item_id", "event_id"):
+            value = getattr(e, name)
+            if value is not None and len(value) > limit:
+                errors.append(_error((*where, name), f"longer than max_id_length={limit}", value[:limit] + "..."))
+        if e.action not in actions:
+            errors.append(_error((*where, "action"), f"unknown action; allowed: {list(actions)}", e.action))
+        if len(errors) >= 20:
+            break
+    raise_if(errors)

@@ -1,0 +1,214 @@
+"""Scoring without blocking the event loop, and the rerank pipeline with its degradation rules.
+
+Feature assembly and the ONNX Runtime call are CPU-bound: they run in a dedicated thread pool
+(PSAD_INFERENCE_WORKERS threads). With micro-batching on (PSAD_MICROBATCH_MAX_SIZE > 1) one task
+collects concurrent requests from a queue, waiting for a free worker and then up to
+PSAD_MICROBATCH_MAX_WAIT_US for more, and scores them in one model call (assemble pads mixed
+lengths); results are scattered back to each request.
+
+Degradation, never a 5xx storm: a profile read that fails or exceeds its budget gives a
+cold-start profile; a model failure (an exception or non-finite scores) gives the ranking stage's
+order. Each is flagged in the response (degraded_reasons) and counted in psad_degraded_total.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from redis.exceptions import RedisError
+
+from export.runtime import Bundle
+from service import metrics
+from service.api import RerankRequest
+from service.features import Job, build_inputs, given_scores
+from service.model_store import ModelStore
+from service.profiles import ProfileStore, RawProfile
+from service.settings import Settings
+
+log = logging.getLogger("psad.service")
+
+
+@dataclass
+class Outcome:
+    scores: np.ndarray | None  # model scores [L]; None = the model failed for this list
+    reasons: list[str] = field(default_factory=list)
+
+
+def run_batch(bundle: Bundle, jobs: list[Job]) -> list[Outcome]:
+    """Assemble and score a batch (runs in a worker thread); never raises."""
+    t0 = time.perf_counter()
+    try:
+        inputs, corrupt = build_inputs(jobs, bundle.schema, bundle.vocabs)
+    except Exception:
+        log.warning("feature assembly failed", exc_info=True)
+        return [Outcome(None, ["internal_error"]) for _ in jobs]
+    t1 = time.perf_counter()
+    metrics.STAGE_DURATION.labels("feature_assembly").observe(t1 - t0)
+    base = [["profile_corrupt"] if c else [] for c in corrupt]
+    try:
+        scores = bundle.score(inputs)
+    except Exception:
+        log.warning("model call failed", exc_info=True, extra={"version": bundle.version})
+        return [Outcome(None, [*b, "model_error"]) for b in base]
+    metrics.STAGE_DURATION.labels("inference").observe(time.perf_counter() - t1)
+    metrics.BATCH_SIZE.observe(len(jobs))
+    out = []
+    for i, job in enumerate(jobs):
+        row = scores[i, : len(job.request.candidates)]
+        out.append(Outcome(row, base[i]) if np.isfinite(row).all() else Outcome(None, [*base[i], "model_nonfinite"]))
+    return out
+
+
+class Scorer:
+    """A thread pool for CPU work and, optionally, the micro-batch collector in front of it."""
+
+    def __init__(self, settings: Settings):
+        self.workers = settings.inference_workers
+        self.executor = ThreadPoolExecutor(self.workers, thread_name_prefix="psad-infer")
+        self.max_size = settings.microbatch_max_size if settings.microbatching else 0
+        self.max_wait_s = settings.microbatch_max_wait_us / 1e6
+        self.queue: asyncio.Queue[tuple[Bundle, Job, asyncio.Future]] = asyncio.Queue()
+        self._free = asyncio.Semaphore(self.workers)
+        self._collector: asyncio.Task | None = None
+
+    def start(self) -> None:
+        if self.max_size:
+            self._collector = asyncio.create_task(self._collect())
+
+    async def stop(self) -> None:
+        if self._collector is not None:
+            self._collector.cancel()
+        self.executor.shutdown(wait=False, cancel_futures=True)
+
+    async def score(self, bundle: Bundle, jobs: list[Job]) -> list[Outcome]:
+        if not self.max_size or len(jobs) >= self.max_size:
+            return await asyncio.get_running_loop().run_in_executor(self.executor, run_batch, bundle, jobs)
+        loop = asyncio.get_running_loop()
+        futures = [loop.create_future() for _ in jobs]
+        for job, fut in zip(jobs, futures, strict=True):
+            self.queue.put_nowait((bundle, job, fut))
+        return list(await asyncio.gather(*futures))
+
+    async def _collect(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            await self._free.acquire()  # requests queue up while every worker is busy: bigger batches
+            batch = [await self.queue.get()]
+            deadline = loop.time() + self.max_wait_s
+            while len(batch) < self.max_size:
+                try:
+                    batch.append(self.queue.get_nowait())
+                    continue
+                except asyncio.QueueEmpty:
+                    pass
+                remaining = deadline - loop.time()
+                if remaining <= 0:
+                    break
+                try:
+                    batch.append(await asyncio.wait_for(self.queue.get(), remaining))
+                except asyncio.TimeoutError:
+                    break
+            asyncio.create_task(self._run(batch))
+
+    async def _run(self, batch: list[tuple[Bundle, Job, asyncio.Future]]) -> None:
+        try:
+            groups: dict[int, list[tuple[Bundle, Job, asyncio.Future]]] = {}
+            for entry in batch:  # a model swap may fall inside a batch: one call per bundle
+                groups.setdefault(id(entry[0]), []).append(entry)
+            loop = asyncio.get_running_loop()
+            for entries in groups.values():
+                jobs = [job for _, job, _ in entries]
+                try:
+                    outcomes = await loop.run_in_executor(self.executor, run_batch, entries[0][0], jobs)
+                except Exception:
+                    log.warning("micro-batch failed", exc_info=True)
+                    outcomes = [Outcome(None, ["internal_error"]) for _ in jobs]
+                for (_, _, fut), outcome in zip(entries, outcomes, strict=True):
+                    if not fut.done():
+                        fut.set_result(outcome)
+        finally:
+            self._free.release()
+
+
+class Reranker:
+    """The rerank pipeline: profile read (within budget) -> scoring -> response dicts."""
+
+    def __init__(self, settings: Settings, models: ModelStore, profiles: ProfileStore, scorer: Scorer):
+        self.settings = settings
+        self.models = models
+        self.profiles = profiles
+        self.scorer = scorer
+        self.budget_s = settings.redis_budget_ms / 1000
+
+    async def read_profiles(self, requests: list[RerankRequest], now: list[float], max_history: int):
+        """Raw profiles (None = cold start after a failed read) and the degradation reason, if any."""
+        t0 = time.perf_counter()
+        try:
+            users = [r.user_id for r in requests]
+            raws: list[RawProfile | None] = await asyncio.wait_for(
+                self.profiles.read(users, now, max_history), self.budget_s
+            )
+            reason = None
+        except asyncio.TimeoutError:
+            raws, reason = [None] * len(requests), "redis_timeout"
+        except (RedisError, OSError):
+            raws, reason = [None] * len(requests), "redis_unavailable"
+        metrics.STAGE_DURATION.labels("profile_read").observe(time.perf_counter() - t0)
+        return raws, reason
+
+    async def rerank(self, requests: list[RerankRequest], request_ids: list[str]) -> list[dict[str, Any]]:
+        bundle = self.models.current  # taken once: a model swap does not affect this request
+        now = [r.context.timestamp if r.context and r.context.timestamp is not None else time.time() for r in requests]
+        try:
+            raws, redis_reason = await self.read_profiles(requests, now, bundle.schema.max_history)
+            jobs = [Job(r, p, t) for r, p, t in zip(requests, raws, now, strict=True)]
+            outcomes = await self.scorer.score(bundle, jobs)
+            if redis_reason:
+                outcomes = [Outcome(o.scores, [redis_reason, *o.reasons]) for o in outcomes]
+        except Exception:
+            log.warning(
+                "rerank failed; answering in the ranking stage's order",
+                exc_info=True,
+                extra={"request_ids": request_ids},
+            )
+            outcomes = [Outcome(None, ["internal_error"]) for _ in requests]
+        t0 = time.perf_counter()
+        out = [self.respond(r, rid, o, bundle) for r, rid, o in zip(requests, request_ids, outcomes, strict=True)]
+        metrics.STAGE_DURATION.labels("response").observe(time.perf_counter() - t0)
+        return out
+
+    async def floor(self, request: RerankRequest, request_id: str) -> dict[str, Any]:
+        """The no-model baseline: same parsing and profile read, then a sort by the given score."""
+        bundle = self.models.current
+        now = request.context.timestamp if request.context and request.context.timestamp is not None else time.time()
+        _, reason = await self.read_profiles([request], [now], bundle.schema.max_history)
+        scores = given_scores(request, bundle.schema)
+        return self.respond(request, request_id, Outcome(scores, [reason] if reason else []), bundle)
+
+    @staticmethod
+    def respond(request: RerankRequest, request_id: str, outcome: Outcome, bundle: Bundle) -> dict[str, Any]:
+        """Candidates in the new order; on model failure, the ranking stage's order with its scores."""
+        if outcome.scores is None:
+            scores = given_scores(request, bundle.schema)
+            order = range(len(scores))
+        else:
+            scores = outcome.scores
+            order = np.argsort(-scores, kind="stable")
+        k = request.top_k or len(request.candidates)
+        values = scores.tolist()
+        cands = request.candidates
+        for reason in outcome.reasons:
+            metrics.DEGRADED.labels(reason).inc()
+        return {
+            "request_id": request_id,
+            "items": [{"item_id": cands[i].item_id, "score": values[i]} for i in order[:k]],
+            "model_version": str(bundle.version),
+            "degraded": bool(outcome.reasons),
+            "degraded_reasons": outcome.reasons,
+        }

@@ -1,0 +1,91 @@
+"""Prometheus metrics, in seconds, with buckets that resolve a sub-millisecond service.
+
+With several uvicorn workers set PROMETHEUS_MULTIPROC_DIR (an empty directory, wiped before the
+workers start) before the service imports this module: each worker then writes its samples to
+files there and /metrics aggregates all workers (prometheus_client multiprocess mode).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    REGISTRY,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+    multiprocess,
+)
+
+LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
+STAGES = ("profile_read", "feature_assembly", "inference", "response")
+
+REQUEST_DURATION = Histogram(
+    "psad_request_duration_seconds",
+    "Request latency inside the service, by route.",
+    ["route"],
+    buckets=LATENCY_BUCKETS,
+)
+STAGE_DURATION = Histogram(
+    "psad_stage_duration_seconds", "Latency of one stage of a rerank request.", ["stage"], buckets=LATENCY_BUCKETS
+)
+REQUESTS = Counter("psad_requests", "Requests answered, by route and HTTP status.", ["route", "status"])
+DEGRADED = Counter(
+    "psad_degraded", "Rerank answers flagged degraded, by reason (an answer counts once per reason).", ["reason"]
+)
+CANDIDATES = Histogram(
+    "psad_candidates_per_request",
+    "Candidates per rerank request.",
+    buckets=(1, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000),
+)
+BATCH_SIZE = Histogram(
+    "psad_batch_size", "Lists scored per model call.", buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+)
+MODEL_INFO = Gauge(
+    "psad_model_info",
+    "1 for the model being served, 0 for earlier ones.",
+    ["name", "version", "provider"],
+    multiprocess_mode="livemax",
+)
+RELOADS = Counter("psad_model_reload", "Model reload attempts, by result (loaded, unchanged, refused).", ["result"])
+
+
+def render() -> tuple[bytes, str]:
+    """The exposition text: this process's registry, or every worker's in multiprocess mode."""
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry)
+        return generate_latest(registry), CONTENT_TYPE_LATEST
+    return generate_latest(REGISTRY), CONTENT_TYPE_LATEST
+
+
+class MetricsMiddleware:
+    """Pure ASGI middleware: request count and latency by route template and status (cheap:
+    no BaseHTTPMiddleware body copying)."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        start = time.perf_counter()
+        status = 500
+
+        async def send_status(message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_status)
+        finally:
+            route = getattr(scope.get("route"), "path", "unmatched")
+            REQUEST_DURATION.labels(route).observe(time.perf_counter() - start)
+            REQUESTS.labels(route, str(status)).inc()

@@ -1,0 +1,258 @@
+"""User profiles in Redis: raw values in, encoded profiles out.
+
+Key layout (both keys of a user share the hash tag ``{<user_id>}``, so they live in one Redis
+Cluster slot and a pipeline or script may touch both):
+
+    <prefix>:{<user_id>}:u   hash: feature name -> RAW value (categorical value as text,
+                             numeric as a decimal string)
+    <prefix>:{<user_id>}:h   sorted set of behaviours, score = timestamp (unix s), member
+                             "<timestamp>|<action>|<event id>|<item_id>" (item id last, so it may
+                             contain '|'); capped to the last N behaviours
+
+Raw values (item ids, action names, categorical values) are stored rather than indices, so a new
+model version with new vocabularies reads the same profiles: encoding happens at read time with
+the serving bundle's vocabularies. One pipelined round trip reads a whole profile. An append is one
+Lua script (ZADD + trim + EXPIRE), atomic with no read-modify-write race; members sort by
+timestamp, so late events land in place. A member carries an event id: retrying an event with
+the same id stores it once.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import uuid
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import redis
+import redis.asyncio as aredis
+from tqdm import tqdm
+
+from training.data.store import load_schema, load_vocabs
+from training.features import EncodedProfile
+from training.schema import FeatureSchema, Vocabularies
+
+# KEYS[1] = history, KEYS[2] = user hash; ARGV = cap, ttl, then (score, member) pairs.
+APPEND_LUA = """
+for i = 3, #ARGV, 2 do redis.call('ZADD', KEYS[1], ARGV[i], ARGV[i + 1]) end
+local cap = tonumber(ARGV[1])
+if cap > 0 then redis.call('ZREMRANGEBYRANK', KEYS[1], 0, -cap - 1) end
+local ttl = tonumber(ARGV[2])
+if ttl > 0 then
+  redis.call('EXPIRE', KEYS[1], ttl)
+  redis.call('EXPIRE', KEYS[2], ttl)
+end
+return redis.call('ZCARD', KEYS[1])
+"""
+
+
+def user_key(prefix: str, user_id: str) -> str:
+    return f"{prefix}:{{{user_id}}}:u"
+
+
+def history_key(prefix: str, user_id: str) -> str:
+    return f"{prefix}:{{{user_id}}}:h"
+
+
+def member(timestamp: int, action: str, event_id: str, item_id: str) -> str:
+    return f"{timestamp}|{action}|{event_id}|{item_id}"
+
+
+@dataclass
+class RawProfile:
+    """A profile as stored: user feature values and history members, oldest first."""
+
+    user: dict[str, str] = field(default_factory=dict)
+    history: list[str] = field(default_factory=list)
+
+
+def encode_profile(raw: RawProfile, schema: FeatureSchema, vocabs: Vocabularies) -> tuple[EncodedProfile, int]:
+    """Encode with the serving bundle's vocabularies; returns the profile and the number of corrupt
+    entries skipped (unparseable numbers or history members). Unknown values encode as OOV."""
+    corrupt = 0
+    user_cat = np.zeros(len(schema.user_categorical), dtype=np.int64)
+    for j, f in enumerate(schema.user_categorical):
+        value = raw.user.get(f.name)
+        if value is not None:
+            user_cat[j] = vocabs.user_categorical[f.name].index(value)
+    user_num = np.zeros(len(schema.user_numeric), dtype=np.float32)
+    for j, f in enumerate(schema.user_numeric):
+        value = raw.user.get(f.name)
+        if value is None:
+            continue
+        try:
+            x = float(value)
+        except ValueError:
+            x = math.nan
+        if math.isfinite(x):
+            user_num[j] = x
+        else:
+            corrupt += 1
+    n = len(raw.history)
+    items, ts, actions = np.zeros(n, np.int64), np.zeros(n, np.int64), np.zeros(n, np.int64)
+    k = 0
+    for m in raw.history:
+        parts = m.split("|", 3)
+        if len(parts) != 4 or not parts[3] or not parts[0].isdigit():
+            corrupt += 1
+            continue
+        ts[k] = int(parts[0])
+        actions[k] = schema.action_index(parts[1])
+        items[k] = vocabs.items.index(parts[3])
+        k += 1
+    order = np.argsort(ts[:k], kind="stable")  # members sort by score; keep the contract explicit
+    profile = EncodedProfile(user_cat, user_num, items[:k][order], ts[:k][order], actions[:k][order])
+    return profile, corrupt
+
+
+def _decode_text(values: Iterable[bytes | str]) -> list[str]:
+    return [v.decode("utf-8", "replace") if isinstance(v, bytes) else v for v in values]
+
+
+class ProfileStore:
+    """Async reads (one pipelined round trip per request or batch) and atomic appends."""
+
+    def __init__(self, client: aredis.Redis, prefix: str, ttl_s: int):
+        self.client = client
+        self.prefix = prefix
+        self.ttl_s = ttl_s
+        self._append = client.register_script(APPEND_LUA)
+
+    async def read(self, user_ids: Sequence[str], now: Sequence[float], max_history: int) -> list[RawProfile]:
+        """Each user's features and their last max_history behaviours strictly before `now`."""
+        pipe = self.client.pipeline(transaction=False)
+        for uid, t in zip(user_ids, now, strict=True):
+            pipe.hgetall(user_key(self.prefix, uid))
+            pipe.zrange(
+                history_key(self.prefix, uid),
+                f"({float(t)!r}",
+                "-inf",
+                desc=True,
+                byscore=True,
+                offset=0,
+                num=max_history,
+            )
+        replies = await pipe.execute()
+        out = []
+        for user, history in zip(replies[0::2], replies[1::2], strict=True):
+            fields = dict(zip(_decode_text(user.keys()), _decode_text(user.values()), strict=True))
+            out.append(RawProfile(fields, _decode_text(reversed(history))))
+        return out
+
+    async def append(self, events: Sequence[tuple[str, str, str, int, str | None]], cap: int) -> None:
+        """events: (user_id, item_id, action, timestamp, event_id or None); one script call per user,
+        all in one pipelined round trip."""
+        by_user: dict[str, list] = {}
+        for uid, item, action, ts, event_id in events:
+            by_user.setdefault(uid, []).extend([ts, member(ts, action, event_id or uuid.uuid4().hex[:16], item)])
+        pipe = self.client.pipeline(transaction=False)
+        for uid, args in by_user.items():
+            await self._append(
+                keys=[history_key(self.prefix, uid), user_key(self.prefix, uid)],
+                args=[cap, self.ttl_s, *args],
+                client=pipe,
+            )
+        await pipe.execute()
+
+    async def ping(self) -> bool:
+        return bool(await self.client.ping())
+
+
+def connect(url: str, pool_size: int, timeout_s: float) -> aredis.Redis:
+    """An async client over a bounded pool (hiredis parses replies when installed)."""
+    pool = aredis.BlockingConnectionPool.from_url(
+        url, max_connections=pool_size, timeout=timeout_s, socket_connect_timeout=timeout_s, socket_timeout=timeout_s
+    )
+    return aredis.Redis(connection_pool=pool)
+
+
+def _user_rows(
+    users: pd.DataFrame, schema: FeatureSchema, vocabs: Vocabularies
+) -> Iterable[tuple[str, dict[str, str]]]:
+    """users.parquet holds encoded categoricals: decode them back to raw values (PAD/OOV -> absent)."""
+    cat = {f.name: vocabs.user_categorical[f.name].tokens for f in schema.user_categorical}
+    num = [f.name for f in schema.user_numeric]
+    for row in users.itertuples(index=False):
+        values = row._asdict()
+        fields = {}
+        for name, tokens in cat.items():
+            idx = int(values[name])
+            if 2 <= idx < len(tokens) + 2:
+                fields[name] = tokens[idx - 2]
+        for name in num:
+            x = float(values[name])
+            if math.isfinite(x):
+                fields[name] = repr(x)
+        yield str(values["user_id"]), fields
+
+
+def bulk_load(
+    redis_url: str,
+    data_dir: Path,
+    *,
+    prefix: str = "psad",
+    ttl_s: int = 30 * 86_400,
+    history_len: int | None = None,
+    batch: int = 1000,
+    progress: bool = True,
+) -> dict[str, float]:
+    """Write a data set's users and behaviours as profiles; returns users, behaviours (written, at
+    most history_len per user), seconds and rate (records written per second, users + behaviours).
+
+    An upsert: re-loading the same data set stores nothing twice (behaviour event ids are the row
+    numbers of behaviours.parquet) and keeps events appended online. history_len defaults to the
+    data set's schema.max_history.
+    """
+    data_dir = Path(data_dir)
+    schema = load_schema(data_dir)
+    vocabs = load_vocabs(data_dir, schema)
+    cap = history_len if history_len is not None else schema.max_history
+    users = pd.read_parquet(data_dir / "users.parquet")
+    behaviours = pd.read_parquet(data_dir / "behaviours.parquet", columns=["user_id", "item_id", "timestamp", "action"])
+    client = redis.Redis.from_url(redis_url)
+    client.ping()
+    append = client.register_script(APPEND_LUA)
+    start = time.perf_counter()
+    bar = tqdm(total=len(users) + len(behaviours), unit="rec", disable=not progress, desc="profiles")
+    n_behaviours = 0
+    pipe = client.pipeline(transaction=False)
+    pending = 0
+
+    def flush() -> None:
+        nonlocal pipe, pending
+        pipe.execute()
+        bar.update(pending)
+        pipe, pending = client.pipeline(transaction=False), 0
+
+    for uid, fields in _user_rows(users, schema, vocabs):
+        if fields:
+            pipe.hset(user_key(prefix, uid), mapping=fields)
+            if ttl_s:
+                pipe.expire(user_key(prefix, uid), ttl_s)
+        pending += 1
+        if pending >= batch:
+            flush()
+    rows = np.arange(len(behaviours))
+    for uid, group in behaviours.assign(row=rows).groupby("user_id", sort=False):
+        bar.update(len(group) - min(len(group), cap or len(group)))  # rows beyond the cap are skipped
+        group = group.iloc[-cap:] if cap else group
+        n_behaviours += len(group)
+        args: list = []
+        for item, ts, action, row in zip(
+            group["item_id"], group["timestamp"], group["action"], group["row"], strict=True
+        ):
+            args += [int(ts), member(int(ts), str(action), f"b{row}", str(item))]
+        append(keys=[history_key(prefix, str(uid)), user_key(prefix, str(uid))], args=[cap, ttl_s, *args], client=pipe)
+        pending += len(group)
+        if pending >= batch:
+            flush()
+    flush()
+    bar.close()
+    client.close()
+    seconds = time.perf_counter() - start
+    total = len(users) + n_behaviours
+    return {"users": len(users), "behaviours": n_behaviours, "seconds": seconds, "rate": total / max(seconds, 1e-9)}

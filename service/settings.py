@@ -1,0 +1,96 @@
+"""Service settings: every knob is a `PSAD_*` environment variable, validated at startup.
+
+docs/service.md lists each variable with its default. A bad value stops the service before it
+binds a port, with a message naming the variable and the allowed values.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+ENV_PREFIX = "PSAD_"
+
+
+class SettingsError(ValueError):
+    """A PSAD_* variable has a bad value; the message names it and says what is allowed."""
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="forbid", protected_namespaces=())
+
+    # Model repository: bundles live at <model_repo>/<model_name>/<version>/.
+    model_repo: Path = Path("models")
+    model_name: str = Field("psad", min_length=1)
+    model_version: str = "latest"  # "latest" or a version number; "latest" also follows new versions
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    threads: int = Field(1, ge=1)  # ONNX Runtime intra-op threads per model call
+    inference_workers: int = Field(min(4, os.cpu_count() or 1), ge=1)  # threads running assembly + model
+    microbatch_max_size: int = Field(0, ge=0)  # 0 or 1 = off; else requests merged into one model call
+    microbatch_max_wait_us: int = Field(500, ge=0)
+    poll_interval_s: float = Field(0.0, ge=0)  # 0 = no polling; reload through /admin/reload only
+    admin_token: SecretStr | None = None  # unset = /admin/* disabled (403)
+
+    # Redis profile store.
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    redis_budget_ms: float = Field(5.0, gt=0)  # time budget of the profile read per request
+    redis_pool_size: int = Field(64, ge=1)
+    events_timeout_ms: float = Field(1000.0, gt=0)  # time limit of an /events write
+    profile_ttl_s: int = Field(30 * 86_400, ge=0)  # 0 = profiles never expire
+    key_prefix: str = Field("psad", min_length=1, max_length=64)
+    history_len: int = Field(0, ge=0)  # behaviours kept per user; 0 = the bundle schema's max_history
+
+    # Request limits.
+    max_candidates: int = Field(1000, ge=1)
+    max_id_length: int = Field(128, ge=1)
+    max_batch_requests: int = Field(64, ge=1)
+    max_events: int = Field(1000, ge=1)
+
+    enable_floor_endpoint: bool = False
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+    @field_validator("model_version")
+    @classmethod
+    def _version(cls, v: str) -> str:
+        if v != "latest" and not (v.isdigit() and int(v) >= 1):
+            raise ValueError("must be 'latest' or a version number >= 1")
+        return v
+
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_url(cls, v: str) -> str:
+        if not v.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError("must start with redis://, rediss:// or unix://")
+        return v
+
+    @field_validator("key_prefix")
+    @classmethod
+    def _prefix(cls, v: str) -> str:
+        if any(c in v for c in "{}\n\r\t "):
+            raise ValueError("must not contain braces or whitespace (braces would break the per-user hash tag)")
+        return v
+
+    @field_validator("log_level", "device", mode="before")
+    @classmethod
+    def _lower(cls, v: object) -> object:
+        return v.lower() if isinstance(v, str) else v
+
+    @property
+    def microbatching(self) -> bool:
+        return self.microbatch_max_size > 1
+
+
+def load_settings(**overrides: object) -> Settings:
+    """Read PSAD_* variables (keyword overrides win); raise SettingsError naming each bad variable."""
+    try:
+        return Settings(**overrides)
+    except ValidationError as exc:
+        lines = []
+        for err in exc.errors():
+            field = str(err["loc"][0]) if err["loc"] else "?"
+            lines.append(f"{ENV_PREFIX}{field.upper()}={err.get('input')!r}: {err['msg']}")
+        raise SettingsError("invalid service settings:\n  " + "\n  ".join(lines)) from None

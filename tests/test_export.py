@@ -1,0 +1,143 @@
+"""Export: bundle layout and manifest, the parity gate, the round trip to PyTorch, versioning."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from export.bundle import ExportError, export_run, next_version
+from export.parity import FP32, SHAPES, BatchMaker, ParityError, check_parity, require_parity
+from export.runtime import latest_version, load_bundle, sha256
+from training.checkpoint import load_run
+from training.data.store import load_split
+from training.schema import INPUT_NAMES, OOV, SCHEMA_VERSION, FeatureSchema, model_inputs
+
+BUNDLE_FILES = {
+    "model.onnx",
+    "manifest.json",
+    "schema.json",
+    "vocab.json",
+    "teacher.safetensors",
+    "items.safetensors",
+    "config.json",
+}
+
+
+def test_bundle_layout_and_manifest(tiny_bundle: Path, tiny_run: Path) -> None:
+    assert tiny_bundle.name == "1" and tiny_bundle.parent.name == "psad"
+    assert {p.name for p in tiny_bundle.iterdir()} == BUNDLE_FILES
+    manifest = json.loads((tiny_bundle / "manifest.json").read_text())
+    schema = FeatureSchema.load(tiny_bundle / "schema.json")
+    assert manifest["name"] == "psad" and manifest["version"] == 1
+    assert manifest["schema_version"] == SCHEMA_VERSION
+    assert FeatureSchema.from_dict(manifest["schema"]) == schema
+    assert [i["name"] for i in manifest["inputs"]] == list(INPUT_NAMES)
+    specs = [{"name": s.name, "dtype": s.dtype, "dims": list(s.dims)} for s in model_inputs(schema)]
+    assert manifest["inputs"] == specs
+    assert manifest["outputs"] == [{"name": "scores", "dtype": "float32", "dims": ["batch", "list"]}]
+    assert manifest["source"]["run"] == str(tiny_run.resolve())
+    assert "ndcg@10" in manifest["source"]["validation"]["metrics"]["student"]
+    assert set(manifest["files"]) == BUNDLE_FILES - {"manifest.json"}
+    for name, entry in manifest["files"].items():
+        assert entry["sha256"] == sha256(tiny_bundle / name)
+    parity = manifest["parity"]["model.onnx"]
+    assert parity["passed"] and parity["source"] == "validation lists"
+    assert {(s["batch"], s["list"], s["history"]) for s in parity["shapes"]} == set(SHAPES)
+    assert parity["max_abs_diff"] <= FP32.max_abs
+
+
+def test_onnx_axes_are_named_and_dynamic(tiny_bundle: Path) -> None:
+    import onnx
+
+    graph = onnx.load(str(tiny_bundle / "model.onnx")).graph
+    dims = {v.name: [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim] for v in graph.input}
+    assert dims["cand_items"] == ["batch", "list"]
+    assert dims["hist_items"] == ["batch", "history"]
+    assert [d.dim_param for d in graph.output[0].type.tensor_type.shape.dim] == ["batch", "list"]
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 0), (2, 10, 1), (64, 200, 50), (3, 7, 13)])
+def test_round_trip_matches_pytorch_rank_scores(tiny_bundle: Path, tiny_run: Path, shape) -> None:
+    model, _, schema = load_run(tiny_run)
+    val = load_split(Path(json.loads((tiny_run / "config.json").read_text())["data_dir"]), "val", schema)
+    inputs = BatchMaker(schema, val.inputs, seed=1).make(*shape)
+    got = load_bundle(tiny_bundle, device="cpu").score(inputs)
+    with torch.inference_mode():
+        want = model.rank_scores({k: torch.from_numpy(v) for k, v in inputs.items()}).numpy()
+    mask = inputs["cand_mask"]
+    assert got.shape == shape[:2] and got.dtype == np.float32
+    np.testing.assert_allclose(got[mask], want[mask], atol=FP32.max_abs, rtol=0)
+    for row in range(shape[0]):
+        valid = mask[row]
+        assert (np.argsort(-got[row][valid], kind="stable") == np.argsort(-want[row][valid], kind="stable")).all()
+
+
+def test_parity_gate_refuses_a_graph_that_scores_differently(tiny_bundle: Path, tiny_run: Path) -> None:
+    model, _, schema = load_run(tiny_run)
+    serving = model.serving_module()
+
+    class Shifted(torch.nn.Module):  # a real deviation the gate must catch: scores off by 1e-3
+        def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
+            return serving(*inputs) + 1e-3 * torch.arange(inputs[6].shape[1])
+
+    report = check_parity(Shifted(), tiny_bundle / "model.onnx", BatchMaker(schema), FP32, shapes=((2, 10, 1),))
+    assert not report.passed and report.rows[0].max_abs_diff > FP32.max_abs
+    with pytest.raises(ParityError, match=r"model.onnx does not score like PyTorch(.|\n)*\| 2 \| 10 \| 1 \|"):
+        require_parity(report)
+
+
+def test_unknown_items_map_to_oov_and_score_finitely(tiny_bundle: Path) -> None:
+    bundle = load_bundle(tiny_bundle, device="cpu")
+    inputs = BatchMaker(bundle.schema, seed=2).make(2, 10, 5)
+    ids = ["never-seen-1", "never-seen-2", *bundle.vocabs.items.tokens[:8]]
+    inputs["cand_items"][0] = bundle.vocabs.items.indices(ids)
+    inputs["hist_items"][0] = bundle.vocabs.items.indices(["never-seen-3"] * 5)
+    assert inputs["cand_items"][0, 0] == OOV and inputs["hist_items"][0, 0] == OOV
+    scores = bundle.score(inputs)
+    assert np.isfinite(scores[inputs["cand_mask"]]).all()
+
+
+def test_export_refuses_to_overwrite_a_version(tiny_bundle: Path, tiny_run: Path) -> None:
+    before = sha256(tiny_bundle / "manifest.json")
+    with pytest.raises(ExportError, match=r"already exists and versions are immutable"):
+        export_run(tiny_run, tiny_bundle.parent.parent, name="psad", version=1)
+    assert sha256(tiny_bundle / "manifest.json") == before
+
+
+def test_export_rejects_bad_names_and_runs(tmp_path: Path, tiny_run: Path) -> None:
+    with pytest.raises(ExportError, match="--name"):
+        export_run(tiny_run, tmp_path, name="../escape")
+    with pytest.raises(ExportError, match="run directory not found"):
+        export_run(tmp_path / "no-run", tmp_path)
+    assert not (tmp_path / "psad").exists()
+
+
+def test_latest_version_counts_only_complete_versions(tmp_path: Path, tiny_bundle: Path) -> None:
+    assert latest_version(tmp_path, "psad") is None and next_version(tmp_path, "psad") == 1
+    shutil.copytree(tiny_bundle, tmp_path / "psad" / "3")
+    (tmp_path / "psad" / "7").mkdir()  # no manifest: incomplete
+    (tmp_path / "psad" / ".8.tmp-abc").mkdir()  # an export in progress
+    (tmp_path / "psad" / "notes").mkdir()
+    assert latest_version(tmp_path, "psad") == 3 and next_version(tmp_path, "psad") == 4
+
+
+@pytest.mark.slow
+def test_auto_version_and_fp16_export(tmp_path: Path, tiny_bundle: Path, tiny_run: Path) -> None:
+    """Omitting the version takes the next one; --fp16 adds a parity-checked float16 graph."""
+    shutil.copytree(tiny_bundle, tmp_path / "psad" / "1")
+    bundle = export_run(tiny_run, tmp_path, name="psad", fp16=True)
+    assert bundle == tmp_path / "psad" / "2"
+    assert not [p for p in (tmp_path / "psad").iterdir() if p.name.startswith(".")]  # temp dir renamed away
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    assert manifest["models"] == {"fp32": "model.onnx", "fp16": "model_fp16.onnx"}
+    assert manifest["parity"]["model_fp16.onnx"]["passed"]
+    assert manifest["parity"]["model_fp16.onnx"]["tolerance"]["top_k"] == 10
+    fp32, fp16 = load_bundle(bundle, device="cpu"), load_bundle(bundle, device="cpu", fp16=True)
+    inputs = BatchMaker(fp32.schema, seed=3).make(4, 10, 5)
+    mask = inputs["cand_mask"]
+    np.testing.assert_allclose(fp16.score(inputs)[mask], fp32.score(inputs)[mask], atol=1e-2, rtol=0)

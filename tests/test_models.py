@@ -1,0 +1,278 @@
+"""PSAD model family: masking, equivariance, decoding, training signal, serving and ONNX export."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from training.features import EncodedProfile, assemble
+from training.models.config import ModelConfig
+from training.models.psad import PSAD
+from training.models.student import PAD_SCORE, Student
+from training.schema import INPUT_NAMES, CategoricalFeature, FeatureSchema, NumericFeature
+
+N_ITEMS = 40
+SCHEMA = FeatureSchema(
+    n_items=N_ITEMS,
+    actions=("click", "buy"),
+    max_history=8,
+    max_list=12,
+    user_categorical=(CategoricalFeature("gender", 4),),
+    user_numeric=(NumericFeature("age", 30.0, 10.0),),
+    item_categorical=(CategoricalFeature("genre", 6),),
+    item_numeric=(NumericFeature("popularity", 1.0, 2.0),),
+    candidate_numeric=(NumericFeature("rank_score", 0.5, 0.2),),
+)
+TINY = {"d_model": 8, "n_heads": 2, "teacher_layers": 1, "student_hidden": 8, "dropout": 0.0}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny tensors: extra intra-op threads only spin against the other tests on a shared CPU."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def make_model(seed: int = 0, **overrides) -> PSAD:
+    torch.manual_seed(seed)
+    gen = torch.Generator().manual_seed(123)
+    item_cat = torch.randint(0, 6, (N_ITEMS, 1), generator=gen)
+    item_num = torch.randn(N_ITEMS, 1, generator=gen)
+    return PSAD(ModelConfig(**{**TINY, **overrides}), SCHEMA, item_cat, item_num)
+
+
+def profile(rng: np.random.Generator, history: int) -> EncodedProfile:
+    return EncodedProfile(
+        user_cat=rng.integers(0, 4, 1),
+        user_num=rng.normal(30, 10, 1).astype(np.float32),
+        hist_items=rng.integers(2, N_ITEMS, history),
+        hist_ts=np.sort(rng.integers(0, 10_000_000, history)),
+        hist_actions=rng.integers(2, 4, history),
+    )
+
+
+def make_inputs(lengths: list[int], histories: list[int], seed: int = 0) -> dict[str, torch.Tensor]:
+    """A batch assembled by the real input assembly (training.features.assemble)."""
+    rng = np.random.default_rng(seed)
+    profiles = [profile(rng, h) for h in histories]
+    items = [rng.integers(2, N_ITEMS, n) for n in lengths]
+    nums = [rng.random((n, 1)).astype(np.float32) for n in lengths]
+    arrays = assemble(SCHEMA, profiles, items, nums, now=[20_000_000.0] * len(lengths))
+    return {k: torch.from_numpy(v) for k, v in arrays.items()}
+
+
+def pad(inputs: dict[str, torch.Tensor], extra_list: int, extra_history: int) -> dict[str, torch.Tensor]:
+    """The same batch with more padded candidate and history slots (junk values under the mask)."""
+    out = dict(inputs)
+    for names, extra in (
+        (("hist_items", "hist_actions", "hist_age", "hist_mask"), extra_history),
+        (("cand_items", "cand_num", "cand_mask"), extra_list),
+    ):
+        for name in names:
+            t = inputs[name]
+            shape = (t.shape[0], extra, *t.shape[2:])
+            junk = (
+                torch.zeros(shape, dtype=torch.bool) if t.dtype == torch.bool else torch.full(shape, 3, dtype=t.dtype)
+            )
+            out[name] = torch.cat([t, junk], dim=1)
+    return out
+
+
+def test_padding_never_changes_a_score():
+    model = make_model().eval()
+    inputs = make_inputs([5, 3], [4, 0])
+    with torch.no_grad():
+        base = model.rank_scores(inputs)
+        padded = model.rank_scores(pad(inputs, extra_list=4, extra_history=3))
+    mask = inputs["cand_mask"]
+    torch.testing.assert_close(padded[:, : mask.shape[1]][mask], base[mask], atol=1e-5, rtol=1e-5)
+    assert (padded[:, mask.shape[1] :] == PAD_SCORE).all()
+    assert (base[~mask] == PAD_SCORE).all()
+
+
+def _permute_candidates(inputs: dict[str, torch.Tensor], perm: torch.Tensor) -> dict[str, torch.Tensor]:
+    return {k: (v[:, perm] if k.startswith("cand_") else v) for k, v in inputs.items()}
+
+
+def test_scores_are_permutation_equivariant_without_position_encoding():
+    model = make_model(position_encoding=False).eval()
+    inputs = make_inputs([7, 4], [5, 2])
+    perm = torch.randperm(7, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        base = model.rank_scores(inputs)
+        permuted = model.rank_scores(_permute_candidates(inputs, perm))
+    torch.testing.assert_close(permuted, base[:, perm], atol=1e-5, rtol=1e-5)
+
+
+def test_position_encoding_makes_order_matter():
+    model = make_model().eval()
+    with torch.no_grad():
+        model.upn.positions.weight.normal_()
+        inputs = make_inputs([7], [3])
+        perm = torch.tensor([6, 5, 4, 3, 2, 1, 0])
+        base = model.rank_scores(inputs)
+        permuted = model.rank_scores(_permute_candidates(inputs, perm))
+    assert not torch.allclose(permuted, base[:, perm], atol=1e-4)
+
+
+def test_student_head_is_equivariant_given_candidate_reps():
+    torch.manual_seed(0)
+    student = Student(ModelConfig(**TINY)).eval()
+    x, u = torch.randn(2, 6, 8), torch.randn(2, 8)
+    mask = torch.tensor([[True] * 6, [True, False, True, True, False, True]])
+    perm = torch.tensor([3, 0, 5, 1, 4, 2])
+    with torch.no_grad():
+        torch.testing.assert_close(student(x[:, perm], u, mask[:, perm]), student(x, u, mask)[:, perm])
+
+
+@settings(max_examples=25, deadline=None)
+@given(data=st.data(), width=st.integers(1, 12))
+def test_teacher_decoding_is_a_valid_permutation(data: st.DataObject, width: int):
+    block = data.draw(st.integers(1, width + 2), label="block_size")
+    lengths = data.draw(st.lists(st.integers(1, width), min_size=1, max_size=3), label="lengths")
+    lengths[0] = width  # the batch is padded to `width`
+    model = make_model(block_size=block).eval()
+    inputs = make_inputs(lengths, [3] * len(lengths), seed=sum(lengths) + width)
+    perm = model.teacher_decode(inputs)
+    assert perm.shape == (len(lengths), width)
+    for row, n in zip(perm.tolist(), lengths, strict=True):
+        assert sorted(row) == list(range(width))
+        assert sorted(row[:n]) == list(range(n))  # valid candidates first, padded ones last
+    assert model.teacher.last_decode_steps == model.decode_steps(width) == -(-width // block)
+
+
+@pytest.mark.parametrize(("block", "steps"), [(10, 1), (1, 10), (4, 3), (25, 1)])
+def test_decode_loop_runs_ceil_l_over_b_network_steps(block: int, steps: int):
+    model = make_model(block_size=block).eval()
+    model.teacher_decode(make_inputs([10, 6], [2, 2]))
+    assert model.decode_steps(10) == steps
+    assert model.teacher.last_decode_steps == steps
+
+
+def test_block_decoding_matches_teacher_forcing():
+    """Greedy decoding and teacher forcing share one code path: forcing the greedy permutation
+    gives the lowest possible loss structure, i.e. every slot's target is its argmax."""
+    model = make_model(block_size=3).eval()
+    inputs = make_inputs([8], [4])
+    perm = model.teacher_decode(inputs)
+    x, u = model.upn(*(inputs[n] for n in INPUT_NAMES))
+    enc = model.teacher.encode(x, inputs["cand_mask"])
+    ranks = torch.arange(8)
+    item_rank = torch.empty_like(perm).scatter_(1, perm, ranks[None])
+    with torch.no_grad():
+        logits = model.teacher.pointer_logits(enc, u, item_rank, ranks)[0]
+    for r in range(8):
+        allowed = item_rank[0] >= r
+        assert int(logits[r].masked_fill(~allowed, -torch.inf).argmax()) == int(perm[0, r])
+
+
+@pytest.mark.parametrize("distill", ["listwise", "rd", "none"])
+@pytest.mark.parametrize("student_loss", ["listwise", "bce"])
+def test_no_nan_with_empty_history_or_no_positive(distill: str, student_loss: str):
+    model = make_model(distill=distill, student_loss=student_loss, rd_warmup_steps=0)
+    inputs = make_inputs([5, 1], [0, 0])
+    assert inputs["hist_items"].shape[1] == 0
+    out = model(inputs, torch.zeros(2, 5), step=10)
+    assert all(torch.isfinite(v) for v in out.values())
+    out["loss"].backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+    if distill == "none":
+        assert float(out["distill"]) == 0.0
+
+
+def test_all_history_masked_gives_finite_scores():
+    model = make_model().eval()
+    inputs = make_inputs([4], [3])
+    inputs["hist_mask"][:] = False
+    with torch.no_grad():
+        assert torch.isfinite(model.rank_scores(inputs)).all()
+
+
+@pytest.mark.parametrize("distill", ["listwise", "rd"])
+def test_optimizer_steps_lower_the_loss(distill: str):
+    model = make_model(distill=distill, block_size=2)
+    inputs = make_inputs([8, 6, 8, 5], [4, 0, 6, 2], seed=3)
+    labels = (torch.arange(8)[None].expand(4, -1) % 3 == 0).float()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    first = None
+    for step in range(30):
+        out = model(inputs, labels, step=step)
+        first = float(out["loss"].detach()) if first is None else first
+        opt.zero_grad()
+        out["loss"].backward()
+        opt.step()
+    with torch.no_grad():
+        last = model(inputs, labels, step=30)
+    assert float(last["loss"]) < 0.7 * first
+    assert float(last["teacher"]) < float(out["teacher"]) + 1.0
+
+
+def test_serving_module_matches_rank_scores():
+    model = make_model().eval()
+    inputs = make_inputs([6, 2], [5, 0])
+    with torch.no_grad():
+        served = model.serving_module()(*(inputs[n] for n in INPUT_NAMES))
+        torch.testing.assert_close(served, model.rank_scores(inputs))
+
+
+def test_ablation_without_upn_trains_and_scores():
+    model = make_model(use_upn=False)
+    inputs = make_inputs([5, 3], [2, 0])
+    out = model(inputs, torch.tensor([[1.0, 0, 0, 1, 0], [0, 1, 0, 0, 0]]))
+    out["loss"].backward()
+    assert torch.isfinite(out["loss"])
+    assert not hasattr(model.upn, "cand_read")
+
+
+def test_item_tables_are_persistent_buffers():
+    state = make_model().state_dict()
+    assert state["upn.items.item_cat"].shape == (N_ITEMS, 1)
+    assert state["upn.items.item_num"].shape == (N_ITEMS, 1)
+    assert "upn.items.cand_num_mean" in state
+
+
+def test_item_table_shape_is_checked():
+    with pytest.raises(ValueError, match="item_cat has shape"):
+        PSAD(ModelConfig(**TINY), SCHEMA, torch.zeros(N_ITEMS, 2, dtype=torch.long), torch.zeros(N_ITEMS, 1))
+    with pytest.raises(ValueError, match="genre"):
+        PSAD(ModelConfig(**TINY), SCHEMA, torch.full((N_ITEMS, 1), 6), torch.zeros(N_ITEMS, 1))
+
+
+def test_onnx_export_matches_pytorch(tmp_path):
+    """The serving module exports with dynamic batch/list/history axes and ONNX Runtime agrees
+    with PyTorch at other shapes, including a single candidate and an empty history."""
+    ort = pytest.importorskip("onnxruntime")
+    model = make_model().eval()
+    scorer = model.serving_module().eval()
+    example = make_inputs([7, 5], [5, 3])
+    path = tmp_path / "student.onnx"
+    axes = {name: {0: "batch"} for name in INPUT_NAMES}
+    for name in ("hist_items", "hist_actions", "hist_age", "hist_mask"):
+        axes[name][1] = "history"
+    for name in ("cand_items", "cand_num", "cand_mask"):
+        axes[name][1] = "list"
+    with torch.no_grad():
+        torch.onnx.export(
+            scorer,
+            tuple(example[n] for n in INPUT_NAMES),
+            str(path),
+            input_names=list(INPUT_NAMES),
+            output_names=["scores"],
+            dynamic_axes={**axes, "scores": {0: "batch", 1: "list"}},
+            opset_version=17,
+            dynamo=False,
+        )
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    for lengths, histories in (([1], [0]), ([7, 3, 1], [5, 0, 2])):
+        inputs = make_inputs(lengths, histories, seed=7)
+        with torch.no_grad():
+            expected = scorer(*(inputs[n] for n in INPUT_NAMES)).numpy()
+        got = session.run(None, {n: inputs[n].numpy() for n in INPUT_NAMES})[0]
+        assert got.shape == expected.shape
+        assert np.isfinite(got).all()
+        np.testing.assert_allclose(got, expected, atol=1e-5, rtol=1e-4)

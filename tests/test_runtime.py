@@ -1,0 +1,159 @@
+"""The service's loader: integrity checks, provider reporting, thread settings, input checks."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from export.parity import BatchMaker
+from export.runtime import CPU, BundleError, load_bundle, sha256, verify_bundle
+
+
+@pytest.fixture
+def bundle_copy(tiny_bundle: Path, tmp_path: Path) -> Path:
+    """A private copy of the session's bundle that a test may damage."""
+    return Path(shutil.copytree(tiny_bundle, tmp_path / "psad" / "1"))
+
+
+def _edit_manifest(bundle: Path, edit: Callable[[dict], None]) -> None:
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    edit(manifest)
+    (bundle / "manifest.json").write_text(json.dumps(manifest))
+
+
+def _rehash(bundle: Path, name: str) -> None:
+    """Record a file's new sha256, as a buggy exporter (not a copy error) would have."""
+
+    def edit(m: dict) -> None:
+        m["files"][name] = {"sha256": sha256(bundle / name), "bytes": (bundle / name).stat().st_size}
+
+    _edit_manifest(bundle, edit)
+
+
+def flip_byte(bundle: Path) -> None:
+    data = bytearray((bundle / "model.onnx").read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    (bundle / "model.onnx").write_bytes(bytes(data))
+
+
+def remove_vocab(bundle: Path) -> None:
+    (bundle / "vocab.json").unlink()
+
+
+def truncate_onnx(bundle: Path) -> None:
+    data = (bundle / "model.onnx").read_bytes()
+    (bundle / "model.onnx").write_bytes(data[: len(data) // 3])
+    _rehash(bundle, "model.onnx")
+
+
+def schema_file_from_the_future(bundle: Path) -> None:
+    schema = json.loads((bundle / "schema.json").read_text())
+    schema["version"] = 99
+    (bundle / "schema.json").write_text(json.dumps(schema))
+    _rehash(bundle, "schema.json")
+
+
+def manifest_schema_version(bundle: Path) -> None:
+    _edit_manifest(bundle, lambda m: m.update(schema_version=99))
+
+
+def manifest_not_json(bundle: Path) -> None:
+    (bundle / "manifest.json").write_text('{"files": {"model.onnx": ')
+
+
+def manifest_tampered_inputs(bundle: Path) -> None:
+    _edit_manifest(bundle, lambda m: m["inputs"].reverse())
+
+
+def manifest_tampered_hash(bundle: Path) -> None:
+    _edit_manifest(bundle, lambda m: m["files"]["vocab.json"].update(sha256="0" * 64))
+
+
+def manifest_missing(bundle: Path) -> None:
+    (bundle / "manifest.json").unlink()
+
+
+@pytest.mark.parametrize(
+    ("damage", "message"),
+    [
+        (flip_byte, r"model\.onnx: sha256 mismatch"),
+        (remove_vocab, r"vocab\.json: missing"),
+        (truncate_onnx, r"model\.onnx: ONNX Runtime cannot load it"),
+        (schema_file_from_the_future, r"schema\.version is 99, this release reads version 1"),
+        (manifest_schema_version, r"manifest\.json: schema_version 99, this release reads 1"),
+        (manifest_not_json, r"manifest\.json: not valid JSON"),
+        (manifest_tampered_inputs, r"manifest\.json: inputs .* differ from the schema's model inputs"),
+        (manifest_tampered_hash, r"vocab\.json: sha256 mismatch"),
+        (manifest_missing, r"manifest\.json: missing"),
+    ],
+    ids=lambda x: getattr(x, "__name__", ""),
+)
+def test_damaged_bundles_are_refused(bundle_copy: Path, damage: Callable[[Path], None], message: str) -> None:
+    damage(bundle_copy)
+    with pytest.raises(BundleError, match=message):
+        load_bundle(bundle_copy, device="cpu")
+
+
+def test_intact_copy_verifies(bundle_copy: Path) -> None:
+    manifest, schema, vocabs = verify_bundle(bundle_copy)
+    assert manifest["version"] == 1 and len(vocabs.items) == schema.n_items
+
+
+def test_cuda_request_falls_back_to_cpu_and_says_so(tiny_bundle: Path, caplog: pytest.LogCaptureFixture) -> None:
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        pytest.skip("a CUDA provider is present: the fallback cannot be observed here")
+    with caplog.at_level(logging.INFO, logger="export.runtime"):
+        bundle = load_bundle(tiny_bundle, device="cuda")
+    assert bundle.provider == CPU == bundle.session.get_providers()[0]
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert warnings and "device=cuda, running on CPUExecutionProvider" in warnings[0].getMessage()
+
+
+def test_session_settings_and_metadata(tiny_bundle: Path) -> None:
+    bundle = load_bundle(tiny_bundle, device="cpu", threads=2)
+    options = bundle.session.get_session_options()
+    assert options.intra_op_num_threads == 2 and options.inter_op_num_threads == 1
+    assert options.get_session_config_entry("session.intra_op.allow_spinning") == "0"
+    assert load_bundle(tiny_bundle, device="cpu", warmup=False).session.get_session_options().intra_op_num_threads == 1
+    assert (bundle.name, bundle.version, bundle.path, bundle.threads) == ("psad", 1, tiny_bundle, 2)
+    assert bundle.manifest["schema"]["n_items"] == bundle.schema.n_items
+
+
+def test_fp16_is_refused_when_not_exported(tiny_bundle: Path) -> None:
+    with pytest.raises(BundleError, match=r"no model_fp16\.onnx in this bundle"):
+        load_bundle(tiny_bundle, device="cpu", fp16=True)
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (lambda x: x.pop("cand_mask"), r"missing \['cand_mask'\]"),
+        (lambda x: x.update(cand_items=x["cand_items"].astype(np.int32)), r"cand_items: expected a numpy int64"),
+        (lambda x: x.update(cand_mask=x["cand_mask"][:, :3]), r"cand_mask: list is 3, other inputs say 10"),
+        (lambda x: x.update(hist_age=x["hist_age"][:1]), r"hist_age: batch is 1, other inputs say 2"),
+        (lambda x: x.update(cand_num=x["cand_num"][..., 0]), r"cand_num: expected dims"),
+    ],
+)
+def test_score_rejects_malformed_inputs(tiny_bundle: Path, edit: Callable[[dict], None], message: str) -> None:
+    bundle = load_bundle(tiny_bundle, device="cpu", warmup=False)
+    inputs = BatchMaker(bundle.schema, seed=0).make(2, 10, 4)
+    edit(inputs)
+    with pytest.raises(ValueError, match=message):
+        bundle.score(inputs)
+
+
+def test_bad_arguments(tiny_bundle: Path, tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="device must be one of"):
+        load_bundle(tiny_bundle, device="tpu")
+    with pytest.raises(ValueError, match="threads must be >= 1"):
+        load_bundle(tiny_bundle, threads=0)
+    with pytest.raises(BundleError, match="bundle directory not found"):
+        load_bundle(tmp_path / "nope")

@@ -1,0 +1,227 @@
+"""The reranking API over real HTTP: a uvicorn server in a thread, a real redis-server, a real bundle."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx
+import pandas as pd
+import pytest
+import uvicorn
+from prometheus_client.parser import text_string_to_metric_families
+
+from service.app import create_app
+from service.profiles import bulk_load
+from service.settings import Settings, SettingsError, load_settings
+from tests.conftest import free_port
+
+PREFIX = "apitest"
+
+
+@contextmanager
+def serve(settings: Settings) -> Iterator[httpx.Client]:
+    """The real app (lifespan included) on a free port; yields a client bound to it."""
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(create_app(settings), host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started:
+        if not thread.is_alive():
+            raise RuntimeError("the service failed to start; see the log above")
+        time.sleep(0.02)
+    try:
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as client:
+            yield client
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+
+
+def settings_for(repo: Path, redis_url: str, **overrides: object) -> Settings:
+    return load_settings(model_repo=repo, redis_url=redis_url, key_prefix=PREFIX, device="cpu", **overrides)
+
+
+def metric_samples(client: httpx.Client) -> dict[tuple[str, tuple], float]:
+    families = text_string_to_metric_families(client.get("/metrics").text)
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value for f in families for s in f.samples}
+
+
+@pytest.fixture(scope="module")
+def data(tiny_data: Path, redis_server) -> dict:
+    bulk_load(redis_server.url, tiny_data, prefix=PREFIX, ttl_s=0, progress=False)
+    users = pd.read_parquet(tiny_data / "users.parquet")["user_id"].tolist()
+    items = json.loads((tiny_data / "vocab.json").read_text())["items"]
+    return {"users": users, "items": items}
+
+
+@pytest.fixture(scope="module")
+def client(tiny_bundle: Path, redis_server, data) -> Iterator[httpx.Client]:
+    settings = settings_for(
+        tiny_bundle.parents[1], redis_server.url, admin_token="secret", enable_floor_endpoint=True, max_candidates=50
+    )
+    with serve(settings) as c:
+        yield c
+
+
+def request(data: dict, user: str | None = None, n: int = 10, **extra: object) -> dict:
+    cands = [{"item_id": item, "score": 1.0 - k / n} for k, item in enumerate(data["items"][:n])]
+    return {"user_id": user or data["users"][0], "candidates": cands, **extra}
+
+
+def test_happy_path_reorders_the_given_items(client, data):
+    body = request(data, request_id="req-1", top_k=5)
+    r = client.post("/rerank", json=body)
+    assert r.status_code == 200, r.text
+    out = r.json()
+    assert out["request_id"] == "req-1" and r.headers["x-request-id"] == "req-1"
+    assert out["model_version"] == "1" and out["degraded"] is False and out["degraded_reasons"] == []
+    full = client.post("/rerank", json=request(data)).json()["items"]
+    assert sorted(i["item_id"] for i in full) == sorted(c["item_id"] for c in body["candidates"])
+    scores = [i["score"] for i in full]
+    assert scores == sorted(scores, reverse=True)
+    assert [i["item_id"] for i in out["items"]] == [i["item_id"] for i in full[:5]]
+
+
+def test_profile_personalises_and_cold_start_and_unknown_items_are_served(client, data):
+    known = client.post("/rerank", json=request(data)).json()
+    cold = client.post("/rerank", json=request(data, user="never-seen-user")).json()
+    assert not cold["degraded"]
+    assert [i["score"] for i in known["items"]] != [i["score"] for i in cold["items"]]
+    unknown = {"user_id": "never-seen-user", "candidates": [{"item_id": "new-a"}, {"item_id": "new-b"}]}
+    r = client.post("/rerank", json=unknown)
+    assert r.status_code == 200 and {i["item_id"] for i in r.json()["items"]} == {"new-a", "new-b"}
+    assert len(r.json()["request_id"]) == 32  # generated uuid4 hex
+
+
+def test_request_id_from_header(client, data):
+    r = client.post("/rerank", json=request(data), headers={"X-Request-ID": "from-header"})
+    assert r.json()["request_id"] == "from-header" and r.headers["x-request-id"] == "from-header"
+
+
+def _too_many(d):
+    return request(d, n=60)  # max_candidates=50 in this module
+
+
+INVALID = {
+    "too_many_candidates": (_too_many, ["body", "candidates"]),
+    "empty_candidates": (lambda d: {"user_id": "u", "candidates": []}, ["body", "candidates"]),
+    "duplicate_ids": (
+        lambda d: {"user_id": "u", "candidates": [{"item_id": "a"}, {"item_id": "a"}]},
+        ["body", "candidates", 1, "item_id"],
+    ),
+    "long_id": (
+        lambda d: {"user_id": "u", "candidates": [{"item_id": "x" * 200}]},
+        ["body", "candidates", 0, "item_id"],
+    ),
+    "long_user": (lambda d: {"user_id": "u" * 200, "candidates": [{"item_id": "a"}]}, ["body", "user_id"]),
+    "top_k_above_list": (lambda d: request(d, n=3, top_k=4), ["body", "top_k"]),
+    "top_k_zero": (lambda d: request(d, n=3, top_k=0), ["body", "top_k"]),
+    "unknown_feature": (
+        lambda d: {"user_id": "u", "candidates": [{"item_id": "a", "features": {"colour": 1.0}}]},
+        ["body", "candidates", 0, "features"],
+    ),
+    "negative_timestamp": (lambda d: request(d, context={"timestamp": -1}), ["body", "context", "timestamp"]),
+    "score_for_some_only": (
+        lambda d: {"user_id": "u", "candidates": [{"item_id": "a", "score": 1}, {"item_id": "b"}]},
+        ["body", "candidates", 1, "score"],
+    ),
+    "unknown_field": (lambda d: request(d, colour="red"), ["body", "colour"]),
+}
+
+
+@pytest.mark.parametrize("case", list(INVALID))
+def test_invalid_requests_answer_422_naming_the_field(client, data, case):
+    make, loc = INVALID[case]
+    r = client.post("/rerank", json=make(data))
+    assert r.status_code == 422, r.text
+    assert loc in [e["loc"] for e in r.json()["detail"]], r.text
+
+
+@pytest.mark.parametrize("literal", [b"NaN", b"Infinity", b"1e999", b"1e39"])
+def test_non_finite_numbers_are_rejected(client, literal):
+    raw = b'{"user_id": "u", "candidates": [{"item_id": "a", "score": ' + literal + b"}]}"
+    r = client.post("/rerank", content=raw, headers={"content-type": "application/json"})
+    assert r.status_code == 422, r.text
+    assert r.json()["detail"][0]["loc"] == ["body", "candidates", 0, "score"]
+
+
+def test_batch_matches_single_requests(client, data):
+    bodies = [request(data, user=u, request_id=f"b{k}") for k, u in enumerate(data["users"][:3])]
+    r = client.post("/rerank/batch", json={"requests": bodies})
+    assert r.status_code == 200, r.text
+    answers = r.json()["responses"]
+    assert [a["request_id"] for a in answers] == ["b0", "b1", "b2"]
+    for body, answer in zip(bodies, answers, strict=True):
+        single = client.post("/rerank", json=body).json()
+        assert [i["item_id"] for i in single["items"]] == [i["item_id"] for i in answer["items"]]
+        assert [i["score"] for i in single["items"]] == pytest.approx([i["score"] for i in answer["items"]], abs=1e-5)
+    bad = client.post("/rerank/batch", json={"requests": [bodies[0], {"user_id": "u", "candidates": []}]})
+    assert bad.status_code == 422 and bad.json()["detail"][0]["loc"] == ["body", "requests", 1, "candidates"]
+
+
+def test_floor_endpoint_sorts_by_the_given_score(client, data):
+    body = request(data, n=4)
+    body["candidates"][2]["score"] = 10.0
+    out = client.post("/bench/floor", json=body).json()
+    assert out["items"][0]["item_id"] == body["candidates"][2]["item_id"]
+    assert [i["score"] for i in out["items"]] == sorted((c["score"] for c in body["candidates"]), reverse=True)
+
+
+def test_events_validate_the_action_and_are_stored(client, data, redis_server):
+    r = client.post("/events", json={"user_id": "ev-user", "item_id": "a", "action": "purchase"})
+    assert r.status_code == 422 and "view" in r.json()["detail"][0]["msg"]
+    single = {"user_id": "ev-user", "item_id": data["items"][0], "action": "click", "timestamp": 100, "event_id": "e1"}
+    assert client.post("/events", json=single).json() == {"accepted": 1}
+    assert client.post("/events", json=single).json() == {"accepted": 1}  # a retry: same event id, stored once
+    batch = {"events": [{**single, "event_id": f"e{k}", "timestamp": 100 + k} for k in range(2, 5)]}
+    assert client.post("/events", json=batch).json() == {"accepted": 3}
+    import redis
+
+    assert redis.Redis.from_url(redis_server.url).zcard(f"{PREFIX}:{{ev-user}}:h") == 4
+
+
+def test_admin_reload_needs_the_token(client):
+    assert client.post("/admin/reload").status_code == 401
+    assert client.post("/admin/reload", headers={"Authorization": "Bearer wrong"}).status_code == 403
+    ok = client.post("/admin/reload", headers={"Authorization": "Bearer secret"})
+    assert ok.status_code == 200 and ok.json()["result"] == "unchanged"
+
+
+def test_admin_is_disabled_without_a_token(tiny_bundle, redis_server, data):
+    with serve(settings_for(tiny_bundle.parents[1], redis_server.url)) as c:
+        assert c.post("/admin/reload", headers={"Authorization": "Bearer x"}).status_code == 403
+        assert c.post("/bench/floor", json=request(data)).status_code == 404
+
+
+def test_health_and_metrics(client, data):
+    assert client.get("/livez").status_code == 200
+    ready = client.get("/readyz")
+    assert ready.status_code == 200 and ready.json()["model"]["version"] == 1 and ready.json()["redis"] == "ok"
+    key = ("psad_requests_total", (("route", "/rerank"), ("status", "200")))
+    before = metric_samples(client).get(key, 0.0)
+    client.post("/rerank", json=request(data))
+    after = metric_samples(client)
+    assert after[key] == before + 1
+    for stage in ("profile_read", "feature_assembly", "inference", "response"):
+        assert after[("psad_stage_duration_seconds_count", (("stage", stage),))] >= 1
+    assert ("psad_request_duration_seconds_bucket", (("le", "0.0001"), ("route", "/rerank"))) in after
+    assert any(name == "psad_model_info" and value == 1.0 for (name, _), value in after.items())
+    assert after[("psad_candidates_per_request_count", ())] >= 1
+
+
+@pytest.mark.parametrize(
+    "field, value, variable",
+    [
+        ("threads", 0, "PSAD_THREADS"),
+        ("key_prefix", "a{b", "PSAD_KEY_PREFIX"),
+        ("model_version", "v2", "PSAD_MODEL_VERSION"),
+    ],
+)
+def test_bad_settings_name_the_variable(field, value, variable):
+    with pytest.raises(SettingsError, match=variable):
+        load_settings(**{field: value})

@@ -1,0 +1,238 @@
+"""Operations: `profiles load`, `serve` as a real process, `up`'s reuse of finished steps, and the
+Grafana dashboard against the metrics the service really exports."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import redis
+import typer
+import yaml
+from click.testing import Result
+from prometheus_client.metrics import MetricWrapperBase
+from typer.testing import CliRunner
+
+from service import metrics
+from service.cli import profiles_app
+from service.profiles import history_key
+from service.up import Step, UpConfig, run_steps, up
+from tests.conftest import REPO, free_port
+
+DASHBOARD = REPO / "deploy" / "grafana" / "dashboard.json"
+
+
+@pytest.fixture
+def clean_env(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
+    """The commands write their overrides to PSAD_* variables: restore them after each test."""
+    for name in ("REDIS_URL", "MODEL_REPO", "MODEL_NAME", "PROFILE_TTL_S", "KEY_PREFIX"):
+        monkeypatch.delenv(f"PSAD_{name}", raising=False)
+    return monkeypatch
+
+
+def psad_profiles(*args: str) -> Result:
+    """`psad profiles ...` as the root app mounts it (a one-command Typer alone would flatten)."""
+    root = typer.Typer()
+    root.add_typer(profiles_app, name="profiles")
+    return CliRunner().invoke(root, ["profiles", *args])
+
+
+def stored_history_lengths(url: str, prefix: str, users: list[str]) -> dict[str, int]:
+    client = redis.Redis.from_url(url)
+    return {u: int(client.zcard(history_key(prefix, u))) for u in users}
+
+
+def test_profiles_load_writes_every_user_and_behaviour(tiny_data: Path, redis_server, clean_env) -> None:
+    clean_env.setenv("PSAD_KEY_PREFIX", "clitest")
+    cap = json.loads((tiny_data / "schema.json").read_text())["max_history"]
+    per_user = pd.read_parquet(tiny_data / "behaviours.parquet")["user_id"].value_counts()
+    expected = {str(u): min(int(n), cap) for u, n in per_user.items()}
+    n_users = len(pd.read_parquet(tiny_data / "users.parquet"))
+
+    for _ in range(2):  # a reload is an upsert: same counts, nothing stored twice
+        result = psad_profiles("load", "--data", str(tiny_data), "--redis-url", redis_server.url)
+        assert result.exit_code == 0, result.output
+        assert f"loaded {n_users:,} users and {sum(expected.values()):,} behaviours" in result.output
+        assert stored_history_lengths(redis_server.url, "clitest", list(expected)) == expected
+
+
+def test_profiles_load_names_a_missing_data_set(tmp_path: Path, redis_server, clean_env) -> None:
+    result = psad_profiles("load", "--data", str(tmp_path), "--redis-url", redis_server.url)
+    assert result.exit_code == 1
+    assert "schema.json missing" in result.output
+
+
+def get(url: str) -> tuple[int, bytes]:
+    try:
+        with urllib.request.urlopen(url, timeout=2) as resp:
+            return resp.status, resp.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read()
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_serve_becomes_ready_and_stops_on_sigterm(tiny_bundle: Path, redis_server, workers: int, tmp_path: Path):
+    port = free_port()
+    repo = tiny_bundle.parent.parent
+    cmd = [
+        sys.executable,
+        "-m",
+        "service.cli",
+        "serve",
+        "--port",
+        str(port),
+        "--workers",
+        str(workers),
+        "--model-repo",
+        str(repo),
+        "--redis-url",
+        redis_server.url,
+    ]
+    env = {**os.environ, "TMPDIR": str(tmp_path)}  # where the multiprocess metrics directory goes
+    env.pop("PROMETHEUS_MULTIPROC_DIR", None)
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 90
+        status = None
+        while time.monotonic() < deadline and proc.poll() is None:
+            try:
+                status, body = get(f"http://127.0.0.1:{port}/readyz")
+            except OSError:
+                status = None
+            if status == 200:
+                break
+            time.sleep(0.2)
+        assert status == 200, proc.stdout.read().decode() if proc.poll() is not None else f"readyz {status}"
+        assert json.loads(body)["model"]["version"] == int(tiny_bundle.name)
+        status, text = get(f"http://127.0.0.1:{port}/metrics")
+        assert status == 200 and b"psad_model_info" in text
+        assert len(list(tmp_path.glob("psad-prometheus-*"))) == (workers > 1)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        rc = proc.wait(timeout=30)
+    log = proc.stdout.read().decode()
+    # uvicorn finishes the lifespan shutdown, then re-raises the signal it caught (exit by SIGTERM)
+    assert rc in (0, -signal.SIGTERM), log
+    assert "Application shutdown complete" in log
+    assert list(tmp_path.glob("psad-prometheus-*")) == []  # the metrics directory of several workers is removed
+
+
+def file_step(name: str, out: Path, key: dict, log: list[str]) -> Step:
+    """A step whose output is one file holding its key."""
+
+    def run(forced: bool) -> dict:
+        out.write_text(json.dumps(key))
+        log.append(name)
+        return {"forced": forced}
+
+    return Step(name, f"writing {out.name}", key, lambda record: out.is_file(), run)
+
+
+def test_run_steps_skips_current_steps_and_redoes_what_follows_a_change(tmp_path: Path) -> None:
+    state = tmp_path / "var" / "up.json"
+    a, b = tmp_path / "a", tmp_path / "b"
+
+    def steps(key_a: dict, log: list[str]) -> list[Step]:
+        return [file_step("a", a, key_a, log), file_step("b", b, {}, log)]
+
+    assert run_steps(steps({"v": 1}, []), state, rebuild=False) == ["a", "b"]
+    assert run_steps(steps({"v": 1}, []), state, rebuild=False) == []
+    b.unlink()  # an output gone: only that step
+    assert run_steps(steps({"v": 1}, []), state, rebuild=False) == ["b"]
+    assert run_steps(steps({"v": 2}, []), state, rebuild=False) == ["a", "b"]  # new inputs force what follows
+    assert json.loads(state.read_text())["b"]["forced"] is True
+    assert run_steps(steps({"v": 2}, []), state, rebuild=True) == ["a", "b"]
+    state.write_text("not json")  # an unreadable record: everything runs again
+    assert run_steps(steps({"v": 2}, []), state, rebuild=False) == ["a", "b"]
+
+
+SMALL_TOML = """
+[train]
+epochs = 1
+batch_size = 64
+lr = 3e-3
+patience = 0
+threads = 1
+device = "cpu"
+
+[model]
+d_model = 16
+n_heads = 2
+teacher_layers = 1
+student_hidden = 16
+dropout = 0.0
+block_size = 2
+"""
+
+
+@pytest.mark.slow
+def test_up_runs_every_step_once_then_reuses_them(tmp_path: Path, redis_server, clean_env) -> None:
+    clean_env.setenv("PSAD_REDIS_URL", redis_server.url)
+    clean_env.setenv("PSAD_KEY_PREFIX", "uptest")
+    config = tmp_path / "small.toml"
+    config.write_text(SMALL_TOML)
+    cfg = UpConfig(
+        ml100k=tmp_path / "absent",
+        root=tmp_path,
+        train_config=config,
+        synthetic={"lists": 600, "users": 40, "items": 60, "list_length": 8},
+        serve=False,
+        progress=False,
+    )
+    assert up(cfg) == ["data", "train", "export", "profiles"]
+    assert (tmp_path / "models" / "psad" / "1" / "manifest.json").is_file()
+    assert up(cfg) == []
+    redis.Redis.from_url(redis_server.url).flushdb()  # profiles gone (e.g. Redis restarted): reload only them
+    assert up(cfg) == ["profiles"]
+
+
+def exported_names() -> set[str]:
+    """Every sample name the service's collectors expose (counter _total, histogram series)."""
+    names = set()
+    for obj in vars(metrics).values():
+        if isinstance(obj, MetricWrapperBase):
+            kind, base = obj._type, obj._name
+            suffixes = {"counter": ["_total"], "histogram": ["_bucket", "_sum", "_count"]}.get(kind, [""])
+            names.update(base + s for s in suffixes)
+    return names
+
+
+def test_dashboard_queries_only_metrics_the_service_exports() -> None:
+    dashboard = json.loads(DASHBOARD.read_text())
+    datasource = yaml.safe_load((DASHBOARD.parent / "datasource.yml").read_text())["datasources"][0]
+    exprs = [t["expr"] for p in dashboard["panels"] for t in p["targets"]]
+    queried = {m for e in exprs for m in re.findall(r"\bpsad_[a-z_]+", e)}
+    core = {"psad_request_duration_seconds_bucket", "psad_requests_total", "psad_stage_duration_seconds_bucket"}
+    assert queried >= core
+    assert queried <= exported_names(), queried - exported_names()
+    uids = {p["datasource"]["uid"] for p in dashboard["panels"]}
+    assert uids == {datasource["uid"]}
+
+
+@pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool not installed")
+def test_dashboard_expressions_parse_as_promql(tmp_path: Path) -> None:
+    dashboard = json.loads(DASHBOARD.read_text())
+
+    def concrete(expr: str) -> str:  # Grafana's variables, as Grafana substitutes them
+        return expr.replace("$__rate_interval", "1m").replace("$route", ".*")
+
+    targets = [(p["id"], t) for p in dashboard["panels"] for t in p["targets"]]
+    rules = [{"record": f"check_{pid}_{t['refId']}", "expr": concrete(t["expr"])} for pid, t in targets]
+    path = tmp_path / "rules.yml"
+    path.write_text(yaml.safe_dump({"groups": [{"name": "dashboard", "rules": rules}]}))
+    result = subprocess.run(["promtool", "check", "rules", str(path)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+    prometheus_yml = str(REPO / "deploy" / "prometheus.yml")
+    config = subprocess.run(["promtool", "check", "config", prometheus_yml], capture_output=True, text=True)
+    assert config.returncode == 0, config.stdout + config.stderr

@@ -1,0 +1,193 @@
+"""Training loop: config validation, learning, exact resume, determinism, DDP, pickle-free checkpoints."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from training.checkpoint import RunError, load_run
+from training.config import ConfigError, TrainConfig
+from training.schema import SchemaError
+from training.train import train
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def toml_text(config: TrainConfig) -> str:
+    """A TOML file for `config` (flat scalar tables only, which is all a config holds)."""
+
+    def value(v: object) -> str:
+        return str(v).lower() if isinstance(v, bool) else json.dumps(v) if isinstance(v, str) else repr(v)
+
+    lines = []
+    for table, entries in config.to_dict().items():
+        lines.append(f"[{table}]")
+        lines += [f"{k} = {value(v)}" for k, v in entries.items()]
+    return "\n".join(lines) + "\n"
+
+
+def weights(run: Path, name: str = "last.safetensors") -> dict[str, torch.Tensor]:
+    return load_file(str(run / name))
+
+
+def assert_same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-6, msg=f"parameter {key} differs")
+
+
+def test_shipped_configs_load() -> None:
+    for path in (REPO / "configs").glob("*.toml"):
+        TrainConfig.load(path)
+
+
+def test_config_round_trips_through_toml_and_dict(tmp_path: Path) -> None:
+    config = TrainConfig.small_for_tests()
+    (tmp_path / "c.toml").write_text(toml_text(config))
+    assert TrainConfig.load(tmp_path / "c.toml") == config
+    assert TrainConfig.from_dict(config.to_dict()) == config
+
+
+@pytest.mark.parametrize(
+    ("edit", "expected"),
+    [
+        ("[train]\nepochz = 3\n", "epochz"),
+        ("[train]\nepochs = '3'\n", "train.epochs must be an integer"),
+        ("[train]\nbatch_size = 0\n", "train.batch_size must be an integer >= 1"),
+        ("[train]\ndevice = 'tpu'\n", "['auto', 'cpu', 'cuda']"),
+        ("[model]\nblock_size = 0\n", "model.block_size"),
+        ("[model]\ndistill_weight = -0.5\n", "model.distill_weight"),
+        ("[model]\ndistill = 'kl'\n", "['listwise', 'rd', 'none']"),
+        ("[optimizer]\nlr = 1\n", "unknown table(s) ['optimizer']"),
+        ("[train\n", "not valid TOML"),
+    ],
+)
+def test_bad_config_is_rejected_with_the_key(tmp_path: Path, edit: str, expected: str) -> None:
+    path = tmp_path / "bad.toml"
+    path.write_text(edit)
+    with pytest.raises(ConfigError, match="bad.toml") as info:
+        TrainConfig.load(path)
+    assert expected in str(info.value)
+
+
+def test_missing_config_and_data_dir_are_named(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="nope.toml: config file not found"):
+        TrainConfig.load(tmp_path / "nope.toml")
+    with pytest.raises(SchemaError, match=r"missing-data.*psad data build"):
+        train(tmp_path / "missing-data", TrainConfig.small_for_tests(), tmp_path / "run", progress=False)
+
+
+def test_training_lowers_the_loss_and_writes_the_run(tiny_run: Path) -> None:
+    history = json.loads((tiny_run / "history.json").read_text())
+    assert [h["epoch"] for h in history] == [1, 2]
+    assert history[-1]["train"]["loss"] < history[0]["train"]["loss"]
+    assert {"initial", "student", "teacher"} <= set(history[-1]["val"])
+    assert 0.0 <= history[-1]["val"]["student"]["ndcg@10"] <= 1.0
+    names = {p.name for p in tiny_run.iterdir()}
+    assert names >= {"config.json", "schema.json", "items.safetensors", "model.safetensors", "last.safetensors"}
+    assert names >= {"state.safetensors", "history.json", "curves.png"}
+    assert json.loads((tiny_run / "config.json").read_text())["data_dir"].startswith("/")
+
+
+def test_checkpoints_hold_no_pickles_and_rebuild_the_model(tiny_run: Path, tiny_data: Path) -> None:
+    allowed = {".json", ".safetensors", ".png"}
+    assert {p.suffix for p in tiny_run.iterdir()} <= allowed
+    for path in tiny_run.glob("*.safetensors"):
+        with safe_open(str(path), framework="pt") as f:
+            assert list(f.keys())
+    with safe_open(str(tiny_run / "state.safetensors"), framework="pt") as f:
+        meta = json.loads(f.metadata()["meta"])
+        assert int(f.get_tensor("epoch")) == 2 and len(meta["history"]) == 2
+
+    model, config, schema = load_run(tiny_run)
+    assert not model.training and config == TrainConfig.small_for_tests() and schema.n_items > 2
+    from training.data.store import load_split
+    from training.evaluate import to_tensors
+
+    data = load_split(tiny_data, "val", schema).take(list(range(4)))
+    with torch.no_grad():
+        scores = model.rank_scores(to_tensors(data.inputs, torch.device("cpu")))
+    assert scores.shape == data.labels.shape and torch.isfinite(scores).all()
+
+
+def test_load_run_reports_missing_and_corrupt_runs(tiny_run: Path, tmp_path: Path) -> None:
+    with pytest.raises(RunError, match="run directory not found"):
+        load_run(tmp_path / "absent")
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for name in ("config.json", "schema.json", "items.safetensors"):
+        (broken / name).write_bytes((tiny_run / name).read_bytes())
+    with pytest.raises(RunError, match=r"missing \['model.safetensors'\]"):
+        load_run(broken)
+    (broken / "model.safetensors").write_bytes((tiny_run / "model.safetensors").read_bytes()[:100])
+    with pytest.raises(RunError, match="model.safetensors: cannot read weights"):
+        load_run(broken)
+
+
+def test_same_seed_gives_identical_weights_and_resume_equals_uninterrupted(
+    tiny_data: Path, tiny_run: Path, tmp_path: Path
+) -> None:
+    config = TrainConfig.small_for_tests()  # what tiny_run trained: 2 epochs
+    again = train(tiny_data, config, tmp_path / "again", progress=False)
+    assert_same_weights(weights(again), weights(tiny_run))
+
+    first = dataclasses.replace(config, epochs=1)
+    split = train(tiny_data, first, tmp_path / "split", progress=False)
+    with pytest.raises(RunError, match="already holds a run"):
+        train(tiny_data, first, split, progress=False)
+    changed = dataclasses.replace(config, lr=0.5)
+    with pytest.raises(RunError, match=r"changed settings \['train.lr'\]"):
+        train(tiny_data, changed, split, resume=True, progress=False)
+    train(tiny_data, config, split, resume=True, progress=False)
+    assert_same_weights(weights(split), weights(tiny_run))
+    assert_same_weights(weights(split, "model.safetensors"), weights(tiny_run, "model.safetensors"))
+    history = json.loads((split / "history.json").read_text())
+    assert [h["epoch"] for h in history] == [1, 2]
+
+
+@pytest.mark.slow
+def test_two_process_ddp_training_on_gloo(tiny_data: Path, tmp_path: Path) -> None:
+    config = dataclasses.replace(TrainConfig.small_for_tests(), epochs=1, device="cpu")
+    (tmp_path / "c.toml").write_text(toml_text(config))
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone"]
+    cmd += ["-m", "training.commands", "train", "--data", str(tiny_data), "--config", str(tmp_path / "c.toml")]
+    cmd += ["--out", str(out)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "run written to" in done.stdout
+    history = json.loads((out / "history.json").read_text())
+    assert len(history) == 1 and history[0]["val"]["student"]["ndcg@10"] > 0
+    model, _, _ = load_run(out)
+    assert sum(p.numel() for p in model.parameters()) > 0
+
+
+def test_train_command_reports_bad_inputs_and_applies_overrides(tiny_data: Path, tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from training.commands import app
+
+    runner = CliRunner()
+    done = runner.invoke(app, ["train", "--data", str(tiny_data), "--config", str(tmp_path / "nope.toml")])
+    assert done.exit_code == 2 and "nope.toml: config file not found" in done.output
+    done = runner.invoke(app, ["train", "--data", str(tiny_data), "--distill", "kl"])
+    assert done.exit_code == 2 and "--distill" in done.output
+
+    (tmp_path / "c.toml").write_text(toml_text(TrainConfig.small_for_tests()))
+    out = tmp_path / "run"
+    args = ["train", "--data", str(tiny_data), "--config", str(tmp_path / "c.toml"), "--out", str(out)]
+    done = runner.invoke(app, [*args, "--epochs", "1", "--distill", "rd", "--block-size", "3", "--seed", "7"])
+    assert done.exit_code == 0, done.output
+    saved = json.loads((out / "config.json").read_text())
+    assert saved["train"]["epochs"] == 1 and saved["train"]["seed"] == 7
+    assert saved["model"]["distill"] == "rd" and saved["model"]["block_size"] == 3

@@ -1,0 +1,121 @@
+"""The training configuration: one TOML file with a [train] table (this loop) and a [model] table.
+
+Every key is documented in docs/training.md. Loading is strict: unknown keys, wrong types and
+out-of-range values are rejected with a message naming the key and what is allowed, so that a
+typo never trains a different model than the one asked for.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import tomllib
+
+from training.models.config import ModelConfig
+
+DEVICES = ("auto", "cpu", "cuda")
+
+
+class ConfigError(ValueError):
+    """A training configuration is invalid; the message names the key and the allowed values."""
+
+
+@dataclass
+class TrainConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    epochs: int = 20  # passes over the training split
+    batch_size: int = 128  # lists per optimiser step (per process when distributed)
+    lr: float = 1e-3  # AdamW learning rate (constant)
+    weight_decay: float = 1e-4  # AdamW decoupled weight decay
+    grad_clip: float = 1.0  # max global gradient norm; 0 = no clipping
+    patience: int = 4  # epochs without a better validation student NDCG@10 before stopping; 0 = never stop early
+    seed: int = 0  # seeds weights, dropout and the shuffling order
+    device: str = "auto"  # auto (CUDA when present) | cpu | cuda
+    threads: int = 0  # torch CPU threads; 0 = torch's default
+    max_list: int = 0  # keep the first max_list candidates of every list; 0 = keep all
+    eval_batch_size: int = 512  # lists per forward pass in validation and evaluation
+
+    def validate(self) -> None:
+        def need(ok: bool, key: str, allowed: str, value: Any) -> None:
+            if not ok:
+                raise ConfigError(f"train.{key} must be {allowed}, got {value!r}")
+
+        need(self.epochs >= 1, "epochs", "an integer >= 1", self.epochs)
+        need(self.batch_size >= 1, "batch_size", "an integer >= 1", self.batch_size)
+        need(self.eval_batch_size >= 1, "eval_batch_size", "an integer >= 1", self.eval_batch_size)
+        need(self.lr > 0, "lr", "a number > 0", self.lr)
+        need(self.weight_decay >= 0, "weight_decay", "a number >= 0", self.weight_decay)
+        need(self.grad_clip >= 0, "grad_clip", "a number >= 0 (0 = no clipping)", self.grad_clip)
+        need(self.patience >= 0, "patience", "an integer >= 0 (0 = no early stopping)", self.patience)
+        need(self.seed >= 0, "seed", "an integer >= 0", self.seed)
+        need(self.device in DEVICES, "device", f"one of {list(DEVICES)}", self.device)
+        need(self.threads >= 0, "threads", "an integer >= 0 (0 = torch default)", self.threads)
+        need(self.max_list >= 0, "max_list", "an integer >= 0 (0 = keep every candidate)", self.max_list)
+        try:
+            self.model.validate()
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+
+    def to_dict(self) -> dict[str, Any]:
+        """The TOML layout: {"train": {...}, "model": {...}}."""
+        train = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "model"}
+        return {"train": train, "model": self.model.to_dict()}
+
+    @classmethod
+    def from_dict(cls, raw: Any, source: str = "config") -> TrainConfig:
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{source}: expected tables [train] and [model]")
+        unknown_tables = sorted(set(raw) - {"train", "model"})
+        if unknown_tables:
+            raise ConfigError(f"{source}: unknown table(s) {unknown_tables}; allowed: ['model', 'train']")
+        train = raw.get("train", {})
+        if not isinstance(train, dict):
+            raise ConfigError(f"{source}: [train] must be a table")
+        fields = {f.name: f for f in dataclasses.fields(cls) if f.name != "model"}
+        unknown = sorted(set(train) - set(fields))
+        if unknown:
+            raise ConfigError(f"{source}: unknown key(s) train.{unknown}; allowed: {sorted(fields)}")
+        values = {name: _typed(f"{source}: train.{name}", train[name], fields[name].type) for name in train}
+        try:
+            model = ModelConfig.from_dict(raw.get("model", {}))
+        except (ValueError, TypeError) as exc:
+            raise ConfigError(f"{source}: {exc}") from None
+        config = cls(model=model, **values)
+        try:
+            config.validate()
+        except ConfigError as exc:
+            raise ConfigError(f"{source}: {exc}") from None
+        return config
+
+    @classmethod
+    def load(cls, path: Path) -> TrainConfig:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"{path}: config file not found; pass --config (see configs/psad.toml)")
+        try:
+            raw = tomllib.loads(path.read_text())
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{path}: not valid TOML ({exc})") from None
+        return cls.from_dict(raw, source=str(path))
+
+    @classmethod
+    def small_for_tests(cls) -> TrainConfig:
+        """Tiny dimensions and two epochs: trains on the test fixtures' data in a few seconds."""
+        model = ModelConfig(d_model=16, n_heads=2, teacher_layers=1, student_hidden=16, dropout=0.0, block_size=2)
+        return cls(model=model, epochs=2, batch_size=64, lr=3e-3, patience=0, threads=1, eval_batch_size=256)
+
+
+def _typed(key: str, value: Any, annotation: str) -> Any:
+    """Check a TOML value against the field's annotation ("int", "float" or "str")."""
+    if annotation == "int" and (isinstance(value, bool) or not isinstance(value, int)):
+        raise ConfigError(f"{key} must be an integer, got {value!r}")
+    if annotation == "float":
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"{key} must be a number, got {value!r}")
+        return float(value)
+    if annotation == "str" and not isinstance(value, str):
+        raise ConfigError(f"{key} must be a string, got {value!r}")
+    return value

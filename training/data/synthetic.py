@@ -1,0 +1,464 @@
+"""A click simulator with known ground truth (docs/simulator.md).
+
+Users with drifting interests browse items (the behaviour log); the ranking stage retrieves a
+mix of relevant and random candidates and orders them by a noisy, stale relevance score; clicks
+on the displayed order follow a position-bias model with item-to-item effects (same category:
+redundancy, complementary categories: a boost). Because clicks are independent given the order,
+the expected number of clicks of ANY permutation is exact and cheap: ``ClickModel.expected_utility``.
+
+Everything is vectorised numpy generated in chunks, with a cost independent of the catalogue size
+(about 15 s of CPU per 200k lists of 20), so millions of lists are practical.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from tqdm import tqdm
+
+from training.data.store import SPLITS, DataError, ListData, write_dataset
+from training.metrics import valid_first
+from training.schema import CategoricalFeature, FeatureSchema, NumericFeature, Vocab, Vocabularies
+
+SIMULATOR_VERSION = 1
+ACTIONS = ("view", "click")
+START = 1_704_067_200  # 2024-01-01 00:00 UTC: lists start here, behaviours a warm-up earlier
+DAY = 86_400
+CHUNK_CELLS = 1 << 20  # rows x width per chunk: bounds memory
+FEED = 32  # items a user sees when browsing; a behaviour picks one of them
+RETRIEVAL_POOL = 100  # random items the retrieval stage scores for the relevant candidates
+
+
+@dataclass(frozen=True)
+class ClickModel:
+    """P(click at rank r) = sigmoid(attraction_i + position_bias(r) + sum_{j above i} k(r_i - r_j) M[c_i, c_j]).
+
+    position_bias(r) = -position_decay * ln(1 + r); k(d) = neighbour_decay^(d - 1);
+    M[c, c] = -redundancy, M[c, partner(c)] = +complement (partner(c) = c xor 1), 0 otherwise.
+    """
+
+    n_categories: int = 20
+    position_decay: float = 0.5
+    redundancy: float = 0.7
+    complement: float = 0.5
+    neighbour_decay: float = 0.7
+
+    def __post_init__(self) -> None:
+        if self.n_categories < 1:
+            raise ValueError(f"ClickModel.n_categories must be >= 1, got {self.n_categories}")
+        if not 0.0 <= self.neighbour_decay < 1.0:
+            raise ValueError(f"ClickModel.neighbour_decay must be in [0, 1), got {self.neighbour_decay}")
+        if self.position_decay < 0:
+            raise ValueError(f"ClickModel.position_decay must be >= 0, got {self.position_decay}")
+
+    def interaction(self) -> np.ndarray:
+        """M [C, C]: effect of category c_j shown above on category c_i's click logit."""
+        cats = np.arange(self.n_categories)
+        partner = cats ^ 1
+        m = np.zeros((self.n_categories, self.n_categories))
+        paired = partner < self.n_categories
+        m[cats[paired], partner[paired]] = self.complement
+        m[cats, cats] = -self.redundancy
+        return m
+
+    def position_bias(self, length: int) -> np.ndarray:
+        return -self.position_decay * np.log1p(np.arange(length))
+
+    def kernel(self, length: int) -> np.ndarray:
+        """K [L, L]: K[r, s] = neighbour_decay^(r - s - 1) for s < r (s shown above r), else 0."""
+        d = np.arange(length)[:, None] - np.arange(length)[None, :]
+        return np.where(d > 0, self.neighbour_decay ** np.maximum(d - 1, 0), 0.0)
+
+    def click_probabilities(
+        self, attraction: np.ndarray, category: np.ndarray, mask: np.ndarray, perm: np.ndarray
+    ) -> np.ndarray:
+        """P(click) of each candidate (indexed as in the list, 0 when padded) when shown in order ``perm``."""
+        mask = np.asarray(mask, dtype=bool)
+        perm = valid_first(perm, mask)
+        shown = np.take_along_axis(mask, perm, axis=1)
+        a = np.take_along_axis(np.asarray(attraction, dtype=np.float64), perm, axis=1)
+        c = np.take_along_axis(np.asarray(category), perm, axis=1).astype(np.int64)
+        if (shown & ((c < 0) | (c >= self.n_categories))).any():
+            raise ValueError(f"category values must lie in 0..{self.n_categories - 1} for real candidates")
+        c = np.where(shown, c, 0)
+        length = perm.shape[1]
+        pair = self.interaction()[c[:, :, None], c[:, None, :]]  # [B, i, j]
+        context = np.einsum("bij,ij,bj->bi", pair, self.kernel(length), shown.astype(np.float64))
+        p_shown = np.where(shown, 1.0 / (1.0 + np.exp(-(a + self.position_bias(length) + context))), 0.0)
+        p = np.zeros_like(p_shown)
+        np.put_along_axis(p, perm, p_shown, axis=1)
+        return p
+
+    def expected_utility(self, data: ListData, perm: np.ndarray) -> np.ndarray:
+        """Exact expected number of clicks of each list shown in order ``perm`` (float64 [B])."""
+        attraction, category, mask = self.list_arrays(data)
+        rows = max(1, CHUNK_CELLS // max(1, mask.shape[1] ** 2))
+        return np.concatenate(
+            [
+                self.click_probabilities(attraction[s], category[s], mask[s], perm[s]).sum(axis=1)
+                for s in (slice(i, i + rows) for i in range(0, max(len(mask), 1), rows))
+            ]
+        )
+
+    def sample_clicks(
+        self,
+        attraction: np.ndarray,
+        category: np.ndarray,
+        mask: np.ndarray,
+        perm: np.ndarray,
+        rng: np.random.Generator,
+    ) -> np.ndarray:
+        """One draw of clicks (0/1 float32, indexed as in the list) for the order ``perm``."""
+        p = self.click_probabilities(attraction, category, mask, perm)
+        return (rng.random(p.shape) < p).astype(np.float32)
+
+    def greedy_permutation(self, data: ListData) -> np.ndarray:
+        """A strong reference order: at each rank, place the candidate with the highest click chance there.
+
+        It knows the true attractions, so it is an upper reference for rerankers (not the exact optimum).
+        """
+        attraction, category, mask = self.list_arrays(data)
+        n, length = mask.shape
+        c = np.where(mask, category, 0).astype(np.int64)
+        m = self.interaction()
+        rows = np.arange(n)
+        context = np.zeros((n, length))
+        placed = np.zeros((n, length), dtype=bool)
+        perm = np.zeros((n, length), dtype=np.int64)
+        for r in range(length):
+            # real candidates by click logit, then padded ones (so each row stays a permutation)
+            key = np.where(placed, -np.inf, np.where(mask, attraction + context, -1e300))
+            pick = np.argmax(key, axis=1)
+            perm[:, r] = pick
+            placed[rows, pick] = True
+            context = self.neighbour_decay * context + m[c, c[rows, pick][:, None]]
+        return perm
+
+    @staticmethod
+    def list_arrays(data: ListData) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        missing = [k for k in ("attraction", "category") if k not in data.extras]
+        if missing:
+            raise DataError(f"list data lacks simulator column(s) {missing}: only synthetic data sets carry them")
+        return data.extras["attraction"], data.extras["category"], data.inputs["cand_mask"]
+
+    def save(self, data_dir: Path, world: dict[str, np.ndarray], config: SimulatorConfig) -> None:
+        meta = {"version": SIMULATOR_VERSION, "click_model": asdict(self), "world": asdict(config)}
+        (Path(data_dir) / "simulator.json").write_text(json.dumps(meta, indent=2))
+        np.savez_compressed(Path(data_dir) / "simulator.npz", interaction=self.interaction(), **world)
+
+    @classmethod
+    def load(cls, data_dir: Path) -> ClickModel:
+        path = Path(data_dir) / "simulator.json"
+        if not path.is_file():
+            raise DataError(f"{path}: not found; only `psad data build synthetic` data sets have a click model")
+        try:
+            meta = json.loads(path.read_text())
+        except json.JSONDecodeError as exc:
+            raise DataError(f"{path}: not valid JSON ({exc}); rebuild the data set") from None
+        if not isinstance(meta, dict) or meta.get("version") != SIMULATOR_VERSION:
+            version = meta.get("version") if isinstance(meta, dict) else None
+            raise DataError(f"{path}: version {version!r}, this release reads {SIMULATOR_VERSION}; rebuild it")
+        try:
+            return cls(**meta["click_model"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise DataError(f"{path}: malformed simulator parameters ({exc}); rebuild the data set") from None
+
+
+@dataclass(frozen=True)
+class SimulatorConfig:
+    """How the world is drawn (docs/simulator.md has the formulas)."""
+
+    dim: int = 16  # latent dimension of users and items
+    n_segments: int = 5  # user segments (a categorical user feature that shapes the base interest)
+    bias: float = -2.0  # alpha: base click logit
+    affinity_scale: float = 4.0  # beta: weight of <interest(t), item vector>
+    quality_weight: float = 0.5  # gamma: weight of the item's true quality
+    drift: float = 1.0  # rho: size of the rotating drift component relative to the base interest
+    drift_period_days: tuple[float, float] = (120.0, 480.0)  # one drift rotation takes this long
+    span_days: float = 180.0  # lists are spread over this period
+    warmup_days: float = 60.0  # behaviours start this much earlier, so early lists have histories
+    relevant_fraction: float = 0.6  # share of candidates retrieved by current interest (rest: random)
+    rank_noise: float = 0.5  # noise of the ranking stage's score
+    quality_noise: float = 0.5  # noise of the observed quality feature
+    behaviours_per_user: float = 4.0  # mean log size per user, in units of max(max_history, 10)
+
+
+class World:
+    """The ground truth: latent vectors, categories and drifting user interests."""
+
+    def __init__(self, cfg: SimulatorConfig, n_categories: int, users: int, items: int, rng: np.random.Generator):
+        def unit(x: np.ndarray) -> np.ndarray:
+            return x / np.linalg.norm(x, axis=-1, keepdims=True)
+
+        d = cfg.dim
+        self.cfg = cfg
+        self.item_category = rng.integers(n_categories, size=items)
+        self.item_vec = unit(
+            unit(rng.standard_normal((n_categories, d)))[self.item_category]
+            + 0.7 * rng.standard_normal((items, d)) / np.sqrt(d)
+        ).astype(np.float32)
+        self.item_quality = rng.standard_normal(items).astype(np.float32)
+        self.item_quality_obs = (self.item_quality + cfg.quality_noise * rng.standard_normal(items)).astype(np.float32)
+        self.user_segment = rng.integers(cfg.n_segments, size=users)
+        segment_vec = unit(rng.standard_normal((cfg.n_segments, d)))
+        self.user_base = unit(segment_vec[self.user_segment] + rng.standard_normal((users, d)) / np.sqrt(d))
+        d1 = unit(rng.standard_normal((users, d)))
+        d2 = rng.standard_normal((users, d))
+        d2 = unit(d2 - (d2 * d1).sum(axis=1, keepdims=True) * d1)
+        self.user_drift = np.stack([d1, d2], axis=1)  # [U, 2, D]
+        self.user_omega = 2 * np.pi / rng.uniform(*cfg.drift_period_days, size=users)  # radians per day
+        self.user_phase = rng.uniform(0, 2 * np.pi, size=users)
+        activity = rng.lognormal(0.0, 0.75, size=users)
+        self.user_activity = activity / activity.mean()
+
+    def interest(self, user: np.ndarray, ts: np.ndarray) -> np.ndarray:
+        """z_u(t) = normalise(base_u + rho (cos theta d1_u + sin theta d2_u)), theta = phase_u + omega_u t."""
+        theta = self.user_phase[user] + self.user_omega[user] * (ts - START) / DAY
+        rot = np.stack([np.cos(theta), np.sin(theta)], axis=1)[:, :, None]
+        z = self.user_base[user] + self.cfg.drift * (rot * self.user_drift[user]).sum(axis=1)
+        return (z / np.linalg.norm(z, axis=1, keepdims=True)).astype(np.float32)
+
+    def relevance(self, user: np.ndarray, ts: np.ndarray, item: np.ndarray) -> np.ndarray:
+        """beta <z_u(t), v_i> + gamma q_i (the click logit without bias) of items [n, K]: float32 [n, K]."""
+        affinity = np.einsum("nd,nkd->nk", self.interest(user, ts), self.item_vec[item])
+        return self.cfg.affinity_scale * affinity + self.cfg.quality_weight * self.item_quality[item]
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        names = (
+            "item_category",
+            "item_vec",
+            "item_quality",
+            "item_quality_obs",
+            "user_segment",
+            "user_base",
+            "user_drift",
+            "user_omega",
+            "user_phase",
+            "user_activity",
+        )
+        return {name: getattr(self, name) for name in names}
+
+
+def _check_arguments(lists: int, users: int, items: int, list_length: int, max_history: int, seed: int) -> None:
+    rules = [
+        (lists >= 30, f"--lists must be >= 30 so train/val/test (80/10/10 by time) are not empty, got {lists}"),
+        (users >= 1, f"--users must be >= 1, got {users}"),
+        (list_length >= 2, f"--list-length must be >= 2 (a list of one needs no reranking), got {list_length}"),
+        (
+            items >= list_length,
+            f"--items ({items}) must be >= --list-length ({list_length}): candidates are "
+            "distinct items; raise --items or lower --list-length",
+        ),
+        (max_history >= 0, f"--max-history must be >= 0, got {max_history}"),
+        (seed >= 0, f"--seed must be >= 0, got {seed}"),
+    ]
+    for ok, message in rules:
+        if not ok:
+            raise DataError(f"synthetic: {message}")
+
+
+def _chunks(total: int, width: int, desc: str, progress: bool):
+    rows = max(64, CHUNK_CELLS // width)
+    with tqdm(total=total, desc=desc, unit=desc, disable=not progress, leave=False) as bar:
+        for start in range(0, total, rows):
+            stop = min(total, start + rows)
+            yield slice(start, stop)
+            bar.update(stop - start)
+
+
+def _gumbel(rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray:
+    """Gumbel noise: argmax / top-k of (logits + noise) samples from softmax(logits) without replacement."""
+    return -np.log(rng.standard_exponential(shape, dtype=np.float32) + np.finfo(np.float32).tiny)
+
+
+def _distinct(rng: np.random.Generator, n: int, k: int, items: int) -> np.ndarray:
+    """k distinct random items per row, int64 [n, k]: uniform subsets, cost independent of the catalogue."""
+    if 2 * k > items:
+        return np.argsort(rng.random((n, items)), axis=1)[:, :k]
+    draw = rng.integers(items, size=(n, k))
+    rows = np.arange(n)
+    while len(rows):  # redraw the later copies of repeated items; ends fast since k <= items / 2
+        sub = draw[rows]
+        order = np.argsort(sub, axis=1, kind="stable")
+        ranked = np.take_along_axis(sub, order, axis=1)
+        repeat = np.zeros_like(sub, dtype=bool)
+        repeat[:, 1:] = ranked[:, 1:] == ranked[:, :-1]
+        np.put_along_axis(repeat, order, repeat.copy(), axis=1)
+        sub[repeat] = rng.integers(items, size=int(repeat.sum()))
+        draw[rows] = sub
+        rows = rows[repeat.any(axis=1)]
+    return draw
+
+
+def _behaviours(world: World, n_per_user: float, rng: np.random.Generator, progress: bool):
+    """Organic browsing: from a feed of FEED random items the user opens one, drawn from softmax(relevance
+    at the time); the behaviour is a click with P = sigmoid(bias + relevance), otherwise a view."""
+    cfg = world.cfg
+    counts = rng.poisson(world.user_activity * n_per_user)
+    user = np.repeat(np.arange(len(counts)), counts)
+    ts = rng.integers(START - int(cfg.warmup_days * DAY), START + int(cfg.span_days * DAY), size=len(user))
+    order = np.lexsort((ts, user))
+    user, ts = user[order], ts[order]
+    item = np.empty(len(user), dtype=np.int64)
+    click = np.empty(len(user), dtype=bool)
+    for s in _chunks(len(user), FEED, "behaviours", progress):
+        feed = rng.integers(len(world.item_vec), size=(s.stop - s.start, FEED))
+        rel = world.relevance(user[s], ts[s], feed)
+        pick = np.argmax(rel + _gumbel(rng, rel.shape), axis=1)[:, None]
+        item[s] = np.take_along_axis(feed, pick, axis=1)[:, 0]
+        logit = cfg.bias + np.take_along_axis(rel, pick, axis=1)[:, 0]
+        click[s] = rng.random(len(logit)) < 1 / (1 + np.exp(-logit))
+    return user, ts, item, click
+
+
+def _lists(world: World, model: ClickModel, n: int, length: int, rng: np.random.Generator, progress: bool):
+    """Lists in time order: candidates (ranking-stage order), rank scores, attractions, clicks.
+
+    Retrieval: a pool of distinct random items; the n_rel most relevant of its first `pool` items
+    (Gumbel top-k on the current relevance) plus its last length - n_rel items (random ones).
+    """
+    cfg = world.cfg
+    items = len(world.item_vec)
+    user = rng.choice(len(world.user_activity), size=n, p=world.user_activity / world.user_activity.sum())
+    ts = np.sort(rng.integers(START, START + int(cfg.span_days * DAY), size=n))
+    n_rel = min(length, max(1, round(cfg.relevant_fraction * length)))
+    n_rand = length - n_rel
+    pool = min(items - n_rand, max(RETRIEVAL_POOL, 4 * n_rel))
+    cand = np.empty((n, length), dtype=np.int64)
+    attraction = np.empty((n, length), dtype=np.float32)
+    rank_score = np.empty((n, length), dtype=np.float32)
+    clicks = np.empty((n, length), dtype=np.float32)
+    for s in _chunks(n, pool + n_rand, "lists", progress):
+        drawn = _distinct(rng, s.stop - s.start, pool + n_rand, items)
+        rel = world.relevance(user[s], ts[s], drawn)
+        top = np.argpartition(-(rel[:, :pool] + _gumbel(rng, (len(rel), pool))), n_rel - 1, axis=1)[:, :n_rel]
+        picked = np.concatenate([top, np.arange(pool, pool + n_rand) + np.zeros((len(rel), 1), np.int64)], axis=1)
+        chosen = np.take_along_axis(drawn, picked, axis=1)
+        stale = cfg.affinity_scale * np.einsum("nd,nld->nl", world.user_base[user[s]], world.item_vec[chosen])
+        score = stale + cfg.quality_weight * world.item_quality_obs[chosen]
+        score += cfg.rank_noise * rng.standard_normal(score.shape)
+        order = np.argsort(-score, axis=1, kind="stable")
+        cand[s] = np.take_along_axis(chosen, order, axis=1)
+        rank_score[s] = np.take_along_axis(score, order, axis=1)
+        attraction[s] = cfg.bias + np.take_along_axis(rel, np.take_along_axis(picked, order, axis=1), axis=1)
+        shown = np.ones((len(rel), length), dtype=bool)
+        identity = np.broadcast_to(np.arange(length), shown.shape)
+        clicks[s] = model.sample_clicks(attraction[s], world.item_category[cand[s]], shown, identity, rng)
+    return user, ts, cand, rank_score, attraction, clicks
+
+
+def _history_windows(b_user, b_ts, user, ts, max_history: int) -> tuple[np.ndarray, np.ndarray]:
+    """For each list, [start, end) into the (user, ts)-sorted log: the last max_history behaviours before ts."""
+    t0 = min(b_ts.min(initial=START), ts.min())
+    stride = max(b_ts.max(initial=START), ts.max()) - t0 + 1
+    log_key = b_user * stride + (b_ts - t0)
+    end = np.searchsorted(log_key, user * stride + (ts - t0), side="left")  # strictly before the list
+    first = np.searchsorted(log_key, user * stride, side="left")
+    return np.maximum(first, end - max_history), end
+
+
+def _ragged(values: np.ndarray, start: np.ndarray, end: np.ndarray) -> list[np.ndarray]:
+    """values[start[i]:end[i]] for each i, as a list of arrays (a list column)."""
+    return [values[a:b] for a, b in zip(start.tolist(), end.tolist(), strict=True)]
+
+
+def _numeric(name: str, values: np.ndarray) -> NumericFeature:
+    std = float(np.std(values))
+    return NumericFeature(name, float(np.mean(values)), std if std > 1e-6 else 1.0)
+
+
+def _ids(prefix: str, n: int) -> np.ndarray:
+    """Zero-padded ids, so that string order is index order (behaviours stay sorted by user_id)."""
+    width = len(str(max(n - 1, 0)))
+    return np.array([f"{prefix}{i:0{width}d}" for i in range(n)], dtype=object)
+
+
+def build_synthetic(
+    out: Path,
+    *,
+    lists: int,
+    users: int,
+    items: int,
+    list_length: int,
+    max_history: int,
+    seed: int,
+    progress: bool = True,
+    config: SimulatorConfig | None = None,
+) -> dict:
+    """Simulate a data set with known click model; returns write_dataset's stats (see docs/simulator.md)."""
+    _check_arguments(lists, users, items, list_length, max_history, seed)
+    cfg = config or SimulatorConfig()
+    model = ClickModel()
+    rng = np.random.default_rng(seed)
+    world = World(cfg, model.n_categories, users, items, rng)
+    b_user, b_ts, b_item, b_click = _behaviours(world, cfg.behaviours_per_user * max(max_history, 10), rng, progress)
+    user, ts, cand, rank_score, attraction, clicks = _lists(world, model, lists, list_length, rng, progress)
+
+    user_ids, item_ids = _ids("u", users), _ids("i", items)
+    popularity = np.log1p(np.bincount(b_item[b_ts < START], minlength=items)).astype(np.float32)
+    activity = np.log(world.user_activity).astype(np.float32)
+    cut = np.sort(ts)[[int(0.8 * lists), int(0.9 * lists)]]
+    train = ts < cut[0]
+    schema = FeatureSchema(
+        n_items=items + 2,
+        actions=ACTIONS,
+        max_history=max_history,
+        max_list=list_length,
+        user_categorical=(CategoricalFeature("segment", cfg.n_segments + 2),),
+        user_numeric=(_numeric("activity", activity),),
+        item_categorical=(CategoricalFeature("category", model.n_categories + 2),),
+        item_numeric=(_numeric("quality", world.item_quality_obs), _numeric("popularity", popularity)),
+        candidate_numeric=(_numeric("rank_score", rank_score[train]),),
+        label="click",
+        extra={"source": "synthetic", "seed": seed, "click_model": "simulator.json"},
+    )
+    vocabs = Vocabularies(
+        items=Vocab(list(item_ids)),
+        user_categorical={"segment": Vocab([f"s{i}" for i in range(cfg.n_segments)])},
+    )
+    users_df = pd.DataFrame(
+        {"user_id": user_ids, "segment": world.user_segment.astype(np.int64) + 2, "activity": activity}
+    )
+    items_df = pd.DataFrame(
+        {
+            "item_index": np.arange(items + 2, dtype=np.int64),
+            "item_id": np.concatenate([["", ""], item_ids]).astype(object),
+            "category": np.concatenate([[0, 0], world.item_category + 2]).astype(np.int64),
+            "quality": np.concatenate([[0, 0], world.item_quality_obs]).astype(np.float32),
+            "popularity": np.concatenate([[0, 0], popularity]).astype(np.float32),
+        }
+    )
+    action_index = np.array([schema.action_index(a) for a in ACTIONS], dtype=np.int64)
+    behaviours_df = pd.DataFrame(
+        {
+            "user_id": user_ids[b_user],
+            "item_id": item_ids[b_item],
+            "timestamp": b_ts.astype(np.int64),
+            "action": np.array(ACTIONS, dtype=object)[b_click.astype(np.int64)],
+        }
+    )
+    start, end = _history_windows(b_user, b_ts, user, ts, max_history)
+    lists_df = pd.DataFrame(
+        {
+            "list_id": np.arange(lists, dtype=np.int64),
+            "user_id": user_ids[user],
+            "timestamp": ts.astype(np.int64),
+            "items": list(cand + 2),
+            "cand_rank_score": list(rank_score),
+            "labels": list(clicks),
+            "hist_items": _ragged(b_item + 2, start, end),
+            "hist_ts": _ragged(b_ts.astype(np.int64), start, end),
+            "hist_actions": _ragged(action_index[b_click.astype(np.int64)], start, end),
+            "attraction": list(attraction),
+            "category": list(world.item_category[cand].astype(np.float32)),
+        }
+    )
+    split_of = np.select([train, ts < cut[1]], [0, 1], 2)
+    splits = {name: lists_df[split_of == i].reset_index(drop=True) for i, name in enumerate(SPLITS)}
+    stats = write_dataset(out, schema, vocabs, users_df, items_df, behaviours_df, splits)
+    model.save(out, world.arrays(), cfg)
+    return stats

@@ -1,0 +1,156 @@
+"""Offline evaluation of a run: the student, the teacher and the initial order on one split.
+
+Rows ("rankers"):
+  initial  the ranking stage's order (identity permutation): the baseline to beat;
+  student  sort by rank_scores (what serving runs);
+  teacher  teacher_decode (generators only; kept offline for shadow evaluation).
+Metrics: NDCG@{1,3,5,10}, MAP@{5,10}, CLICKS@{5,10} (training/metrics.py), plus the expected
+utility under the click simulator when the data set is synthetic.
+
+User-activity groups: a user's activity is the number of behaviours they logged up to the last
+training list (behaviours.parquet, timestamps <= the train split's latest list). The terciles of
+that count over the users of the train split give the boundaries: light <= q1 < medium <= q2 < heavy.
+Users unseen in training count 0 behaviours, so they fall in `light`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+
+from training.checkpoint import load_run, read_config
+from training.data.store import DataError, ListData, check_schema_files, load_schema, load_split
+from training.metrics import per_list_metrics, ranking_from_scores
+from training.schema import FeatureSchema, SchemaError
+
+GROUPS = ("light", "medium", "heavy")
+
+
+def load_lists(data_dir: Path, split: str, schema: FeatureSchema, max_list: int) -> ListData:
+    """One split, its lists cut to the first max_list candidates (0 = keep all)."""
+    data = load_split(data_dir, split, schema)
+    if max_list <= 0 or data.labels.shape[1] <= max_list:
+        return data
+    cut = {k: v[:, :max_list] for k, v in data.inputs.items() if k.startswith("cand_")}
+    return ListData(
+        inputs={**data.inputs, **cut},
+        labels=data.labels[:, :max_list],
+        list_ids=data.list_ids,
+        user_ids=data.user_ids,
+        extras={k: v[:, :max_list] for k, v in data.extras.items()},
+    )
+
+
+def to_tensors(inputs: dict[str, np.ndarray], device: torch.device) -> dict[str, torch.Tensor]:
+    return {k: torch.from_numpy(np.ascontiguousarray(v)).to(device) for k, v in inputs.items()}
+
+
+@torch.no_grad()
+def rank_lists(model: nn.Module, data: ListData, device: torch.device, batch_size: int) -> dict[str, np.ndarray]:
+    """Permutations [N, L] per ranker: initial, student and (for generators) teacher."""
+    was_training = model.training
+    model.eval()
+    mask = data.inputs["cand_mask"]
+    n, length = mask.shape
+    perms = {"initial": np.tile(np.arange(length, dtype=np.int64), (n, 1)), "student": np.empty((n, length), np.int64)}
+    generator = hasattr(model, "teacher_decode")
+    if generator:
+        perms["teacher"] = np.empty((n, length), np.int64)
+    for start in range(0, n, batch_size):
+        rows = slice(start, start + batch_size)
+        batch = to_tensors({k: v[rows] for k, v in data.inputs.items()}, device)
+        scores = model.rank_scores(batch).float().cpu().numpy()
+        perms["student"][rows] = ranking_from_scores(scores, mask[rows])
+        if generator:
+            perms["teacher"][rows] = model.teacher_decode(batch).cpu().numpy()
+    model.train(was_training)
+    return perms
+
+
+def list_metrics(perms: dict[str, np.ndarray], data: ListData, utility: Any = None) -> dict[str, dict[str, np.ndarray]]:
+    """Per-list metric arrays for every ranker; `utility` is a ClickModel or None."""
+    mask = data.inputs["cand_mask"]
+    out = {}
+    for ranker, perm in perms.items():
+        out[ranker] = per_list_metrics(perm, data.labels, mask)
+        if utility is not None:
+            out[ranker]["utility"] = np.asarray(utility.expected_utility(data, perm), dtype=np.float64)
+    return out
+
+
+def click_model(data_dir: Path) -> Any:
+    """The simulator of a synthetic data set (simulator.json present), or None for other data sets."""
+    from training.data.synthetic import ClickModel
+
+    return ClickModel.load(data_dir) if (Path(data_dir) / "simulator.json").is_file() else None
+
+
+def activity_groups(data_dir: Path, data: ListData) -> tuple[np.ndarray, dict[str, float]]:
+    """Group index (0 light, 1 medium, 2 heavy) per list, and the tercile boundaries."""
+    data_dir = Path(data_dir)
+    train = pd.read_parquet(data_dir / "train.parquet", columns=["user_id", "timestamp"])
+    behaviours = pd.read_parquet(data_dir / "behaviours.parquet", columns=["user_id", "timestamp"])
+    counts = behaviours.loc[behaviours["timestamp"] <= train["timestamp"].max(), "user_id"].value_counts()
+    train_users = counts.reindex(train["user_id"].unique(), fill_value=0).to_numpy()
+    q1, q2 = (float(q) for q in np.quantile(train_users, [1 / 3, 2 / 3]))
+    activity = pd.Series(data.user_ids).map(counts).fillna(0).to_numpy()
+    return np.digitize(activity, [q1, q2], right=True), {"light_max": q1, "medium_max": q2}
+
+
+def summarise(metrics: dict[str, dict[str, np.ndarray]], rows: np.ndarray | slice) -> dict[str, dict[str, float]]:
+    return {ranker: {name: float(values[rows].mean()) for name, values in m.items()} for ranker, m in metrics.items()}
+
+
+def evaluate_run(run_dir: Path, split: str = "test", data_dir: Path | None = None, device: str = "cpu") -> dict:
+    """Metrics of a run on one split, overall and per user-activity group (a JSON-able dict)."""
+    run_dir = Path(run_dir)
+    model, config, schema = load_run(run_dir)
+    data_dir = Path(data_dir) if data_dir is not None else read_config(run_dir)[1]
+    check_schema_files(data_dir)
+    if load_schema(data_dir).to_dict() != schema.to_dict():
+        raise SchemaError(
+            f"{data_dir}/schema.json differs from {run_dir}/schema.json: evaluate on the data set the run was "
+            "trained on (item and feature encodings must match), or pass the right --data"
+        )
+    data = load_lists(data_dir, split, schema, config.max_list)
+    if len(data) == 0:
+        raise DataError(f"{data_dir}/{split}.parquet has no lists to evaluate")
+    dev = torch.device(device)
+    perms = rank_lists(model.to(dev), data, dev, config.eval_batch_size)
+    metrics = list_metrics(perms, data, click_model(data_dir))
+    groups, bounds = activity_groups(data_dir, data)
+    result: dict[str, Any] = {
+        "run": str(run_dir.resolve()),
+        "data_dir": str(Path(data_dir).resolve()),
+        "split": split,
+        "lists": len(data),
+        "rankers": list(perms),
+        "activity": {**bounds, "lists": {g: int((groups == i).sum()) for i, g in enumerate(GROUPS)}},
+        "overall": summarise(metrics, slice(None)),
+        "groups": {g: summarise(metrics, groups == i) for i, g in enumerate(GROUPS) if (groups == i).any()},
+    }
+    return result
+
+
+def format_table(result: dict) -> str:
+    """A readable table: one row per (group, ranker), one column per metric."""
+    names = list(result["overall"][result["rankers"][0]])
+    header = f"{'group':<8} {'ranker':<8} {'lists':>7} " + " ".join(f"{n:>9}" for n in names)
+    lines = [f"{result['split']} split of {result['data_dir']}: {result['lists']:,} lists", header, "-" * len(header)]
+    sections = [("overall", result["lists"], result["overall"])]
+    sections += [(g, result["activity"]["lists"][g], result["groups"][g]) for g in GROUPS if g in result["groups"]]
+    for group, count, rows in sections:
+        for ranker, values in rows.items():
+            cells = " ".join(f"{values[n]:>9.4f}" for n in names)
+            lines.append(f"{group:<8} {ranker:<8} {count:>7,} {cells}")
+    bounds = result["activity"]
+    lines.append(
+        f"activity = behaviours up to the end of training: light <= {bounds['light_max']:g} < medium "
+        f"<= {bounds['medium_max']:g} < heavy"
+    )
+    return "\n".join(lines)

@@ -1,0 +1,157 @@
+"""Baseline rerankers that PSAD is compared with: DNN (pointwise), PRM (transformer), DLCM (GRU).
+
+Same inputs as PSAD, so the comparison is about the architecture, not the features:
+every baseline embeds candidates with the shared ItemEmbedding (item id, item side tables,
+candidate numerics such as the ranking stage's score), adds a learned embedding of the
+candidate's initial position, and builds a personal vector u from the shared UserEmbedding plus
+a mean-pooled history (the history items' embeddings averaged over hist_mask). That is the user
+information PSAD-S reads through UPN without its time decay, actions, attention read-out and
+gates; PRM's paper uses a pre-trained personalised vector, which the pooled history stands in for.
+hist_actions and hist_age are accepted (one serving signature for every model) but not read.
+
+  dnn   pointwise MLP([x_i, u, x_i * u]), sigmoid cross-entropy on labels / max_label
+  prm   Linear([x_i, u]) + position -> transformer encoder (teacher_layers blocks) -> Linear;
+        listwise softmax cross-entropy (the PRM paper's loss)
+  dlcm  GRU over [x_i, u] in the initial order; the final state s (last real candidate) scores
+        every output: v . (o_i * tanh(W s)) (DLCM's local ranking function); listwise softmax CE.
+        The GRU always runs schema.max_list steps (the list is zero-padded to it): the ONNX exporter
+        unrolls recurrences, and a fixed length keeps the list axis dynamic (L <= max_list).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from training.models import losses
+from training.models.config import ModelConfig
+from training.models.embeddings import EncoderBlock, ItemEmbedding, UserEmbedding
+from training.models.student import PAD_SCORE
+from training.schema import INPUT_NAMES, FeatureSchema
+
+
+class PersonalCandidates(nn.Module):
+    """The baselines' shared input: candidate reps x [B,L,d] (with initial position) and u [B,d]."""
+
+    def __init__(self, cfg: ModelConfig, schema: FeatureSchema, item_cat: torch.Tensor, item_num: torch.Tensor):
+        super().__init__()
+        d = cfg.d_model
+        self.max_list = schema.max_list
+        self.items = ItemEmbedding(cfg, schema, item_cat, item_num)
+        self.user = UserEmbedding(cfg, schema)
+        self.history = nn.Linear(d, d)
+        self.user_norm = nn.LayerNorm(d)
+        self.positions = nn.Embedding(schema.max_list, d)
+
+    def forward(self, user_cat, user_num, hist_items, hist_mask, cand_items, cand_num):
+        weight = hist_mask.unsqueeze(-1).to(torch.float32)
+        pooled = (self.items(hist_items) * weight).sum(1) / weight.sum(1).clamp(min=1.0)
+        u = self.user_norm(self.user(user_cat, user_num) + self.history(pooled))
+        index = torch.arange(cand_items.shape[1], device=cand_items.device).clamp(max=self.max_list - 1)
+        return self.items(cand_items, cand_num) + self.positions(index)[None], u
+
+
+class Baseline(nn.Module):
+    """A scorer: subclasses define `head(x, u, mask) -> raw scores [B,L]` and `label_loss`."""
+
+    def __init__(self, cfg: ModelConfig, schema: FeatureSchema, item_cat: torch.Tensor, item_num: torch.Tensor):
+        super().__init__()
+        cfg.validate()
+        self.cfg = cfg
+        self.max_label = schema.max_label
+        self.inputs = PersonalCandidates(cfg, schema, item_cat, item_num)
+
+    def head(self, x: torch.Tensor, u: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def label_loss(self, scores: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return losses.listwise_softmax_loss(scores, labels, mask)
+
+    def score(
+        self, user_cat, user_num, hist_items, hist_actions, hist_age, hist_mask, cand_items, cand_num, cand_mask
+    ) -> torch.Tensor:
+        """The 9 model inputs in INPUT_NAMES order -> scores [B,L] (PAD_SCORE on padded slots)."""
+        x, u = self.inputs(user_cat, user_num, hist_items, hist_mask, cand_items, cand_num)
+        return self.head(x, u, cand_mask).masked_fill(~cand_mask, PAD_SCORE)
+
+    def forward(self, inputs: dict[str, torch.Tensor], labels: torch.Tensor, step: int = 0) -> dict[str, torch.Tensor]:
+        scores = self.score(*(inputs[name] for name in INPUT_NAMES))
+        return {"loss": self.label_loss(scores, labels, inputs["cand_mask"])}
+
+    def rank_scores(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self.score(*(inputs[name] for name in INPUT_NAMES))
+
+    def serving_module(self) -> nn.Module:
+        return Serving(self)
+
+
+class Serving(nn.Module):
+    """Positional inputs (INPUT_NAMES order) -> scores: what export writes to ONNX; shares parameters."""
+
+    def __init__(self, model: Baseline):
+        super().__init__()
+        self.model = model
+
+    def forward(
+        self, user_cat, user_num, hist_items, hist_actions, hist_age, hist_mask, cand_items, cand_num, cand_mask
+    ) -> torch.Tensor:
+        return self.model.score(
+            user_cat, user_num, hist_items, hist_actions, hist_age, hist_mask, cand_items, cand_num, cand_mask
+        )
+
+
+class DNN(Baseline):
+    def __init__(self, cfg: ModelConfig, schema: FeatureSchema, item_cat: torch.Tensor, item_num: torch.Tensor):
+        super().__init__(cfg, schema, item_cat, item_num)
+        self.mlp = nn.Sequential(
+            nn.Linear(3 * cfg.d_model, cfg.student_hidden),
+            nn.ReLU(),
+            nn.Dropout(cfg.dropout),
+            nn.Linear(cfg.student_hidden, 1),
+        )
+
+    def head(self, x, u, mask):
+        user = u[:, None].expand_as(x)
+        return self.mlp(torch.cat([x, user, x * user], dim=-1)).squeeze(-1)
+
+    def label_loss(self, scores, labels, mask):
+        return losses.bce_loss(scores, labels / self.max_label, mask)
+
+
+class PRM(Baseline):
+    def __init__(self, cfg: ModelConfig, schema: FeatureSchema, item_cat: torch.Tensor, item_num: torch.Tensor):
+        super().__init__(cfg, schema, item_cat, item_num)
+        d = cfg.d_model
+        self.join = nn.Linear(2 * d, d)
+        self.blocks = nn.ModuleList(EncoderBlock(cfg) for _ in range(max(cfg.teacher_layers, 1)))
+        self.norm = nn.LayerNorm(d)
+        self.out = nn.Linear(d, 1)
+
+    def head(self, x, u, mask):
+        h = self.join(torch.cat([x, u[:, None].expand_as(x)], dim=-1))
+        for block in self.blocks:
+            h = block(h, mask)
+        return self.out(self.norm(h)).squeeze(-1)
+
+
+class DLCM(Baseline):
+    def __init__(self, cfg: ModelConfig, schema: FeatureSchema, item_cat: torch.Tensor, item_num: torch.Tensor):
+        super().__init__(cfg, schema, item_cat, item_num)
+        d = cfg.d_model
+        self.max_list = schema.max_list
+        self.gru = nn.GRU(2 * d, d, batch_first=True)
+        self.state = nn.Linear(d, d)
+        self.v = nn.Linear(d, 1, bias=False)
+
+    def head(self, x, u, mask):
+        length = x.shape[1]
+        steps = F.pad(torch.cat([x, u[:, None].expand_as(x)], dim=-1), (0, 0, 0, self.max_list - length))
+        outputs, _ = self.gru(steps)  # causal: padding (at the end) never reaches a real candidate
+        outputs = outputs[:, :length]
+        last = (mask.sum(1) - 1).clamp(min=0)
+        s = outputs.gather(1, last[:, None, None].expand(-1, 1, outputs.shape[-1]))  # [B,1,d]
+        return self.v(outputs * torch.tanh(self.state(s))).squeeze(-1)
+
+
+BASELINES: dict[str, type[Baseline]] = {"dnn": DNN, "prm": PRM, "dlcm": DLCM}

@@ -1,0 +1,158 @@
+"""Shared building blocks: item and user embeddings, and masked attention that never yields NaN.
+
+PSAD and the baselines embed items and users the same way, so their comparisons measure the
+reranking architecture, not the feature handling. Item side tables are persistent buffers: they
+travel in the state dict and are baked into the ONNX graph, so the service only sends indices.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from training.models.config import ModelConfig
+from training.schema import FeatureSchema, NumericFeature
+
+MASKED_LOGIT = -1e4  # finite: a row with every key masked stays finite, then reads out zeros
+
+
+def _standardiser(module: nn.Module, prefix: str, feats: tuple[NumericFeature, ...]) -> None:
+    module.register_buffer(f"{prefix}_mean", torch.tensor([f.mean for f in feats], dtype=torch.float32))
+    module.register_buffer(f"{prefix}_std", torch.tensor([f.std for f in feats], dtype=torch.float32))
+
+
+def _projection(n_in: int, d: int) -> nn.Linear | None:
+    """A linear map from n_in numerics to d, or None when there are none (no zero-width layers)."""
+    return nn.Linear(n_in, d) if n_in else None
+
+
+class ItemEmbedding(nn.Module):
+    """Item index (+ per-impression candidate numerics) -> [.., d_model].
+
+    Sum of: id embedding, one embedding per item categorical feature (looked up in the baked
+    item table), a projection of the standardised item numerics, and, for candidates, a
+    projection of the standardised candidate numerics (e.g. the ranking stage's rank_score).
+    """
+
+    def __init__(self, cfg: ModelConfig, schema: FeatureSchema, item_cat: torch.Tensor, item_num: torch.Tensor):
+        super().__init__()
+        d, n = cfg.d_model, schema.n_items
+        n_cat, n_num = len(schema.item_categorical), len(schema.item_numeric)
+        if tuple(item_cat.shape) != (n, n_cat):
+            raise ValueError(f"item_cat has shape {tuple(item_cat.shape)}, expected (n_items={n}, {n_cat})")
+        if tuple(item_num.shape) != (n, n_num):
+            raise ValueError(f"item_num has shape {tuple(item_num.shape)}, expected (n_items={n}, {n_num})")
+        for j, f in enumerate(schema.item_categorical):
+            col = item_cat[:, j]
+            if int(col.min()) < 0 or int(col.max()) >= f.cardinality:
+                raise ValueError(f"item_cat column {f.name!r} has values outside [0, {f.cardinality})")
+        if not torch.isfinite(item_num).all():
+            raise ValueError("item_num has NaN or infinite values: fix the items table")
+        self.ids = nn.Embedding(n, d, padding_idx=0)
+        self.cats = nn.ModuleList(nn.Embedding(f.cardinality, d, padding_idx=0) for f in schema.item_categorical)
+        mean = torch.tensor([f.mean for f in schema.item_numeric], dtype=torch.float32)
+        std = torch.tensor([f.std for f in schema.item_numeric], dtype=torch.float32)
+        self.register_buffer("item_cat", item_cat.to(torch.long).clone())
+        self.register_buffer("item_num", ((item_num.to(torch.float32) - mean) / std).clone())  # standardised
+        self.item_num_proj = _projection(n_num, d)
+        _standardiser(self, "cand_num", schema.candidate_numeric)
+        self.cand_num_proj = _projection(len(schema.candidate_numeric), d)
+        self.norm = nn.LayerNorm(d)
+
+    def forward(self, items: torch.Tensor, cand_num: torch.Tensor | None = None) -> torch.Tensor:
+        """items: int64 [...]; cand_num: float32 [..., n_candidate_numeric] or None (history items)."""
+        x = self.ids(items)
+        if len(self.cats):
+            cat = self.item_cat[items]
+            for j, emb in enumerate(self.cats):
+                x = x + emb(cat[..., j])
+        if self.item_num_proj is not None:
+            x = x + self.item_num_proj(self.item_num[items])
+        if cand_num is not None and self.cand_num_proj is not None:
+            x = x + self.cand_num_proj((cand_num - self.cand_num_mean) / self.cand_num_std)
+        return self.norm(x)
+
+
+class UserEmbedding(nn.Module):
+    """Static user features -> [batch, d_model]: a learned base vector + categorical embeddings
+    + a projection of the standardised numerics (a cold-start user gets the base vector)."""
+
+    def __init__(self, cfg: ModelConfig, schema: FeatureSchema):
+        super().__init__()
+        d = cfg.d_model
+        self.base = nn.Parameter(torch.randn(d) * 0.02)
+        self.cats = nn.ModuleList(nn.Embedding(f.cardinality, d, padding_idx=0) for f in schema.user_categorical)
+        _standardiser(self, "user_num", schema.user_numeric)
+        self.num_proj = _projection(len(schema.user_numeric), d)
+        self.norm = nn.LayerNorm(d)
+
+    def forward(self, user_cat: torch.Tensor, user_num: torch.Tensor) -> torch.Tensor:
+        x = self.base.expand(user_cat.shape[0], -1)
+        for j, emb in enumerate(self.cats):
+            x = x + emb(user_cat[:, j])
+        if self.num_proj is not None:
+            x = x + self.num_proj((user_num - self.user_num_mean) / self.user_num_std)
+        return self.norm(x)
+
+
+class MultiHeadAttention(nn.Module):
+    """Multi-head attention with a boolean key mask and an optional additive logit bias.
+
+    Masked keys get a finite logit and zero weight, so a query whose keys are all masked (or a
+    zero-length key set) reads out zeros instead of NaN: padding never leaks and never poisons.
+    """
+
+    def __init__(self, d_model: int, n_heads: int, dropout: float = 0.0):
+        super().__init__()
+        self.n_heads = n_heads
+        self.scale = 1.0 / math.sqrt(d_model // n_heads)
+        self.q = nn.Linear(d_model, d_model)
+        self.kv = nn.Linear(d_model, 2 * d_model)
+        self.out = nn.Linear(d_model, d_model)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(
+        self, query: torch.Tensor, keys: torch.Tensor, mask: torch.Tensor, bias: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """query [B,Q,d], keys [B,K,d], mask bool [B,K] or [B,Q,K] (True = visible),
+        bias broadcastable to [B,heads,Q,K] -> [B,Q,d]."""
+        h = self.n_heads
+        q = self.q(query).unflatten(-1, (h, -1)).transpose(1, 2)  # [B,h,Q,dh]
+        k, v = self.kv(keys).unflatten(-1, (2, h, -1)).permute(2, 0, 3, 1, 4).unbind(0)  # [B,h,K,dh] each
+        logits = (q @ k.transpose(-1, -2)) * self.scale
+        if bias is not None:
+            logits = logits + bias
+        visible = (mask[:, None, None, :] if mask.dim() == 2 else mask[:, None]).to(logits.dtype)
+        logits = logits.masked_fill(visible == 0, MASKED_LOGIT)
+        weights = self.dropout(F.softmax(logits, dim=-1) * visible)
+        return self.out((weights @ v).transpose(1, 2).flatten(-2))
+
+
+class FeedForward(nn.Module):
+    def __init__(self, d_model: int, dropout: float = 0.0):
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Linear(d_model, 2 * d_model), nn.GELU(), nn.Linear(2 * d_model, d_model), nn.Dropout(dropout)
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+class EncoderBlock(nn.Module):
+    """Pre-norm transformer block over a padded set: x + attn(LN x), then x + FFN(LN x)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(cfg.d_model)
+        self.attn = MultiHeadAttention(cfg.d_model, cfg.n_heads, cfg.dropout)
+        self.norm2 = nn.LayerNorm(cfg.d_model)
+        self.ffn = FeedForward(cfg.d_model, cfg.dropout)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        y = self.norm1(x)
+        x = x + self.attn(y, y, mask)
+        return x + self.ffn(self.norm2(x))

@@ -1,0 +1,105 @@
+"""PSAD: UPN + semi-autoregressive teacher (PSAD-G) + scoring student (PSAD-S), trained jointly.
+
+One forward pass computes the three losses of online distillation:
+  teacher  = teacher-forced pointer cross-entropy on the label-sorted permutation (relevant slots)
+  student  = label loss of the student's scores (listwise softmax CE or BCE)
+  distill  = student vs the teacher's current greedy permutation (gradient stopped)
+  loss     = teacher + student + distill_weight * distill
+Online only UPN + student run (serving_module); the teacher stays for offline evaluation.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from training.models import losses
+from training.models.config import ModelConfig
+from training.models.student import Student
+from training.models.teacher import Teacher, decode_steps, label_permutation
+from training.models.upn import UPN
+from training.schema import INPUT_NAMES, FeatureSchema
+
+
+class StudentScorer(nn.Module):
+    """UPN + student: the 9 model inputs, positionally in INPUT_NAMES order -> scores [B,L].
+
+    This is what export writes to ONNX; it shares (does not copy) the parameters of PSAD.
+    """
+
+    def __init__(self, upn: UPN, student: Student):
+        super().__init__()
+        self.upn = upn
+        self.student = student
+
+    def forward(
+        self,
+        user_cat: torch.Tensor,
+        user_num: torch.Tensor,
+        hist_items: torch.Tensor,
+        hist_actions: torch.Tensor,
+        hist_age: torch.Tensor,
+        hist_mask: torch.Tensor,
+        cand_items: torch.Tensor,
+        cand_num: torch.Tensor,
+        cand_mask: torch.Tensor,
+    ) -> torch.Tensor:
+        x, u = self.upn(
+            user_cat, user_num, hist_items, hist_actions, hist_age, hist_mask, cand_items, cand_num, cand_mask
+        )
+        return self.student(x, u, cand_mask)
+
+
+class PSAD(nn.Module):
+    def __init__(self, cfg: ModelConfig, schema: FeatureSchema, item_cat: torch.Tensor, item_num: torch.Tensor):
+        super().__init__()
+        cfg.validate()
+        self.cfg = cfg
+        self.max_label = schema.max_label
+        self.upn = UPN(cfg, schema, item_cat, item_num)
+        self.teacher = Teacher(cfg, schema.max_list)
+        self.student = Student(cfg)
+
+    def _represent(self, inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.upn(*(inputs[name] for name in INPUT_NAMES))
+
+    def forward(self, inputs: dict[str, torch.Tensor], labels: torch.Tensor, step: int = 0) -> dict[str, torch.Tensor]:
+        cfg, mask = self.cfg, inputs["cand_mask"]
+        x, u = self._represent(inputs)
+        scores = self.student(x, u, mask)
+        enc = self.teacher.encode(x, mask)
+        n_relevant = ((labels > 0) & mask).sum(1, keepdim=True)
+        teacher = self.teacher.loss(enc, u, mask, label_permutation(labels, mask), n_relevant)
+        if cfg.student_loss == "listwise":
+            student = losses.listwise_softmax_loss(scores, labels, mask)
+        else:
+            student = losses.bce_loss(scores, labels / self.max_label, mask)
+        if cfg.distill == "none":
+            distill = scores.new_zeros(())
+        else:
+            perm = self.teacher.decode(enc, u, mask)  # no_grad: the teacher's current greedy list
+            if cfg.distill == "listwise":
+                distill = losses.listwise_distill_loss(scores, perm, mask, cfg.distill_top_k)
+            else:
+                mu = cfg.rd_mu if cfg.rd_dynamic and step >= cfg.rd_warmup_steps else None
+                weights = losses.rd_weights(scores, perm, mask, cfg.rd_k, cfg.rd_lambda, mu)
+                distill = losses.rd_distill_loss(scores, perm, weights, cfg.rd_alpha)
+        total = teacher + student + cfg.distill_weight * distill
+        return {"loss": total, "teacher": teacher, "student": student, "distill": distill}
+
+    def rank_scores(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The student's scores [B,L], higher first; padded slots get student.PAD_SCORE."""
+        return self.serving_module()(*(inputs[name] for name in INPUT_NAMES))
+
+    @torch.no_grad()
+    def teacher_decode(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The teacher's greedy permutation [B,L]: perm[b, r] = candidate index at rank r."""
+        mask = inputs["cand_mask"]
+        x, u = self._represent(inputs)
+        return self.teacher.decode(self.teacher.encode(x, mask), u, mask)
+
+    def decode_steps(self, list_length: int) -> int:
+        return decode_steps(list_length, self.cfg.block_size)
+
+    def serving_module(self) -> nn.Module:
+        return StudentScorer(self.upn, self.student)
