@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import onnxruntime as ort
 import pytest
 import torch
 from hypothesis import given, settings
@@ -246,7 +247,6 @@ def test_item_table_shape_is_checked():
 def test_onnx_export_matches_pytorch(tmp_path):
     """The serving module exports with dynamic batch/list/history axes and ONNX Runtime agrees
     with PyTorch at other shapes, including a single candidate and an empty history."""
-    ort = pytest.importorskip("onnxruntime")
     model = make_model().eval()
     scorer = model.serving_module().eval()
     example = make_inputs([7, 5], [5, 3])

@@ -26,6 +26,17 @@ class SchemaError(ValueError):
     """A schema or vocabulary file is invalid; the message names the field and the fix."""
 
 
+def read_json(path: Path, *, missing: str, error: type[ValueError] = SchemaError, fix: str = "") -> Any:
+    """Parse a JSON file, or raise `error` naming the file: `missing` when absent, `fix` appended when invalid."""
+    path = Path(path)
+    if not path.is_file():
+        raise error(f"{path}: {missing}")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise error(f"{path}: not valid JSON ({exc}){fix}") from None
+
+
 @dataclass(frozen=True)
 class CategoricalFeature:
     name: str
@@ -150,14 +161,8 @@ class FeatureSchema:
 
     @classmethod
     def load(cls, path: Path) -> FeatureSchema:
-        path = Path(path)
-        if not path.is_file():
-            raise SchemaError(f"{path}: schema file not found; rebuild the data set with `psad data build`")
-        try:
-            raw = json.loads(path.read_text())
-        except json.JSONDecodeError as exc:
-            raise SchemaError(f"{path}: not valid JSON ({exc})") from None
-        return cls.from_dict(raw)
+        missing = "schema file not found; rebuild the data set with `psad data build`"
+        return cls.from_dict(read_json(path, missing=missing))
 
 
 class Vocab:
@@ -202,13 +207,7 @@ class Vocabularies:
 
     @classmethod
     def load(cls, path: Path, schema: FeatureSchema) -> Vocabularies:
-        path = Path(path)
-        if not path.is_file():
-            raise SchemaError(f"{path}: vocabulary file not found")
-        try:
-            raw = json.loads(path.read_text())
-        except json.JSONDecodeError as exc:
-            raise SchemaError(f"{path}: not valid JSON ({exc})") from None
+        raw = read_json(path, missing="vocabulary file not found")
         if raw.get("version") != SCHEMA_VERSION:
             raise SchemaError(f"{path}: version {raw.get('version')!r}, expected {SCHEMA_VERSION}")
         vocabs = cls(

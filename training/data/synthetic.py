@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from training.data.store import SPLITS, DataError, ListData, write_dataset
 from training.metrics import valid_first
-from training.schema import CategoricalFeature, FeatureSchema, NumericFeature, Vocab, Vocabularies
+from training.schema import CategoricalFeature, FeatureSchema, NumericFeature, Vocab, Vocabularies, read_json
 
 SIMULATOR_VERSION = 1
 ACTIONS = ("view", "click")
@@ -153,12 +153,12 @@ class ClickModel:
     @classmethod
     def load(cls, data_dir: Path) -> ClickModel:
         path = Path(data_dir) / "simulator.json"
-        if not path.is_file():
-            raise DataError(f"{path}: not found; only `psad data build synthetic` data sets have a click model")
-        try:
-            meta = json.loads(path.read_text())
-        except json.JSONDecodeError as exc:
-            raise DataError(f"{path}: not valid JSON ({exc}); rebuild the data set") from None
+        meta = read_json(
+            path,
+            missing="not found; only `psad data build synthetic` data sets have a click model",
+            error=DataError,
+            fix="; rebuild the data set",
+        )
         if not isinstance(meta, dict) or meta.get("version") != SIMULATOR_VERSION:
             version = meta.get("version") if isinstance(meta, dict) else None
             raise DataError(f"{path}: version {version!r}, this release reads {SIMULATOR_VERSION}; rebuild it")
