@@ -7,6 +7,7 @@ travel in the state dict and are baked into the ONNX graph, so the service only 
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import torch
@@ -62,8 +63,18 @@ class ItemEmbedding(nn.Module):
         self.cand_num_proj = _projection(len(schema.candidate_numeric), d)
         self.norm = nn.LayerNorm(d)
 
-    def forward(self, items: torch.Tensor, cand_num: torch.Tensor | None = None) -> torch.Tensor:
-        """items: int64 [...]; cand_num: float32 [..., n_candidate_numeric] or None (history items)."""
+    def forward(
+        self, items: torch.Tensor, cand_num: torch.Tensor | None = None, table: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """items: int64 [...]; cand_num: float32 [..., n_candidate_numeric] or None (history items);
+        table: table() precomputed for inference (one gather instead of one per side table), or None."""
+        x = table[items] if table is not None else self.lookup(items)
+        if cand_num is not None and self.cand_num_proj is not None:
+            x = x + self.cand_num_proj((cand_num - self.cand_num_mean) / self.cand_num_std)
+        return self.norm(x)
+
+    def lookup(self, items: torch.Tensor) -> torch.Tensor:
+        """The per-item part (id + side tables), before candidate numerics and normalisation."""
         x = self.ids(items)
         if len(self.cats):
             cat = self.item_cat[items]
@@ -71,28 +82,38 @@ class ItemEmbedding(nn.Module):
                 x = x + emb(cat[..., j])
         if self.item_num_proj is not None:
             x = x + self.item_num_proj(self.item_num[items])
-        if cand_num is not None and self.cand_num_proj is not None:
-            x = x + self.cand_num_proj((cand_num - self.cand_num_mean) / self.cand_num_std)
-        return self.norm(x)
+        return x
+
+    def table(self) -> torch.Tensor:
+        """lookup() of every item [n_items, d]: what the served graph gathers from."""
+        return self.lookup(torch.arange(self.ids.num_embeddings, device=self.ids.weight.device))
 
 
 class UserEmbedding(nn.Module):
     """Static user features -> [batch, d_model]: a learned base vector + categorical embeddings
-    + a projection of the standardised numerics (a cold-start user gets the base vector)."""
+    + a projection of the standardised numerics.
+
+    All categorical features share one table, each at its own offset, so the lookup is one
+    gather and one sum whatever the number of features. Index 0 (missing) of every feature has
+    a learned row: a cold-start user gets base + the missing rows, one learned vector.
+    """
 
     def __init__(self, cfg: ModelConfig, schema: FeatureSchema):
         super().__init__()
         d = cfg.d_model
+        sizes = [f.cardinality for f in schema.user_categorical]
         self.base = nn.Parameter(torch.randn(d) * 0.02)
-        self.cats = nn.ModuleList(nn.Embedding(f.cardinality, d, padding_idx=0) for f in schema.user_categorical)
+        self.cats = nn.Embedding(sum(sizes), d) if sizes else None
+        offsets = list(itertools.accumulate(sizes, initial=0))[:-1]  # where each feature's rows start
+        self.register_buffer("cat_offsets", torch.tensor(offsets, dtype=torch.long))
         _standardiser(self, "user_num", schema.user_numeric)
         self.num_proj = _projection(len(schema.user_numeric), d)
         self.norm = nn.LayerNorm(d)
 
     def forward(self, user_cat: torch.Tensor, user_num: torch.Tensor) -> torch.Tensor:
         x = self.base.expand(user_cat.shape[0], -1)
-        for j, emb in enumerate(self.cats):
-            x = x + emb(user_cat[:, j])
+        if self.cats is not None:
+            x = x + self.cats(user_cat + self.cat_offsets).sum(1)
         if self.num_proj is not None:
             x = x + self.num_proj((user_num - self.user_num_mean) / self.user_num_std)
         return self.norm(x)
@@ -103,6 +124,8 @@ class MultiHeadAttention(nn.Module):
 
     Masked keys get a finite logit and zero weight, so a query whose keys are all masked (or a
     zero-length key set) reads out zeros instead of NaN: padding never leaks and never poisons.
+    mask=None is the fast path for callers whose bias already masks (MASKED_LOGIT) and whose
+    every query sees at least one key (UPN's always-visible no-history slot): two ops fewer.
     """
 
     def __init__(self, d_model: int, n_heads: int, dropout: float = 0.0):
@@ -115,9 +138,9 @@ class MultiHeadAttention(nn.Module):
         self.dropout = nn.Dropout(dropout)
 
     def forward(
-        self, query: torch.Tensor, keys: torch.Tensor, mask: torch.Tensor, bias: torch.Tensor | None = None
+        self, query: torch.Tensor, keys: torch.Tensor, mask: torch.Tensor | None, bias: torch.Tensor | None = None
     ) -> torch.Tensor:
-        """query [B,Q,d], keys [B,K,d], mask bool [B,K] or [B,Q,K] (True = visible),
+        """query [B,Q,d], keys [B,K,d], mask bool [B,K] or [B,Q,K] (True = visible) or None,
         bias broadcastable to [B,heads,Q,K] -> [B,Q,d]."""
         h = self.n_heads
         q = self.q(query).unflatten(-1, (h, -1)).transpose(1, 2)  # [B,h,Q,dh]
@@ -125,10 +148,12 @@ class MultiHeadAttention(nn.Module):
         logits = (q @ k.transpose(-1, -2)) * self.scale
         if bias is not None:
             logits = logits + bias
-        visible = (mask[:, None, None, :] if mask.dim() == 2 else mask[:, None]).to(logits.dtype)
-        logits = logits.masked_fill(visible == 0, MASKED_LOGIT)
-        weights = self.dropout(F.softmax(logits, dim=-1) * visible)
-        return self.out((weights @ v).transpose(1, 2).flatten(-2))
+        if mask is None:
+            weights = F.softmax(logits, dim=-1)
+        else:
+            visible = (mask[:, None, None, :] if mask.dim() == 2 else mask[:, None]).to(logits.dtype)
+            weights = F.softmax(logits.masked_fill(visible == 0, MASKED_LOGIT), dim=-1) * visible
+        return self.out((self.dropout(weights) @ v).transpose(1, 2).flatten(-2))
 
 
 class FeedForward(nn.Module):

@@ -31,6 +31,8 @@ class StudentScorer(nn.Module):
         super().__init__()
         self.upn = upn
         self.student = student
+        with torch.no_grad():
+            self.register_buffer("item_table", upn.items.table(), persistent=False)
 
     def forward(
         self,
@@ -45,7 +47,16 @@ class StudentScorer(nn.Module):
         cand_mask: torch.Tensor,
     ) -> torch.Tensor:
         x, u = self.upn(
-            user_cat, user_num, hist_items, hist_actions, hist_age, hist_mask, cand_items, cand_num, cand_mask
+            user_cat,
+            user_num,
+            hist_items,
+            hist_actions,
+            hist_age,
+            hist_mask,
+            cand_items,
+            cand_num,
+            cand_mask,
+            self.item_table,
         )
         return self.student(x, u, cand_mask)
 
@@ -89,7 +100,7 @@ class PSAD(nn.Module):
 
     def rank_scores(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
         """The student's scores [B,L], higher first; padded slots get student.PAD_SCORE."""
-        return self.serving_module()(*(inputs[name] for name in INPUT_NAMES))
+        return self.student(*self._represent(inputs), inputs["cand_mask"])
 
     @torch.no_grad()
     def teacher_decode(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:

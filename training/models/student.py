@@ -4,7 +4,9 @@ score_i = MLP([x_i, u, mean_{valid j} x_j, x_i * u]) with x_i the UPN-personalis
 and u the user vector. The masked mean is the only list context, so the head is permutation-
 equivariant in the candidates; order information enters only through UPN's position code.
 The first layer is split into a per-candidate part on [x_i, x_i * u] and a per-list part on
-[u, context] (the same function as one layer on the concatenation, at half the cost per item).
+[u, context] (the same function as one layer on the concatenation), and the per-candidate part
+W_a x_i + W_b (x_i * u) is computed as (W_a + W_b diag(u)) x_i: one user-specific d -> hidden
+matrix per list, so each candidate costs d x hidden multiply-adds instead of 2d x hidden.
 """
 
 from __future__ import annotations
@@ -28,8 +30,8 @@ class Student(nn.Module):
         """x [B,L,d], u [B,d], mask bool [B,L] -> scores [B,L] (PAD_SCORE on padded slots)."""
         weight = mask.unsqueeze(-1).to(x.dtype)
         context = (x * weight).sum(1) / weight.sum(1).clamp(min=1.0)
-        hidden = (
-            self.item_in(torch.cat([x, x * u[:, None]], dim=-1))
-            + self.list_in(torch.cat([u, context], dim=-1))[:, None]
-        )
+        w_x, w_xu = self.item_in.weight.chunk(2, dim=1)  # [hidden, d] each
+        per_user = w_x + w_xu * u[:, None, :]  # [B, hidden, d]
+        per_list = self.item_in.bias + self.list_in(torch.cat([u, context], dim=-1))
+        hidden = x @ per_user.transpose(1, 2) + per_list[:, None]
         return self.out(hidden).squeeze(-1).masked_fill(~mask, PAD_SCORE)

@@ -7,36 +7,57 @@
   candidate     x_i = LN(c_i * g + r_i + p_i)
 
 Time-aware attention subtracts softplus(w_h) * log1p(age in days) from each head's logits: a
-learned decay of old behaviours (interest dynamics). A learned "no history" memory slot is
-always visible, so an empty or zero-length history reads out that slot instead of NaN.
+learned decay of old behaviours (interest dynamics). Both read-outs share one key/value
+projection of the history (one memory, two readers with their own queries and decays). A
+learned "no history" memory slot is always visible, so an empty or zero-length history reads
+out that slot instead of NaN.
 """
 
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from training.models.config import ModelConfig
-from training.models.embeddings import ItemEmbedding, MultiHeadAttention, UserEmbedding
+from training.models.embeddings import MASKED_LOGIT, ItemEmbedding, UserEmbedding
 from training.schema import FeatureSchema
 
 
+class Memory(NamedTuple):
+    """The history as attention memory, projected once and read by both read-outs.
+
+    Keys and values are split into heads; the padding mask and the ages enter as additive
+    logit terms. Slot 0 is the always-visible no-history slot."""
+
+    keys_t: torch.Tensor  # [B,h,dh,H+1]: keys, transposed for q @ k^T
+    values: torch.Tensor  # [B,h,H+1,dh]
+    mask_bias: torch.Tensor  # [B,1,1,H+1]: 0 where visible, MASKED_LOGIT on padding
+    log_age: torch.Tensor  # [B,1,1,H+1]: log1p(age in days)
+
+
 class TimeAwareAttention(nn.Module):
-    """Queries attend to [no-history slot; behaviours] with a learned per-head decay on age."""
+    """Queries attend to the history memory with a learned per-head decay on age."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         init = max(cfg.time_decay_init, 1e-4)
+        self.n_heads = cfg.n_heads
+        self.scale = 1.0 / math.sqrt(cfg.d_model // cfg.n_heads)
         self.decay = nn.Parameter(torch.full((cfg.n_heads,), math.log(math.expm1(init))))  # softplus^-1
-        self.attn = MultiHeadAttention(cfg.d_model, cfg.n_heads, cfg.dropout)
+        self.q = nn.Linear(cfg.d_model, cfg.d_model)
+        self.out = nn.Linear(cfg.d_model, cfg.d_model)
+        self.dropout = nn.Dropout(cfg.dropout)
 
-    def forward(self, query: torch.Tensor, memory: torch.Tensor, mask: torch.Tensor, age: torch.Tensor):
-        """query [B,Q,d]; memory [B,H+1,d]; mask bool [B,H+1]; age float [B,H+1] days."""
-        bias = -F.softplus(self.decay)[None, :, None, None] * torch.log1p(age.clamp(min=0))[:, None, None, :]
-        return self.attn(query, memory, mask, bias)
+    def forward(self, query: torch.Tensor, memory: Memory) -> torch.Tensor:
+        """query [B,Q,d] -> [B,Q,d]."""
+        q = self.q(query).unflatten(-1, (self.n_heads, -1)).transpose(1, 2)  # [B,h,Q,dh]
+        bias = memory.mask_bias - F.softplus(self.decay)[None, :, None, None] * memory.log_age
+        weights = self.dropout(F.softmax((q @ memory.keys_t) * self.scale + bias, dim=-1))
+        return self.out((weights @ memory.values).transpose(1, 2).flatten(-2))
 
 
 class UPN(nn.Module):
@@ -53,6 +74,7 @@ class UPN(nn.Module):
         if cfg.use_upn:
             self.actions = nn.Embedding(schema.n_actions, d, padding_idx=0)
             self.no_history = nn.Parameter(torch.randn(d) * 0.02)
+            self.memory_kv = nn.Linear(d, 2 * d)
             self.user_read = TimeAwareAttention(cfg)
             self.cand_read = TimeAwareAttention(cfg)
             self.user_norm = nn.LayerNorm(d)
@@ -74,25 +96,28 @@ class UPN(nn.Module):
         cand_items: torch.Tensor,
         cand_num: torch.Tensor,
         cand_mask: torch.Tensor,
+        item_table: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        """item_table: ItemEmbedding.table() precomputed for inference, or None (training)."""
         u = self.user(user_cat, user_num)
-        x = self.items(cand_items, cand_num)
+        x = self.items(cand_items, cand_num, item_table)
         position_scale = 1.0
         if self.cfg.use_upn:
-            memory, mask, age = self._memory(hist_items, hist_actions, hist_age, hist_mask)
-            u = self.user_norm(u + self.user_read(u[:, None], memory, mask, age)[:, 0])
-            x = x * (2 * torch.sigmoid(self.gate(u)))[:, None] + self.cand_read(x, memory, mask, age)
+            memory = self._memory(hist_items, hist_actions, hist_age, hist_mask, item_table)
+            u = self.user_norm(u + self.user_read(u[:, None], memory)[:, 0])
+            x = x * (2 * torch.sigmoid(self.gate(u)))[:, None] + self.cand_read(x, memory)
             position_scale = (2 * torch.sigmoid(self.position_gate(u)))[:, None]
         if self.positions is not None:
             index = torch.arange(cand_items.shape[1], device=cand_items.device).clamp(max=self.max_list - 1)
             x = x + self.positions(index)[None] * position_scale
         return self.norm(x), u
 
-    def _memory(self, hist_items, hist_actions, hist_age, hist_mask):
-        """History as attention memory, with the always-visible no-history slot prepended."""
-        h = self.items(hist_items) + self.actions(hist_actions)
-        batch = hist_mask.shape[0]
-        memory = torch.cat([self.no_history.expand(batch, 1, -1), h], dim=1)
+    def _memory(self, hist_items, hist_actions, hist_age, hist_mask, item_table) -> Memory:
+        h = self.items(hist_items, table=item_table) + self.actions(hist_actions)
+        batch, heads = hist_mask.shape[0], self.cfg.n_heads
+        slots = torch.cat([self.no_history.expand(batch, 1, -1), h], dim=1)
+        k, v = self.memory_kv(slots).unflatten(-1, (2, heads, -1)).permute(2, 0, 3, 1, 4).unbind(0)  # [B,h,H+1,dh]
         mask = torch.cat([hist_mask.new_ones(batch, 1), hist_mask], dim=1)
         age = torch.cat([hist_age.new_zeros(batch, 1), hist_age], dim=1)
-        return memory, mask, age
+        mask_bias = torch.where(mask, 0.0, MASKED_LOGIT).to(slots.dtype)[:, None, None, :]
+        return Memory(k.transpose(-1, -2), v, mask_bias, torch.log1p(age.clamp(min=0))[:, None, None, :])
