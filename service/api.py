@@ -110,7 +110,37 @@ def raise_if(errors: list[dict[str, Any]]) -> None:
 
 
 def check_rerank(req: RerankRequest, settings: Settings, features: Sequence[str], loc: Sequence[Any] = ()) -> list:
-    """Errors of one request against the settings' limits and the model's candidate features."""
+    """Errors of one request against the settings' limits and the model's candidate features.
+
+    A valid request (the common case) is confirmed by a few whole-list checks; only a request
+    that fails one of them is walked candidate by candidate to name each bad field."""
+    if _valid(req, settings, features):
+        return []
+    return _rerank_errors(req, settings, features, loc)
+
+
+def _valid(req: RerankRequest, settings: Settings, features: Sequence[str]) -> bool:
+    cands = req.candidates
+    n = len(cands)
+    limit = settings.max_id_length
+    if n > settings.max_candidates or len(req.user_id) > limit:
+        return False
+    if (req.request_id is not None and len(req.request_id) > limit) or (req.top_k is not None and req.top_k > n):
+        return False
+    ids = [c.item_id for c in cands]
+    if len(set(ids)) != n or max(map(len, ids)) > limit:
+        return False
+    missing = [c.score for c in cands].count(None)
+    if missing not in (0, n):
+        return False
+    with_features = [c.features for c in cands if c.features]
+    if with_features:
+        allowed = set(features) - {RANK_SCORE}
+        return all(f.keys() <= allowed for f in with_features)
+    return True
+
+
+def _rerank_errors(req: RerankRequest, settings: Settings, features: Sequence[str], loc: Sequence[Any]) -> list:
     errors = []
     limit = settings.max_id_length
     n = len(req.candidates)

@@ -32,7 +32,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Coroutine
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
@@ -292,11 +292,14 @@ def wait_ready(base: str, proc: subprocess.Popen | None, log: Path | None) -> di
     raise RuntimeError(f"{base}/readyz did not answer 200 within {READY_TIMEOUT_S:.0f}s")
 
 
-def start_server(port: int, workers: int, redis_url: str, model_repo: Path, log: Path) -> subprocess.Popen:
+def start_server(
+    port: int, workers: int, redis_url: str, model_repo: Path, log: Path, cluster: bool = False
+) -> subprocess.Popen:
     env = {
         **os.environ,
         f"{ENV_PREFIX}ENABLE_FLOOR_ENDPOINT": "true",
         f"{ENV_PREFIX}REDIS_URL": redis_url,
+        f"{ENV_PREFIX}REDIS_CLUSTER": str(cluster).lower(),
         f"{ENV_PREFIX}MODEL_REPO": str(model_repo.resolve()),
         f"{ENV_PREFIX}LOG_LEVEL": "warning",
     }
@@ -327,6 +330,34 @@ class Result:
     rps: float
     server_one: dict[str, float]  # mean ms inside the server by route and stage, phase (a)
     server_loaded: dict[str, float]  # the same, phase (b)
+    cpu_ms: dict[str, float] = field(default_factory=dict)  # CPU ms per request in phase (b), by process
+
+
+def tree_cpu_s(pid: int) -> float:
+    """User + system CPU seconds of a process and all its live descendants (Linux /proc)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    stats: dict[int, tuple[int, float]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        stats[int(entry.name)] = (int(fields[1]), (int(fields[11]) + int(fields[12])) / tick)
+    total, todo = 0.0, [pid]
+    while todo:
+        p = todo.pop()
+        total += stats.get(p, (0, 0.0))[1]
+        todo += [c for c, (parent, _) in stats.items() if parent == p]
+    return total
+
+
+def cpu_snapshot(pids: dict[str, int]) -> dict[str, float]:
+    """CPU seconds so far: each given process tree, and this process (the load generator)."""
+    out = {name: tree_cpu_s(pid) for name, pid in pids.items()} if Path("/proc").is_dir() else {}
+    out["load generator"] = time.process_time()
+    return out
 
 
 def server_totals(base: str) -> dict[str, tuple[float, float]]:
@@ -381,6 +412,30 @@ def cpu_model() -> str:
     except OSError:
         pass
     return platform.processor() or "unknown CPU"
+
+
+def cpu_lines(r: Result, cores: int) -> list[str]:
+    """CPU time per request in phase (b), by process, and the rate it allows on idle cores: on a
+    shared machine the measured rate says how much CPU the run got; this says what it needed."""
+    if not r.cpu_ms:
+        return []
+    total = sum(r.cpu_ms.values())
+    lines = [
+        "## CPU per request under load (phase (b); user + system time of each process / requests sent)",
+        "",
+        "| process | CPU ms per request |",
+        "|---|---:|",
+        *(f"| {name} | {ms:.3f} |" for name, ms in r.cpu_ms.items()),
+        f"| all | {total:.3f} |",
+        "",
+        f"During (b) these processes kept {total * r.rps / 1000:.2f} of the {cores} cores busy on average (the "
+        "rest was idle or went to other processes). At this cost per request, "
+        f"{cores} otherwise idle cores would sustain at most {1000 * cores / total:,.0f} requests/s "
+        f"(the server alone: {1000 * cores / max(r.cpu_ms.get('server', total), 1e-9):,.0f}); the measured rate is "
+        f"{r.rps:,.0f}.",
+        "",
+    ]
+    return lines
 
 
 def render(cfg: BenchConfig, workload: Workload, ready: dict, r: Result, command: str, server: str) -> str:
@@ -440,6 +495,7 @@ def render(cfg: BenchConfig, workload: Workload, ready: dict, r: Result, command
             if k.startswith(("/rerank", "/bench", "stage"))
         ),
         "",
+        *cpu_lines(r, cores or 1),
         "## Targets (one client, list length 100, history 50, CPU; throughput on 2 cores)",
         "",
         "| target | threshold | measured | result |",
@@ -461,7 +517,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def measure(base: str, cfg: BenchConfig, bodies: list[bytes]) -> Result:
+def measure(base: str, cfg: BenchConfig, bodies: list[bytes], pids: dict[str, int] | None = None) -> Result:
     parts = urlsplit(base)
     host, port = parts.hostname or "127.0.0.1", parts.port or 80
     if host not in ("127.0.0.1", "localhost", "::1"):
@@ -473,10 +529,15 @@ def measure(base: str, cfg: BenchConfig, bodies: list[bytes]) -> Result:
     one_rerank, one_floor = run_async(one_client(host, port, rerank, floor, cfg.requests))
     snapshots.append(server_totals(base))
     typer.echo(f"(b) throughput: {cfg.concurrency} connections for {cfg.duration_s:.0f} s ...")
+    cpu0 = cpu_snapshot(pids or {})
     loaded, rps = run_async(throughput(host, port, rerank, cfg.concurrency, cfg.duration_s))
+    cpu1 = cpu_snapshot(pids or {})
     snapshots.append(server_totals(base))
     means = [phase_means(a, b) for a, b in zip(snapshots, snapshots[1:], strict=False)]
-    return Result(one_rerank, one_floor, loaded, rps, means[0], means[1])
+    # The whole phase, warm-up second included: divide by every request sent, not only the measured ones.
+    sent = max(1, round(len(loaded.ms) * (WARMUP_S + cfg.duration_s) / cfg.duration_s))
+    cpu = {k: 1000 * (cpu1[k] - cpu0[k]) / sent for k in cpu1}
+    return Result(one_rerank, one_floor, loaded, rps, means[0], means[1], cpu)
 
 
 def command_line(cfg: BenchConfig, out: Path | None) -> str:
@@ -501,11 +562,11 @@ def run_bench(cfg: BenchConfig, settings: Settings, out: Path | None) -> Result:
         if cfg.url:
             base, described = cfg.url.rstrip("/"), f"given by --url {cfg.url}"
         else:
-            redis_url = settings.redis_url
+            redis_url, cluster = settings.redis_url, settings.redis_cluster
             if f"{ENV_PREFIX}REDIS_URL" not in os.environ:
                 redis_port = free_port()
                 redis_proc = start_redis(cfg.var, port=redis_port)
-                redis_url = f"redis://127.0.0.1:{redis_port}/0"
+                redis_url, cluster = f"redis://127.0.0.1:{redis_port}/0", False
             typer.echo(f"loading profiles from {cfg.data} into {redis_url} ...")
             bulk_load(
                 redis_url,
@@ -514,14 +575,24 @@ def run_bench(cfg: BenchConfig, settings: Settings, out: Path | None) -> Result:
                 ttl_s=settings.profile_ttl_s,
                 history_len=settings.history_len or None,
                 progress=True,
+                cluster=cluster,
             )
             port = free_port()
-            server = start_server(port, cfg.workers, redis_url, settings.model_repo, cfg.var / "server.log")
+            log = cfg.var / "server.log"
+            server = start_server(port, cfg.workers, redis_url, settings.model_repo, log, cluster=cluster)
             base = f"http://127.0.0.1:{port}"
-            described = f"`psad serve --workers {cfg.workers}` (uvloop, httptools), Redis on loopback"
+            described = (
+                f"`psad serve --workers {cfg.workers}` (uvloop, httptools), Redis on loopback"
+                f"{' (cluster)' if cluster else ''}; inference threads {settings.inference_workers}, "
+                f"micro-batching {'up to ' + str(settings.microbatch_max_size) if settings.microbatching else 'off'}, "
+                f"Redis budget {settings.redis_budget_ms:g} ms"
+            )
         ready = wait_ready(base, server, cfg.var / "server.log")
         top_up(base, workload, missing)
-        result = measure(base, cfg, bodies)
+        pids = {"server": server.pid} if server is not None else {}
+        if redis_proc is not None:
+            pids["redis"] = redis_proc.pid
+        result = measure(base, cfg, bodies, pids)
     finally:
         stop(server)
         stop(redis_proc)

@@ -116,6 +116,7 @@ def profiles_load_command(
             ttl_s=settings.profile_ttl_s,
             history_len=settings.history_len or None,
             progress=True,
+            cluster=settings.redis_cluster,
         )
     except (DataError, SchemaError) as exc:
         typer.echo(f"error: {exc}", err=True)

@@ -1,9 +1,10 @@
 """Scoring without blocking the event loop, and the rerank pipeline with its degradation rules.
 
 Feature assembly and the ONNX Runtime call are CPU-bound: they run in a dedicated thread pool
-(PSAD_INFERENCE_WORKERS threads). With micro-batching on (PSAD_MICROBATCH_MAX_SIZE > 1) one task
-collects concurrent requests from a queue, waiting for a free worker and then up to
-PSAD_MICROBATCH_MAX_WAIT_US for more, and scores them in one model call (assemble pads mixed
+(PSAD_INFERENCE_WORKERS threads). With micro-batching on (PSAD_MICROBATCH_MAX_SIZE > 1, the
+default) a list goes straight to a worker when nothing is being scored or queued; otherwise it
+queues, and one task, waiting for a free worker and then up to PSAD_MICROBATCH_MAX_WAIT_US for
+more (default 0: only what is queued), scores the queue in one model call (assemble pads mixed
 lengths); results are scattered back to each request.
 
 Degradation, never a 5xx storm: a profile read that fails or exceeds its budget gives a
@@ -49,14 +50,14 @@ def run_batch(bundle: Bundle, jobs: list[Job]) -> list[Outcome]:
         log.warning("feature assembly failed", exc_info=True)
         return [Outcome(None, ["internal_error"]) for _ in jobs]
     t1 = time.perf_counter()
-    metrics.STAGE_DURATION.labels("feature_assembly").observe(t1 - t0)
+    metrics.STAGE.feature_assembly.observe(t1 - t0)
     base = [["profile_corrupt"] if c else [] for c in corrupt]
     try:
         scores = bundle.score(inputs)
     except Exception:
         log.warning("model call failed", exc_info=True, extra={"version": bundle.version})
         return [Outcome(None, [*b, "model_error"]) for b in base]
-    metrics.STAGE_DURATION.labels("inference").observe(time.perf_counter() - t1)
+    metrics.STAGE.inference.observe(time.perf_counter() - t1)
     metrics.BATCH_SIZE.observe(len(jobs))
     out = []
     for i, job in enumerate(jobs):
@@ -76,6 +77,7 @@ class Scorer:
         self.queue: asyncio.Queue[tuple[Bundle, Job, asyncio.Future]] = asyncio.Queue()
         self._free = asyncio.Semaphore(self.workers)
         self._collector: asyncio.Task | None = None
+        self._running = 0  # model calls in flight (micro-batching on)
 
     def start(self) -> None:
         if self.max_size:
@@ -87,9 +89,17 @@ class Scorer:
         self.executor.shutdown(wait=False, cancel_futures=True)
 
     async def score(self, bundle: Bundle, jobs: list[Job]) -> list[Outcome]:
-        if not self.max_size or len(jobs) >= self.max_size:
-            return await asyncio.get_running_loop().run_in_executor(self.executor, run_batch, bundle, jobs)
         loop = asyncio.get_running_loop()
+        if not self.max_size or len(jobs) >= self.max_size:
+            return await loop.run_in_executor(self.executor, run_batch, bundle, jobs)
+        if not self._running and self.queue.empty():
+            # Nothing is being scored and nothing waits: there is nothing to batch with, so skip
+            # the collector's round trip. Under load lists find the workers busy and queue up.
+            self._running += 1
+            try:
+                return await loop.run_in_executor(self.executor, run_batch, bundle, jobs)
+            finally:
+                self._running -= 1
         futures = [loop.create_future() for _ in jobs]
         for job, fut in zip(jobs, futures, strict=True):
             self.queue.put_nowait((bundle, job, fut))
@@ -117,6 +127,7 @@ class Scorer:
             asyncio.create_task(self._run(batch))
 
     async def _run(self, batch: list[tuple[Bundle, Job, asyncio.Future]]) -> None:
+        self._running += 1
         try:
             groups: dict[int, list[tuple[Bundle, Job, asyncio.Future]]] = {}
             for entry in batch:  # a model swap may fall inside a batch: one call per bundle
@@ -133,6 +144,7 @@ class Scorer:
                     if not fut.done():
                         fut.set_result(outcome)
         finally:
+            self._running -= 1
             self._free.release()
 
 
@@ -151,19 +163,19 @@ class Reranker:
         t0 = time.perf_counter()
         try:
             users = [r.user_id for r in requests]
-            raws: list[RawProfile | None] = await asyncio.wait_for(
-                self.profiles.read(users, now, max_history), self.budget_s
-            )
+            raws: list[RawProfile | None] = await self.profiles.read(users, now, max_history, self.budget_s)
             reason = None
         except asyncio.TimeoutError:
             raws, reason = [None] * len(requests), "redis_timeout"
         except (RedisError, OSError):
             raws, reason = [None] * len(requests), "redis_unavailable"
-        metrics.STAGE_DURATION.labels("profile_read").observe(time.perf_counter() - t0)
+        metrics.STAGE.profile_read.observe(time.perf_counter() - t0)
         return raws, reason
 
-    async def rerank(self, requests: list[RerankRequest], request_ids: list[str]) -> list[dict[str, Any]]:
-        bundle = self.models.current  # taken once: a model swap does not affect this request
+    async def rerank(
+        self, requests: list[RerankRequest], request_ids: list[str], bundle: Bundle | None = None
+    ) -> list[dict[str, Any]]:
+        bundle = bundle or self.models.current  # taken once: a model swap does not affect this request
         now = [r.context.timestamp if r.context and r.context.timestamp is not None else time.time() for r in requests]
         try:
             raws, redis_reason = await self.read_profiles(requests, now, bundle.schema.max_history)
@@ -180,12 +192,12 @@ class Reranker:
             outcomes = [Outcome(None, ["internal_error"]) for _ in requests]
         t0 = time.perf_counter()
         out = [self.respond(r, rid, o, bundle) for r, rid, o in zip(requests, request_ids, outcomes, strict=True)]
-        metrics.STAGE_DURATION.labels("response").observe(time.perf_counter() - t0)
+        metrics.STAGE.response.observe(time.perf_counter() - t0)
         return out
 
-    async def floor(self, request: RerankRequest, request_id: str) -> dict[str, Any]:
+    async def floor(self, request: RerankRequest, request_id: str, bundle: Bundle | None = None) -> dict[str, Any]:
         """The no-model baseline: same parsing and profile read, then a sort by the given score."""
-        bundle = self.models.current
+        bundle = bundle or self.models.current
         now = request.context.timestamp if request.context and request.context.timestamp is not None else time.time()
         _, reason = await self.read_profiles([request], [now], bundle.schema.max_history)
         scores = given_scores(request, bundle.schema)
@@ -205,9 +217,10 @@ class Reranker:
         cands = request.candidates
         for reason in outcome.reasons:
             metrics.DEGRADED.labels(reason).inc()
+        order = order[:k] if isinstance(order, range) else order[:k].tolist()  # python ints index faster
         return {
             "request_id": request_id,
-            "items": [{"item_id": cands[i].item_id, "score": values[i]} for i in order[:k]],
+            "items": [{"item_id": cands[i].item_id, "score": values[i]} for i in order],
             "model_version": str(bundle.version),
             "degraded": bool(outcome.reasons),
             "degraded_reasons": outcome.reasons,

@@ -19,6 +19,7 @@ the same id stores it once.
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 import uuid
@@ -30,11 +31,14 @@ import numpy as np
 import pandas as pd
 import redis
 import redis.asyncio as aredis
+import redis.cluster
+from redis.asyncio.cluster import RedisCluster
 from tqdm import tqdm
 
+from service.resp import RespClient, within
 from training.data.store import load_schema, load_vocabs
 from training.features import EncodedProfile
-from training.schema import FeatureSchema, Vocabularies
+from training.schema import N_RESERVED, OOV, FeatureSchema, Vocabularies
 
 # KEYS[1] = history, KEYS[2] = user hash; ARGV = cap, ttl, then (score, member) pairs.
 APPEND_LUA = """
@@ -74,14 +78,15 @@ def encode_profile(raw: RawProfile, schema: FeatureSchema, vocabs: Vocabularies)
     """Encode with the serving bundle's vocabularies; returns the profile and the number of corrupt
     entries skipped (unparseable numbers or history members). Unknown values encode as OOV."""
     corrupt = 0
+    user = raw.user
     user_cat = np.zeros(len(schema.user_categorical), dtype=np.int64)
     for j, f in enumerate(schema.user_categorical):
-        value = raw.user.get(f.name)
+        value = user.get(f.name)
         if value is not None:
             user_cat[j] = vocabs.user_categorical[f.name].index(value)
     user_num = np.zeros(len(schema.user_numeric), dtype=np.float32)
     for j, f in enumerate(schema.user_numeric):
-        value = raw.user.get(f.name)
+        value = user.get(f.name)
         if value is None:
             continue
         try:
@@ -92,78 +97,129 @@ def encode_profile(raw: RawProfile, schema: FeatureSchema, vocabs: Vocabularies)
             user_num[j] = x
         else:
             corrupt += 1
-    n = len(raw.history)
-    items, ts, actions = np.zeros(n, np.int64), np.zeros(n, np.int64), np.zeros(n, np.int64)
-    k = 0
-    for m in raw.history:
-        parts = m.split("|", 3)
-        if len(parts) != 4 or not parts[3] or not parts[0].isdigit():
-            corrupt += 1
-            continue
-        ts[k] = int(parts[0])
-        actions[k] = schema.action_index(parts[1])
-        items[k] = vocabs.items.index(parts[3])
-        k += 1
-    order = np.argsort(ts[:k], kind="stable")  # members sort by score; keep the contract explicit
-    profile = EncodedProfile(user_cat, user_num, items[:k][order], ts[:k][order], actions[:k][order])
-    return profile, corrupt
+    # History members "<ts>|<action>|<event id>|<item_id>": split once, convert column by column.
+    parts = [m.split("|", 3) for m in raw.history]
+    good = [p for p in parts if len(p) == 4 and p[3] and p[0].isdigit()]
+    corrupt += len(parts) - len(good)
+    if not good:
+        empty = np.zeros(0, np.int64)
+        return EncodedProfile(user_cat, user_num, empty, empty, empty), corrupt
+    stamps, names, _, item_ids = zip(*good, strict=True)
+    codes = _action_codes(schema)
+    ts = np.array(list(map(int, stamps)), dtype=np.int64)
+    actions = np.array([codes.get(a, OOV) for a in names], dtype=np.int64)
+    items = np.array(vocabs.items.indices(item_ids), dtype=np.int64)
+    if len(ts) > 1 and (ts[1:] < ts[:-1]).any():  # members sort by score; keep the contract explicit
+        order = np.argsort(ts, kind="stable")
+        ts, actions, items = ts[order], actions[order], items[order]
+    return EncodedProfile(user_cat, user_num, items, ts, actions), corrupt
 
 
-def _decode_text(values: Iterable[bytes | str]) -> list[str]:
-    return [v.decode("utf-8", "replace") if isinstance(v, bytes) else v for v in values]
+@functools.lru_cache(maxsize=16)
+def _action_index(actions: tuple[str, ...]) -> dict[str, int]:
+    """FeatureSchema.action_index as a dict (the first occurrence wins, as with tuple.index)."""
+    codes: dict[str, int] = {}
+    for i, a in enumerate(actions):
+        codes.setdefault(a, i + N_RESERVED)
+    return codes
+
+
+def _action_codes(schema: FeatureSchema) -> dict[str, int]:
+    return _action_index(tuple(schema.actions))
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode("utf-8", "replace") if isinstance(value, bytes) else value
+
+
+def _fields(reply: dict | list) -> dict[str, str]:
+    """An HGETALL reply as text: a dict (redis-py) or a flat [field, value, ...] list (raw RESP)."""
+    if isinstance(reply, dict):
+        return {_text(k): _text(v) for k, v in reply.items()}
+    if reply and isinstance(reply[0], str):
+        return dict(zip(reply[0::2], reply[1::2], strict=True))
+    return dict(zip(map(_text, reply[0::2]), map(_text, reply[1::2]), strict=True))
+
+
+def _members(reply: list) -> list[str]:
+    """A ZRANGE ... REV reply (newest first) as text, oldest first."""
+    reply = reply[::-1]
+    return reply if not reply or isinstance(reply[0], str) else [_text(m) for m in reply]
 
 
 class ProfileStore:
-    """Async reads (one pipelined round trip per request or batch) and atomic appends."""
+    """Async reads (one pipelined round trip per request or batch) and atomic appends.
 
-    def __init__(self, client: aredis.Redis, prefix: str, ttl_s: int):
+    `reader` (service.resp.RespClient) serves the reads when given: a lean multiplexed client for
+    the one call on the request path. Without it (TLS, Redis Cluster) reads go through the
+    redis-py client, which always does the appends and PING.
+    """
+
+    def __init__(self, client: aredis.Redis | RedisCluster, prefix: str, ttl_s: int, reader: RespClient | None = None):
         self.client = client
         self.prefix = prefix
         self.ttl_s = ttl_s
-        self._append = client.register_script(APPEND_LUA)
+        self.reader = reader
+        self.cluster = isinstance(client, RedisCluster)
+        self._append = None if self.cluster else client.register_script(APPEND_LUA)
 
-    async def read(self, user_ids: Sequence[str], now: Sequence[float], max_history: int) -> list[RawProfile]:
-        """Each user's features and their last max_history behaviours strictly before `now`."""
-        pipe = self.client.pipeline(transaction=False)
+    def read_commands(self, user_ids: Sequence[str], now: Sequence[float], max_history: int) -> list[tuple]:
+        """HGETALL + ZRANGE (the last max_history behaviours strictly before `now`, newest first) per user."""
+        commands: list[tuple] = []
         for uid, t in zip(user_ids, now, strict=True):
-            pipe.hgetall(user_key(self.prefix, uid))
-            pipe.zrange(
-                history_key(self.prefix, uid),
-                f"({float(t)!r}",
-                "-inf",
-                desc=True,
-                byscore=True,
-                offset=0,
-                num=max_history,
+            commands.append(("HGETALL", user_key(self.prefix, uid)))
+            since = f"({float(t)!r}"
+            commands.append(
+                ("ZRANGE", history_key(self.prefix, uid), since, "-inf", "BYSCORE", "REV", "LIMIT", 0, max_history)
             )
-        replies = await pipe.execute()
-        out = []
-        for user, history in zip(replies[0::2], replies[1::2], strict=True):
-            fields = dict(zip(_decode_text(user.keys()), _decode_text(user.values()), strict=True))
-            out.append(RawProfile(fields, _decode_text(reversed(history))))
-        return out
+        return commands
+
+    async def read(
+        self, user_ids: Sequence[str], now: Sequence[float], max_history: int, timeout_s: float | None = None
+    ) -> list[RawProfile]:
+        """Each user's features and their last max_history behaviours strictly before `now`;
+        asyncio.TimeoutError past timeout_s (None: no limit)."""
+        commands = self.read_commands(user_ids, now, max_history)
+        if self.reader is not None:
+            replies = await self.reader.execute(commands, timeout_s)
+        else:
+            pipe = self.client.pipeline(transaction=False)
+            for command in commands:
+                pipe.execute_command(*command)
+            replies = await within(pipe.execute(), timeout_s)
+        return [RawProfile(_fields(u), _members(h)) for u, h in zip(replies[0::2], replies[1::2], strict=True)]
 
     async def append(self, events: Sequence[tuple[str, str, str, int, str | None]], cap: int) -> None:
         """events: (user_id, item_id, action, timestamp, event_id or None); one script call per user,
-        all in one pipelined round trip."""
+        all in one pipelined round trip (with Redis Cluster: one per node, concurrently)."""
         by_user: dict[str, list] = {}
         for uid, item, action, ts, event_id in events:
             by_user.setdefault(uid, []).extend([ts, member(ts, action, event_id or uuid.uuid4().hex[:16], item)])
         pipe = self.client.pipeline(transaction=False)
         for uid, args in by_user.items():
-            await self._append(
-                keys=[history_key(self.prefix, uid), user_key(self.prefix, uid)],
-                args=[cap, self.ttl_s, *args],
-                client=pipe,
-            )
+            keys = [history_key(self.prefix, uid), user_key(self.prefix, uid)]
+            if self.cluster:  # EVAL: routed by its keys; no node has to have cached the script
+                pipe.eval(APPEND_LUA, 2, *keys, cap, self.ttl_s, *args)
+            else:
+                await self._append(keys=keys, args=[cap, self.ttl_s, *args], client=pipe)
         await pipe.execute()
 
     async def ping(self) -> bool:
         return bool(await self.client.ping())
 
+    async def aclose(self) -> None:
+        if self.reader is not None:
+            self.reader.close()
+        await self.client.aclose()
 
-def connect(url: str, pool_size: int, timeout_s: float) -> aredis.Redis:
-    """An async client over a bounded pool (hiredis parses replies when installed)."""
+
+def connect(url: str, pool_size: int, timeout_s: float, cluster: bool = False) -> aredis.Redis | RedisCluster:
+    """An async redis-py client (hiredis parses replies): over a bounded pool for one node, or a
+    Redis Cluster client that discovers the nodes from `url` (pool_size connections per node)."""
+    if cluster:
+        return RedisCluster.from_url(
+            url, max_connections=pool_size, socket_connect_timeout=timeout_s, socket_timeout=timeout_s
+        )
     pool = aredis.BlockingConnectionPool.from_url(
         url, max_connections=pool_size, timeout=timeout_s, socket_connect_timeout=timeout_s, socket_timeout=timeout_s
     )
@@ -199,6 +255,7 @@ def bulk_load(
     history_len: int | None = None,
     batch: int = 1000,
     progress: bool = True,
+    cluster: bool = False,
 ) -> dict[str, float]:
     """Write a data set's users and behaviours as profiles; returns users, behaviours (written, at
     most history_len per user), seconds and rate (records written per second, users + behaviours).
@@ -213,9 +270,16 @@ def bulk_load(
     cap = history_len if history_len is not None else schema.max_history
     users = pd.read_parquet(data_dir / "users.parquet")
     behaviours = pd.read_parquet(data_dir / "behaviours.parquet", columns=["user_id", "item_id", "timestamp", "action"])
-    client = redis.Redis.from_url(redis_url)
+    client = redis.cluster.RedisCluster.from_url(redis_url) if cluster else redis.Redis.from_url(redis_url)
     client.ping()
-    append = client.register_script(APPEND_LUA)
+    script = client.register_script(APPEND_LUA)
+
+    def append(keys: list[str], args: list, client: redis.client.Pipeline) -> None:
+        if cluster:  # EVAL: routed by its keys, and no node has to have cached the script
+            client.execute_command("EVAL", APPEND_LUA, len(keys), *keys, *args)
+        else:
+            script(keys=keys, args=args, client=client)
+
     start = time.perf_counter()
     bar = tqdm(total=len(users) + len(behaviours), unit="rec", disable=not progress, desc="profiles")
     n_behaviours = 0

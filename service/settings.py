@@ -30,13 +30,14 @@ class Settings(BaseSettings):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     threads: int = Field(1, ge=1)  # ONNX Runtime intra-op threads per model call
     inference_workers: int = Field(min(4, os.cpu_count() or 1), ge=1)  # threads running assembly + model
-    microbatch_max_size: int = Field(0, ge=0)  # 0 or 1 = off; else requests merged into one model call
-    microbatch_max_wait_us: int = Field(500, ge=0)
+    microbatch_max_size: int = Field(8, ge=0)  # 0 or 1 = off; else requests merged into one model call
+    microbatch_max_wait_us: int = Field(0, ge=0)  # 0: batch only what is already queued, never wait
     poll_interval_s: float = Field(0.0, ge=0)  # 0 = no polling; reload through /admin/reload only
     admin_token: SecretStr | None = None  # unset = /admin/* disabled (403)
 
     # Redis profile store.
     redis_url: str = "redis://127.0.0.1:6379/0"
+    redis_cluster: bool = False  # true: redis_url is one node of a Redis Cluster (the client finds the rest)
     redis_budget_ms: float = Field(5.0, gt=0)  # time budget of the profile read per request
     redis_pool_size: int = Field(64, ge=1)
     events_timeout_ms: float = Field(1000.0, gt=0)  # time limit of an /events write

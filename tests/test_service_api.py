@@ -225,3 +225,39 @@ def test_health_and_metrics(client, data):
 def test_bad_settings_name_the_variable(field, value, variable):
     with pytest.raises(SettingsError, match=variable):
         load_settings(**{field: value})
+
+
+@pytest.mark.parametrize("path", ["/rerank", "/bench/floor", "/rerank/batch"])
+def test_unparseable_bodies_answer_422(client, path):
+    empty = client.post(path, content=b"", headers={"content-type": "application/json"})
+    assert empty.status_code == 422 and empty.json()["detail"][0]["loc"] == ["body"]
+    broken = client.post(path, content=b'{"user_id": ', headers={"content-type": "application/json"})
+    assert broken.status_code == 422 and broken.json()["detail"][0]["type"] == "json_invalid"
+    wrong = client.post(path, json=[1, 2])
+    assert wrong.status_code == 422 and wrong.json()["detail"][0]["loc"] == ["body"]
+
+
+def test_hot_routes_keep_their_http_semantics_and_schema(client, data):
+    assert client.get("/rerank").status_code == 405  # other methods still go through FastAPI's router
+    assert client.post("/rerank/", json=request(data)).status_code in (307, 404)
+    spec = client.get("/openapi.json").json()
+    op = spec["paths"]["/rerank"]["post"]
+    assert op["requestBody"]["content"]["application/json"]["schema"]["$ref"].endswith("/RerankRequest")
+    assert [p["name"] for p in op["parameters"]] == ["x-request-id"]
+    assert "parameters" not in spec["paths"]["/rerank/batch"]["post"]
+    assert op["responses"]["200"]["content"]["application/json"]["schema"]["$ref"].endswith("/RerankResponse")
+    key = ("psad_requests_total", (("route", "/rerank"), ("status", "422")))
+    before = metric_samples(client).get(key, 0.0)
+    client.post("/rerank", json={"user_id": "u", "candidates": []})
+    assert metric_samples(client)[key] == before + 1
+
+
+def test_an_unexpected_error_answers_500_and_is_logged(client, data, monkeypatch):
+    from service import api
+
+    def boom(*args, **kwargs):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(api, "check_rerank", boom)
+    r = client.post("/rerank", json=request(data), headers={"X-Request-ID": "rid-500"})
+    assert r.status_code == 500 and "RuntimeError" in r.json()["detail"]

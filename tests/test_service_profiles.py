@@ -122,3 +122,57 @@ def test_concurrent_http_event_batches_lose_nothing(tiny_bundle, redis_server):
         with ThreadPoolExecutor(20) as pool:
             assert set(pool.map(send, range(20))) == {200}
     assert redis.Redis.from_url(redis_server.url).zcard(history_key("apitest", "http-user")) == 1000
+
+
+def test_resp_client_multiplexes_survives_timeouts_and_selects_the_db(redis_server):
+    from redis.exceptions import ResponseError
+
+    from service.resp import RespClient
+
+    url = redis_server.url.rsplit("/", 1)[0] + "/3"
+    plain = redis.Redis.from_url(url)
+    plain.set("resp:a", "x\xff".encode("latin-1"))  # not UTF-8: decoded with U+FFFD, not an error
+    plain.rpush("resp:l", *[f"v{k}" for k in range(5)])
+
+    async def run() -> None:
+        client = RespClient(url, connect_timeout_s=2.0, stale_s=5.0)
+        await client.connect()
+        assert await client.execute([("GET", "resp:a"), ("LRANGE", "resp:l", 0, -1)]) == [
+            "x\ufffd",
+            ["v0", "v1", "v2", "v3", "v4"],
+        ]
+        # Concurrent callers on the one connection each get their own replies.
+        answers = await asyncio.gather(*(client.execute([("LINDEX", "resp:l", k)]) for k in range(5)))
+        assert answers == [[f"v{k}"] for k in range(5)]
+        # A caller that gives up leaves the stream in step: the next caller reads its own reply.
+        plain.execute_command("CLIENT", "PAUSE", 300)
+        with pytest.raises(asyncio.TimeoutError):
+            await client.execute([("GET", "resp:a")], timeout_s=0.05)
+        with pytest.raises(asyncio.TimeoutError):
+            await asyncio.wait_for(client.execute([("GET", "resp:a")]), 0.05)
+        assert await client.execute([("LINDEX", "resp:l", 4)]) == ["v4"]
+        with pytest.raises(ResponseError):
+            await client.execute([("LINDEX", "resp:a", 0)])  # WRONGTYPE
+        assert await client.execute([("LINDEX", "resp:l", 0)]) == ["v0"]
+        client.close()
+
+    asyncio.run(run())
+
+
+def test_profile_reads_agree_through_both_clients(tiny_data, redis_server, loaded):
+    from service.resp import RespClient
+
+    users = pd.read_parquet(tiny_data / "users.parquet")["user_id"].astype(str).tolist()[:5] + ["nobody"]
+
+    async def run() -> tuple[list[RawProfile], list[RawProfile]]:
+        client = connect(redis_server.url, 4, 1.0)
+        plain = ProfileStore(client, "proftest", ttl_s=0)
+        fast = ProfileStore(client, "proftest", ttl_s=0, reader=RespClient(redis_server.url))
+        now = [1e10] * len(users)
+        out = await plain.read(users, now, 7), await fast.read(users, now, 7)
+        await fast.aclose()
+        return out
+
+    plain, fast = asyncio.run(run())
+    assert plain == fast and plain[-1] == RawProfile()
+    assert all(0 < len(p.history) <= 7 and p.user for p in plain[:-1])

@@ -1,0 +1,224 @@
+"""A minimal multiplexed RESP client for the profile read, the one Redis call on the request path.
+
+Why not redis-py for this call: measured on the benchmark machine, one pipelined HGETALL + ZRANGE
+round trip costs about 80 us through a bare asyncio protocol with hiredis, about 200 us through a
+redis-py connection and about 400 us through redis-py's pipeline and pool (connection checkout
+and release take locks, observability hooks and a health check per call). On a ~2 ms request
+that is most of the profile-read stage. redis-py still does everything else (appends, PING,
+TLS, Redis Cluster).
+
+Design: one TCP (or unix socket) connection per process, shared by all requests. Commands are
+written as they come (Redis answers in order) and replies are matched to their callers in FIFO
+order, decoded to text by hiredis in C (invalid UTF-8 becomes U+FFFD). A caller that gives up
+(its time budget ran out, the task was cancelled) leaves its slot in the queue: its replies are
+read and dropped when they arrive, so a timeout never desynchronises the stream and never costs
+a reconnect. If the oldest pending call has waited longer than `stale_s` the connection is
+presumed dead (a half-open TCP connection never answers): it is aborted, every pending caller
+fails with ConnectionError, and the next call reconnects. Connects are shared: concurrent
+callers wait for the same attempt. Errors are redis-py's exceptions (ConnectionError,
+ResponseError), so callers handle one family.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+import time
+from collections import deque
+from collections.abc import Awaitable, Sequence
+from typing import Any, TypeVar
+
+import hiredis
+import redis.asyncio as aredis
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import ResponseError
+
+Command = Sequence[str | bytes | int | float]
+T = TypeVar("T")
+
+
+def pack(commands: Sequence[Command]) -> bytes:
+    """RESP encoding of several commands, concatenated (one write, one round trip)."""
+    out = []
+    for cmd in commands:
+        out.append(b"*%d\r\n" % len(cmd))
+        for arg in cmd:
+            if isinstance(arg, str):
+                raw = arg.encode()
+            elif isinstance(arg, bytes):
+                raw = arg
+            else:
+                raw = repr(arg).encode()
+            out.append(b"$%d\r\n%s\r\n" % (len(raw), raw))
+    return b"".join(out)
+
+
+class _Protocol(asyncio.Protocol):
+    def __init__(self) -> None:
+        self.reader = hiredis.Reader(encoding="utf-8", errors="replace")
+        self.transport: asyncio.Transport | None = None
+        # (future, number of replies expected, replies so far, monotonic send time)
+        self.pending: deque[tuple[asyncio.Future, int, list, float]] = deque()
+        self.alive = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        self.alive = True
+
+    def data_received(self, data: bytes) -> None:
+        self.reader.feed(data)
+        pending = self.pending
+        try:
+            while pending:
+                reply = self.reader.gets()
+                if reply is False:
+                    return
+                fut, n, replies, _ = pending[0]
+                replies.append(reply)
+                if len(replies) == n:
+                    pending.popleft()
+                    if not fut.done():  # a caller that gave up: its replies are dropped here
+                        fut.set_result(replies)
+        except hiredis.ProtocolError as exc:
+            self.abort(f"protocol error: {exc}")
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._fail(f"connection to Redis lost ({exc or 'closed by the server'})")
+
+    def abort(self, why: str) -> None:
+        if self.transport is not None:
+            self.transport.abort()
+        self._fail(why)
+
+    def _fail(self, why: str) -> None:
+        self.alive = False
+        while self.pending:
+            fut = self.pending.popleft()[0]
+            if not fut.done():
+                fut.set_exception(RedisConnectionError(why))
+
+    def call(self, data: bytes, n: int) -> asyncio.Future:
+        fut = asyncio.get_running_loop().create_future()
+        self.pending.append((fut, n, [], time.monotonic()))
+        self.transport.write(data)  # type: ignore[union-attr]
+        return fut
+
+
+def _expire(fut: asyncio.Future, hops: int) -> None:
+    """Time out `fut` after `hops` more turns of the event loop (each turn polls the sockets, so a
+    reply that already arrived is delivered first)."""
+    if fut.done():
+        return
+    if hops:
+        asyncio.get_running_loop().call_soon(_expire, fut, hops - 1)
+    else:
+        fut.set_exception(asyncio.TimeoutError())
+
+
+if sys.version_info >= (3, 11):
+
+    async def within(aw: Awaitable[T], seconds: float | None) -> T:
+        """`await aw` with a time limit (asyncio.TimeoutError past it; None = no limit).
+        asyncio.timeout runs the awaitable in the calling task; wait_for wraps it in a new one."""
+        async with asyncio.timeout(seconds):
+            return await aw
+
+else:  # pragma: no cover - Python 3.10
+
+    async def within(aw: Awaitable[T], seconds: float | None) -> T:
+        return await asyncio.wait_for(aw, seconds)
+
+
+class RespClient:
+    """`await client.execute([(cmd, arg, ...), ...])` -> the replies (str, int, list, None), in order."""
+
+    def __init__(self, url: str, connect_timeout_s: float = 1.0, stale_s: float = 1.0):
+        kwargs = aredis.ConnectionPool.from_url(url).connection_kwargs  # redis-py's URL rules
+        self.path: str | None = kwargs.get("path")
+        self.host: str = kwargs.get("host") or "localhost"
+        self.port = int(kwargs.get("port") or 6379)
+        self.db = int(kwargs.get("db") or 0)
+        self.username: str | None = kwargs.get("username")
+        self.password: str | None = kwargs.get("password")
+        self.connect_timeout_s = connect_timeout_s
+        self.stale_s = stale_s
+        self._proto: _Protocol | None = None
+        self._connecting: asyncio.Task | None = None
+
+    @staticmethod
+    def supports(url: str) -> bool:
+        """TLS (rediss://) is left to redis-py."""
+        return url.startswith(("redis://", "unix://"))
+
+    async def connect(self) -> None:
+        """Open the connection now (else the first call does, inside its time budget)."""
+        if self._proto is None or not self._proto.alive:
+            await self._connection()
+
+    async def execute(self, commands: Sequence[Command], timeout_s: float | None = None) -> list[Any]:
+        """Send the commands in one write and return their replies, in order.
+
+        timeout_s: past it, asyncio.TimeoutError, unless the replies had already reached the
+        socket: the deadline is checked only after the event loop has polled its sockets once
+        more, so a busy loop that is late to resume this caller does not turn a fast Redis into a
+        timeout (the replies then wait in the socket buffer, not in Redis)."""
+        proto = self._proto
+        if proto is None or not proto.alive:
+            proto = await within(self._connection(), timeout_s)
+        elif proto.pending and time.monotonic() - proto.pending[0][3] > self.stale_s:
+            proto.abort(f"Redis has not answered for {self.stale_s:g} s")
+            proto = await within(self._connection(), timeout_s)
+        fut = proto.call(pack(commands), len(commands))
+        if timeout_s is None:
+            replies = await fut
+        else:
+            timer = asyncio.get_running_loop().call_later(timeout_s, _expire, fut, 2)
+            try:
+                replies = await fut
+            finally:
+                timer.cancel()
+        for r in replies:
+            if isinstance(r, hiredis.ReplyError):
+                raise ResponseError(str(r))
+        return replies
+
+    async def _connection(self) -> _Protocol:
+        if self._connecting is None:
+            self._connecting = asyncio.ensure_future(self._connect())
+            self._connecting.add_done_callback(self._connected)
+        return await asyncio.shield(self._connecting)
+
+    def _connected(self, task: asyncio.Task) -> None:
+        self._connecting = None
+        if not task.cancelled() and task.exception() is None:
+            self._proto = task.result()
+
+    async def _connect(self) -> _Protocol:
+        try:
+            return await asyncio.wait_for(self._open(), self.connect_timeout_s)
+        except (OSError, asyncio.TimeoutError) as exc:
+            where = self.path or f"{self.host}:{self.port}"
+            raise RedisConnectionError(f"cannot connect to Redis at {where}: {exc!r}") from exc
+
+    async def _open(self) -> _Protocol:
+        loop = asyncio.get_running_loop()
+        if self.path:
+            _, proto = await loop.create_unix_connection(_Protocol, self.path)
+        else:
+            _, proto = await loop.create_connection(_Protocol, self.host, self.port)
+        setup: list[Command] = []
+        if self.password is not None:
+            setup.append(("AUTH", self.username, self.password) if self.username else ("AUTH", self.password))
+        if self.db:
+            setup.append(("SELECT", self.db))
+        if setup:
+            for r in await proto.call(pack(setup), len(setup)):
+                if isinstance(r, hiredis.ReplyError):
+                    proto.abort("connection setup failed")
+                    raise ResponseError(f"Redis connection setup (AUTH/SELECT): {r}")
+        return proto
+
+    def close(self) -> None:
+        if self._proto is not None and self._proto.transport is not None:
+            self._proto.transport.close()
+        self._proto = None
