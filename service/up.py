@@ -234,14 +234,20 @@ def data_step(cfg: UpConfig) -> Step:
 
 
 def train_step(cfg: UpConfig) -> Step:
-    from training.checkpoint import RUN_FILES, RunError
+    from training.checkpoint import RUN_FILES, RunError, load_run
     from training.config import TrainConfig
 
     config_text = cfg.train_config.read_text() if cfg.train_config.is_file() else ""
     key = {"config": str(cfg.train_config), "sha256": hashlib.sha256(config_text.encode()).hexdigest()}
 
     def valid(_: dict[str, Any]) -> bool:
-        return all((cfg.run_dir / name).is_file() for name in RUN_FILES)
+        if not all((cfg.run_dir / name).is_file() for name in RUN_FILES):
+            return False
+        try:
+            load_run(cfg.run_dir)  # weights from an older model code no longer fit: train afresh
+        except RunError:
+            return False
+        return True
 
     def run(forced: bool) -> dict[str, Any]:
         from training.train import train

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -11,8 +12,10 @@ import pytest
 from typer.testing import CliRunner
 
 from training.commands import app
+from training.config import TrainConfig
 from training.evaluate import GROUPS, evaluate_run, format_table
 from training.schema import FeatureSchema, SchemaError
+from training.train import train
 
 METRICS = {"ndcg@1", "ndcg@3", "ndcg@5", "ndcg@10", "map@5", "map@10", "clicks@5", "clicks@10", "utility"}
 
@@ -66,20 +69,35 @@ def test_evaluate_rejects_bad_split_missing_run_and_foreign_data(tiny_run: Path,
         evaluate_run(tiny_run, "test", other)
 
 
-def test_trained_student_ranks_far_better_than_chance_under_the_simulator(tiny_run: Path, tiny_data: Path) -> None:
-    """Two tiny epochs do not reliably beat the ranking stage's order (it is strong on synthetic data),
-    but the student must be well above random orders, whose utility the click model gives exactly."""
+@pytest.fixture(scope="module")
+def sim_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """A short run (3 epochs of the test model, ~10 s on one thread) on 4,000 simulated lists of 20."""
+    from training.data.synthetic import build_synthetic
+
+    root = tmp_path_factory.mktemp("sim")
+    build_synthetic(
+        root / "data", lists=4000, users=200, items=300, list_length=20, max_history=20, seed=0, progress=False
+    )
+    config = dataclasses.replace(TrainConfig.small_for_tests(), epochs=3)
+    return train(root / "data", config, root / "run", progress=False), root / "data"
+
+
+def test_short_training_beats_the_initial_order_under_the_simulator(sim_run: tuple[Path, Path]) -> None:
+    """Issue #3: the loss goes down and both the student and the teacher beat the ranking stage's
+    order on exact expected clicks. Measured gains over the initial order are 0.022 to 0.031 for
+    training seeds 0, 1, 2; the 0.005 margin leaves room for other platforms' float differences."""
     from training.data.store import load_split
     from training.data.synthetic import ClickModel
 
-    result = evaluate_run(tiny_run, "test")
-    data = load_split(tiny_data, "test")
-    n, length = data.labels.shape
+    run, data_dir = sim_run
+    history = json.loads((run / "history.json").read_text())
+    assert history[-1]["train"]["loss"] < history[0]["train"]["loss"]
+    assert history[-1]["train"]["teacher"] < history[0]["train"]["teacher"]
+    result = evaluate_run(run, "test")["overall"]
+    initial = result["initial"]["utility"]
+    assert result["student"]["utility"] > initial + 0.005
+    assert result["teacher"]["utility"] > initial + 0.005
+    data = load_split(data_dir, "test")
     rng = np.random.default_rng(0)
-    random_utility = np.mean(
-        [
-            ClickModel.load(tiny_data).expected_utility(data, np.argsort(rng.random((n, length)), 1)).mean()
-            for _ in range(5)
-        ]
-    )
-    assert result["overall"]["student"]["utility"] > random_utility + 0.05
+    random_orders = np.argsort(rng.random(data.labels.shape), 1)
+    assert initial > ClickModel.load(data_dir).expected_utility(data, random_orders).mean() + 0.05

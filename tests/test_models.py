@@ -172,6 +172,27 @@ def test_block_decoding_matches_teacher_forcing():
         assert int(logits[r].masked_fill(~allowed, -torch.inf).argmax()) == int(perm[0, r])
 
 
+def test_teacher_loss_accepts_any_remaining_click_on_its_own_prefix_and_skips_the_tail():
+    """Slot r given the prefix's first r items: -log of the summed probability of the remaining
+    clicked items; the slots after the last click carry no loss."""
+    model = make_model(block_size=2).eval()
+    inputs = make_inputs([6], [3])
+    mask = inputs["cand_mask"]
+    x, u = model.upn(*(inputs[n] for n in INPUT_NAMES))
+    enc = model.teacher.encode(x, mask)
+    prefix = torch.tensor([[3, 0, 1, 2, 4, 5]])
+    labels = torch.tensor([[0.0, 1.0, 0.0, 1.0, 0.0, 0.0]])  # clicked: candidates 1 and 3
+    item_rank = torch.empty_like(prefix).scatter_(1, prefix, torch.arange(6)[None])
+    with torch.no_grad():
+        loss = model.teacher.loss(enc, u, mask, labels, prefix)
+        logits = model.teacher.pointer_logits(enc, u, item_rank, torch.arange(6))[0]
+    expected = []
+    for r, accepted in [(0, [1, 3]), (1, [1]), (2, [1])]:  # from rank 3 on no click remains
+        log_p = torch.log_softmax(logits[r].masked_fill(item_rank[0] < r, -torch.inf), -1)
+        expected.append(-torch.logsumexp(log_p[accepted], -1))
+    torch.testing.assert_close(loss, torch.stack(expected).mean())
+
+
 @pytest.mark.parametrize("distill", ["listwise", "rd", "none"])
 @pytest.mark.parametrize("student_loss", ["listwise", "bce"])
 def test_no_nan_with_empty_history_or_no_positive(distill: str, student_loss: str):

@@ -17,7 +17,7 @@ DISTILL_LOSSES = ("listwise", "rd", "none")
 @dataclass
 class ModelConfig:
     arch: str = "psad"  # "psad" or a baseline: "dnn", "prm", "dlcm"
-    d_model: int = 64  # width of every item, user and candidate representation
+    d_model: int = 32  # width of every item, user and candidate representation
     n_heads: int = 2  # attention heads (UPN read-outs, teacher encoder)
     teacher_layers: int = 2  # transformer blocks in the teacher's candidate-set encoder
     student_hidden: int = 128  # hidden width of the student's per-candidate MLP

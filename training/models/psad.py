@@ -1,9 +1,10 @@
 """PSAD: UPN + semi-autoregressive teacher (PSAD-G) + scoring student (PSAD-S), trained jointly.
 
 One forward pass computes the three losses of online distillation:
-  teacher  = teacher-forced pointer cross-entropy on the label-sorted permutation (relevant slots)
+  perm     = the teacher's current greedy permutation (no gradient)
+  teacher  = pointer loss of each slot given the prefix of perm: pick any remaining clicked item
   student  = label loss of the student's scores (listwise softmax CE or BCE)
-  distill  = student vs the teacher's current greedy permutation (gradient stopped)
+  distill  = student vs perm
   loss     = teacher + student + distill_weight * distill
 Online only UPN + student run (serving_module); the teacher stays for offline evaluation.
 """
@@ -16,7 +17,7 @@ from torch import nn
 from training.models import losses
 from training.models.config import ModelConfig
 from training.models.student import Student
-from training.models.teacher import Teacher, decode_steps, label_permutation
+from training.models.teacher import Teacher, decode_steps
 from training.models.upn import UPN
 from training.schema import INPUT_NAMES, FeatureSchema
 
@@ -24,7 +25,9 @@ from training.schema import INPUT_NAMES, FeatureSchema
 class StudentScorer(nn.Module):
     """UPN + student: the 9 model inputs, positionally in INPUT_NAMES order -> scores [B,L].
 
-    This is what export writes to ONNX; it shares (does not copy) the parameters of PSAD.
+    This is what export writes to ONNX. It shares the parameters of PSAD, plus a snapshot of the
+    item table (ItemEmbedding.table(), taken here: build the scorer after training), so the
+    served graph makes one gather per item instead of one per side table.
     """
 
     def __init__(self, upn: UPN, student: Student):
@@ -79,22 +82,20 @@ class PSAD(nn.Module):
         x, u = self._represent(inputs)
         scores = self.student(x, u, mask)
         enc = self.teacher.encode(x, mask)
-        n_relevant = ((labels > 0) & mask).sum(1, keepdim=True)
-        teacher = self.teacher.loss(enc, u, mask, label_permutation(labels, mask), n_relevant)
+        perm = self.teacher.decode(enc, u, mask)  # no_grad: the teacher's current greedy list
+        teacher = self.teacher.loss(enc, u, mask, labels, perm)
         if cfg.student_loss == "listwise":
             student = losses.listwise_softmax_loss(scores, labels, mask)
         else:
             student = losses.bce_loss(scores, labels / self.max_label, mask)
         if cfg.distill == "none":
             distill = scores.new_zeros(())
+        elif cfg.distill == "listwise":
+            distill = losses.listwise_distill_loss(scores, perm, mask, cfg.distill_top_k)
         else:
-            perm = self.teacher.decode(enc, u, mask)  # no_grad: the teacher's current greedy list
-            if cfg.distill == "listwise":
-                distill = losses.listwise_distill_loss(scores, perm, mask, cfg.distill_top_k)
-            else:
-                mu = cfg.rd_mu if cfg.rd_dynamic and step >= cfg.rd_warmup_steps else None
-                weights = losses.rd_weights(scores, perm, mask, cfg.rd_k, cfg.rd_lambda, mu)
-                distill = losses.rd_distill_loss(scores, perm, weights, cfg.rd_alpha)
+            mu = cfg.rd_mu if cfg.rd_dynamic and step >= cfg.rd_warmup_steps else None
+            weights = losses.rd_weights(scores, perm, mask, cfg.rd_k, cfg.rd_lambda, mu)
+            distill = losses.rd_distill_loss(scores, perm, weights, cfg.rd_alpha)
         total = teacher + student + cfg.distill_weight * distill
         return {"loss": total, "teacher": teacher, "student": student, "distill": distill}
 

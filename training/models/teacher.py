@@ -5,8 +5,11 @@ rank embedding + slot-in-block embedding + user, refined by attention over the i
 in *earlier blocks* (each carrying the rank it was placed at); a pointer head scores every
 candidate still available. Slot r of block t = r // B sees exactly the items of ranks < t*B.
 
-Training (teacher forcing) runs all slots in one pass: the placed set of every block is known
-from the target permutation, so the visibility mask above is a block-causal mask. Greedy
+Training runs all slots in one pass on the prefix of the teacher's own greedy permutation (the
+placed set of every block is known from it, so the visibility mask above is block-causal): each
+slot learns to pick a remaining clicked item in the states decoding actually reaches. Forcing the
+label-sorted permutation instead places only clicked items before every supervised slot, a state
+greedy decoding never reaches, and the decoded list fell below the initial order. Greedy
 decoding runs ceil(L/B) network steps; inside a step slot j takes the best item not placed
 before and not taken by slots < j of the same step (masking only, no extra network pass).
 B = 1 is autoregressive, B >= L non-autoregressive, anything between semi-autoregressive.
@@ -31,13 +34,6 @@ LOGIT_BOUND = 1e6  # real logits are clamped inside this, so a valid item always
 def decode_steps(list_length: int, block_size: int) -> int:
     """Network passes of greedy decoding: ceil(L / B)."""
     return -(-list_length // block_size)
-
-
-def label_permutation(labels: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """The teacher-forcing target: valid candidates by label descending, ties by initial
-    position, then padded slots in index order. [B,L] -> perm[b, r] = candidate at rank r."""
-    key = torch.where(mask, -labels, torch.full_like(labels, math.inf))
-    return torch.sort(key, dim=-1, stable=True).indices
 
 
 class Teacher(nn.Module):
@@ -84,23 +80,27 @@ class Teacher(nn.Module):
         return self.pointer_q(q) @ self.pointer_k(enc).transpose(1, 2) * self.pointer_scale
 
     def loss(
-        self, enc: torch.Tensor, u: torch.Tensor, mask: torch.Tensor, target: torch.Tensor, n_relevant: torch.Tensor
+        self, enc: torch.Tensor, u: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor, prefix: torch.Tensor
     ) -> torch.Tensor:
-        """Teacher-forced pointer cross-entropy over the slots that hold a relevant item.
+        """Pointer loss of every slot that can still pick a relevant item, given what `prefix` placed.
 
-        n_relevant [B,1]: the number of candidates with a positive label. The slots after them are
-        not supervised: their target order is only the initial order (ties), and learning it would
-        teach the teacher to copy the ranking stage instead of finding what the user clicks.
+        prefix [B,L] is the teacher's own greedy permutation (gradient stopped), so training sees the
+        states decoding reaches. Slot r is right to pick any remaining candidate of the best remaining
+        label: its loss is -log of their summed probability. Slots after the last positive item
+        carry no loss: their only possible target is the initial order, and learning it teaches the
+        teacher to copy the ranking stage. Mean over the supervised slots; 0 for lists without positives.
         """
         n, length = mask.shape
         ranks = torch.arange(length, device=mask.device)
-        item_rank = torch.empty_like(target).scatter_(1, target, ranks.expand(n, -1))
+        item_rank = torch.empty_like(prefix).scatter_(1, prefix, ranks.expand(n, -1))
         logits = self.pointer_logits(enc, u, item_rank, ranks)
-        available = mask[:, None, :] & (item_rank[:, None, :] >= ranks[None, :, None])
-        logits = logits.masked_fill(~available, UNAVAILABLE)
-        ce = F.cross_entropy(logits.flatten(0, 1), target.flatten(), reduction="none").view(n, length)
-        valid_slot = ranks[None, :] < n_relevant
-        return torch.where(valid_slot, ce, 0.0).sum() / valid_slot.sum().clamp(min=1)
+        available = mask[:, None, :] & (item_rank[:, None, :] >= ranks[None, :, None])  # [B,slot,item]
+        log_p = torch.log_softmax(logits.masked_fill(~available, UNAVAILABLE), dim=-1)
+        best = torch.where(available, labels[:, None, :], -math.inf).amax(-1, keepdim=True)  # [B,slot,1]
+        accepted = available & (labels[:, None, :] == best)
+        nll = -torch.logsumexp(log_p.masked_fill(~accepted, UNAVAILABLE), dim=-1)
+        supervised = best[..., 0] > 0
+        return torch.where(supervised, nll, 0.0).sum() / supervised.sum().clamp(min=1)
 
     @torch.no_grad()
     def decode(self, enc: torch.Tensor, u: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
