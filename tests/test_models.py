@@ -166,7 +166,7 @@ def test_block_decoding_matches_teacher_forcing():
     ranks = torch.arange(8)
     item_rank = torch.empty_like(perm).scatter_(1, perm, ranks[None])
     with torch.no_grad():
-        logits = model.teacher.pointer_logits(enc, u, item_rank, ranks)[0]
+        logits = model.teacher.pointer_logits(enc, model.teacher.pointer_keys(enc, u), item_rank, ranks)[0]
     for r in range(8):
         allowed = item_rank[0] >= r
         assert int(logits[r].masked_fill(~allowed, -torch.inf).argmax()) == int(perm[0, r])
@@ -185,7 +185,7 @@ def test_teacher_loss_accepts_any_remaining_click_on_its_own_prefix_and_skips_th
     item_rank = torch.empty_like(prefix).scatter_(1, prefix, torch.arange(6)[None])
     with torch.no_grad():
         loss = model.teacher.loss(enc, u, mask, labels, prefix)
-        logits = model.teacher.pointer_logits(enc, u, item_rank, torch.arange(6))[0]
+        logits = model.teacher.pointer_logits(enc, model.teacher.pointer_keys(enc, u), item_rank, torch.arange(6))[0]
     expected = []
     for r, accepted in [(0, [1, 3]), (1, [1]), (2, [1])]:  # from rank 3 on no click remains
         log_p = torch.log_softmax(logits[r].masked_fill(item_rank[0] < r, -torch.inf), -1)

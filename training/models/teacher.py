@@ -61,23 +61,32 @@ class Teacher(nn.Module):
             x = block(x, mask)
         return self.encoder_norm(x)
 
+    def pointer_keys(self, enc: torch.Tensor, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """What every decoding step reuses: the scaled pointer keys [B,d,L] and the user term [B,1,d]."""
+        return self.pointer_k(enc).transpose(1, 2) * self.pointer_scale, self.user(u)[:, None]
+
     def pointer_logits(
-        self, enc: torch.Tensor, u: torch.Tensor, item_rank: torch.Tensor, query_ranks: torch.Tensor
+        self,
+        enc: torch.Tensor,
+        keys: tuple[torch.Tensor, torch.Tensor],
+        item_rank: torch.Tensor,
+        query_ranks: torch.Tensor,
     ) -> torch.Tensor:
         """Logits [B,Q,L] of the slots at query_ranks [Q] over all candidates.
 
-        item_rank [B,L]: the rank each candidate is placed at (any value >= L if not placed);
-        a slot of block t sees the candidates placed at ranks < t*B.
+        keys: pointer_keys(enc, u). item_rank [B,L]: the rank each candidate is placed at (any
+        value >= L if not placed); a slot of block t sees the candidates placed at ranks < t*B.
         """
+        pointer_keys, user = keys
         block_start = torch.div(query_ranks, self.block_size, rounding_mode="floor") * self.block_size
         slot = (query_ranks - block_start).clamp(max=self.slot.num_embeddings - 1)
         q = self.rank(query_ranks.clamp(max=self.max_list - 1)) + self.slot(slot)
-        q = q[None] + self.user(u)[:, None]  # [B,Q,d]
+        q = q[None] + user  # [B,Q,d]
         placed = enc + self.rank(item_rank.clamp(max=self.max_list - 1))
         visible = item_rank[:, None, :] < block_start[None, :, None]  # [B,Q,L]
         q = q + self.context(self.context_norm(q), placed, visible)
         q = q + self.ffn(self.ffn_norm(q))
-        return self.pointer_q(q) @ self.pointer_k(enc).transpose(1, 2) * self.pointer_scale
+        return self.pointer_q(q) @ pointer_keys
 
     def loss(
         self, enc: torch.Tensor, u: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor, prefix: torch.Tensor
@@ -93,7 +102,7 @@ class Teacher(nn.Module):
         n, length = mask.shape
         ranks = torch.arange(length, device=mask.device)
         item_rank = torch.empty_like(prefix).scatter_(1, prefix, ranks.expand(n, -1))
-        logits = self.pointer_logits(enc, u, item_rank, ranks)
+        logits = self.pointer_logits(enc, self.pointer_keys(enc, u), item_rank, ranks)
         available = mask[:, None, :] & (item_rank[:, None, :] >= ranks[None, :, None])  # [B,slot,item]
         log_p = torch.log_softmax(logits.masked_fill(~available, UNAVAILABLE), dim=-1)
         best = torch.where(available, labels[:, None, :], -math.inf).amax(-1, keepdim=True)  # [B,slot,1]
@@ -106,17 +115,23 @@ class Teacher(nn.Module):
     def decode(self, enc: torch.Tensor, u: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Greedy block decoding -> perm [B,L] (valid candidates first, padded ones last)."""
         n, length = mask.shape
+        keys = self.pointer_keys(enc, u)
         perm = torch.zeros(n, length, dtype=torch.long, device=mask.device)
         item_rank = torch.full((n, length), length, dtype=torch.long, device=mask.device)  # length = unplaced
-        rows = torch.arange(n, device=mask.device)
+        taken = torch.zeros(n, length, dtype=torch.bool, device=mask.device)
         self.last_decode_steps = 0
         for step in range(decode_steps(length, self.block_size)):
-            ranks = torch.arange(step * self.block_size, min((step + 1) * self.block_size, length), device=mask.device)
-            logits = self.pointer_logits(enc, u, item_rank, ranks).clamp(-LOGIT_BOUND, LOGIT_BOUND)
+            start, end = step * self.block_size, min((step + 1) * self.block_size, length)
+            ranks = torch.arange(start, end, device=mask.device)
+            logits = self.pointer_logits(enc, keys, item_rank, ranks).clamp(-LOGIT_BOUND, LOGIT_BOUND)
             logits = logits.masked_fill(~mask[:, None, :], PADDED_PICK)
-            for j, rank in enumerate(ranks.tolist()):
-                choice = logits[:, j].masked_fill(item_rank < length, -math.inf).argmax(-1)
-                perm[:, rank] = choice
-                item_rank[rows, choice] = rank
+            picks = []
+            for j in range(end - start):
+                choice = logits[:, j].masked_fill(taken, -math.inf).argmax(-1, keepdim=True)  # [B,1]
+                taken = taken.scatter(1, choice, True)
+                picks.append(choice)
+            block = torch.cat(picks, dim=1)  # [B, end - start]
+            perm[:, start:end] = block
+            item_rank.scatter_(1, block, ranks.expand(n, -1))
             self.last_decode_steps += 1
         return perm
