@@ -17,7 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -62,30 +62,43 @@ class Bundle:
     provider: str  # the execution provider actually active, e.g. "CPUExecutionProvider"
     threads: int
     session: Any  # onnxruntime.InferenceSession
+    check_inputs: InputCheck = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.check_inputs = InputCheck(self.schema)
 
     def score(self, inputs: dict[str, np.ndarray]) -> np.ndarray:
         """Assembled model inputs (training.features.assemble) -> float32 scores [batch, list]."""
-        check_inputs(self.schema, inputs)
+        self.check_inputs(inputs)
         return self.session.run([MODEL_OUTPUT.name], {n: inputs[n] for n in INPUT_NAMES})[0]
 
 
-def check_inputs(schema: FeatureSchema, inputs: dict[str, np.ndarray]) -> None:
-    """Names, dtypes and shapes agree with model_inputs(schema), and batch/list/history agree across arrays."""
-    missing = [n for n in INPUT_NAMES if n not in inputs]
-    if missing:
-        raise ValueError(f"model inputs missing {missing}; build them with training.features.assemble")
-    sizes: dict[str, int] = {}
-    for spec in model_inputs(schema):
-        array = inputs[spec.name]
-        if not isinstance(array, np.ndarray) or array.dtype != np.dtype(spec.dtype):
-            got = array.dtype if isinstance(array, np.ndarray) else type(array).__name__
-            raise ValueError(f"model input {spec.name}: expected a numpy {spec.dtype} array, got {got}")
-        if array.ndim != len(spec.dims):
-            raise ValueError(f"model input {spec.name}: expected dims {spec.dims}, got shape {array.shape}")
-        for dim, size in zip(spec.dims, array.shape, strict=True):
-            want = int(dim) if dim.isdigit() else sizes.setdefault(dim, size)
-            if size != want:
-                raise ValueError(f"model input {spec.name}: {dim} is {size}, other inputs say {want} ({spec.dims})")
+class InputCheck:
+    """Names, dtypes and shapes agree with model_inputs(schema), and batch/list/history agree across
+    arrays. The specs are resolved once (dtypes, fixed sizes): the check runs on every request."""
+
+    def __init__(self, schema: FeatureSchema):
+        self.specs = [
+            (s.name, np.dtype(s.dtype), s.dims, tuple(int(d) if d.isdigit() else d for d in s.dims))
+            for s in model_inputs(schema)
+        ]
+
+    def __call__(self, inputs: dict[str, np.ndarray]) -> None:
+        missing = [n for n in INPUT_NAMES if n not in inputs]
+        if missing:
+            raise ValueError(f"model inputs missing {missing}; build them with training.features.assemble")
+        sizes: dict[str, int] = {}
+        for name, dtype, names, dims in self.specs:
+            array = inputs[name]
+            if not isinstance(array, np.ndarray) or array.dtype != dtype:
+                got = array.dtype if isinstance(array, np.ndarray) else type(array).__name__
+                raise ValueError(f"model input {name}: expected a numpy {dtype} array, got {got}")
+            if array.ndim != len(dims):
+                raise ValueError(f"model input {name}: expected dims {names}, got shape {array.shape}")
+            for dim, size in zip(dims, array.shape, strict=True):
+                want = dim if isinstance(dim, int) else sizes.setdefault(dim, size)
+                if size != want:
+                    raise ValueError(f"model input {name}: {dim} is {size}, other inputs say {want} ({names})")
 
 
 def load_bundle(

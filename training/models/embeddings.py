@@ -68,7 +68,7 @@ class ItemEmbedding(nn.Module):
     ) -> torch.Tensor:
         """items: int64 [...]; cand_num: float32 [..., n_candidate_numeric] or None (history items);
         table: table() precomputed for inference (one gather instead of one per side table), or None."""
-        x = table[items] if table is not None else self.lookup(items)
+        x = F.embedding(items, table) if table is not None else self.lookup(items)
         if cand_num is not None and self.cand_num_proj is not None:
             x = x + self.cand_num_proj((cand_num - self.cand_num_mean) / self.cand_num_std)
         return self.norm(x)
