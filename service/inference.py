@@ -211,7 +211,7 @@ class Reranker:
             order = range(len(scores))
         else:
             scores = outcome.scores
-            order = np.argsort(-scores, kind="stable")
+            order = (-scores).argsort(kind="stable")
         k = request.top_k or len(request.candidates)
         values = scores.tolist()
         cands = request.candidates

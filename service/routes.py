@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import itertools
 import secrets
 import time
 import uuid
@@ -144,12 +145,21 @@ EventsBody = Annotated[
 router = APIRouter(default_response_class=JSON)
 
 
+_ID_PREFIX = uuid.uuid4().hex[:16]  # per process, so ids stay unique across workers and restarts
+_id_counter = itertools.count()
+
+
+def new_request_id() -> str:
+    """A unique id without a syscall per request (uuid4 reads os.urandom: ~2% of server CPU)."""
+    return f"{_ID_PREFIX}{next(_id_counter):016x}"
+
+
 def _request_id(given: str | None, header: str | None, limit: int) -> str:
     if given is not None:
         return given
     if header and len(header) <= limit:
         return header
-    return uuid.uuid4().hex
+    return new_request_id()
 
 
 fast_router = APIRouter(default_response_class=JSON, route_class=BodyRoute)
@@ -172,7 +182,7 @@ async def rerank_batch(body: api.BatchRerankRequest, svc: Svc) -> JSON:
     started = time.perf_counter()
     bundle = svc.models.current
     api.check_batch(body, svc.settings, svc.candidate_features(bundle))
-    ids = [r.request_id or uuid.uuid4().hex for r in body.requests]
+    ids = [r.request_id or new_request_id() for r in body.requests]
     for r in body.requests:
         metrics.CANDIDATES.observe(len(r.candidates))
     answers = await svc.reranker.rerank(body.requests, ids, bundle)

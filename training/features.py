@@ -40,7 +40,7 @@ def cold_start_profile(schema: FeatureSchema) -> EncodedProfile:
 
 def _recent_history(profile: EncodedProfile, now: float, max_history: int) -> slice:
     """Behaviours strictly before `now` (no leakage from the future), the last max_history."""
-    end = int(np.searchsorted(profile.hist_ts, now, side="left"))
+    end = int(profile.hist_ts.searchsorted(now, side="left"))
     return slice(max(0, end - max_history), end)
 
 
