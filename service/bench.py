@@ -41,7 +41,7 @@ import numpy as np
 import orjson
 import typer
 
-from service.settings import ENV_PREFIX, Settings
+from service.settings import ENV_PREFIX, Settings, load_settings
 
 T = TypeVar("T")
 
@@ -328,7 +328,7 @@ class Result:
     floor: Sample
     loaded: Sample
     rps: float
-    server_one: dict[str, float]  # mean ms inside the server by route and stage, phase (a)
+    server_one: dict[str, float]  # means inside the server by route, stage and batch size, phase (a)
     server_loaded: dict[str, float]  # the same, phase (b)
     cpu_ms: dict[str, float] = field(default_factory=dict)  # CPU ms per request in phase (b), by process
 
@@ -360,18 +360,22 @@ def cpu_snapshot(pids: dict[str, int]) -> dict[str, float]:
     return out
 
 
+BATCH_ROW = "lists per model call"
+SERVER_FAMILIES = ("psad_request_duration_seconds", "psad_stage_duration_seconds", "psad_batch_size")
+
+
 def server_totals(base: str) -> dict[str, tuple[float, float]]:
-    """(sum seconds, count) per route and per stage from the server's own histograms."""
+    """(sum, count) per route, per stage (seconds) and of batch sizes from the server's histograms."""
     from prometheus_client.parser import text_string_to_metric_families
 
     with urllib.request.urlopen(f"{base}/metrics", timeout=5) as resp:
         text = resp.read().decode()
     totals: dict[str, list[float]] = {}
     for family in text_string_to_metric_families(text):
-        if family.name not in ("psad_request_duration_seconds", "psad_stage_duration_seconds"):
+        if family.name not in SERVER_FAMILIES:
             continue
         for s in family.samples:
-            label = s.labels.get("route") or f"stage {s.labels.get('stage')}"
+            label = s.labels.get("route") or (f"stage {s.labels['stage']}" if "stage" in s.labels else BATCH_ROW)
             entry = totals.setdefault(label, [0.0, 0.0])
             if s.name.endswith("_sum"):
                 entry[0] = s.value
@@ -381,12 +385,12 @@ def server_totals(base: str) -> dict[str, tuple[float, float]]:
 
 
 def phase_means(before: dict[str, tuple[float, float]], after: dict[str, tuple[float, float]]) -> dict[str, float]:
-    """Mean ms per route / stage over the requests served between two snapshots."""
+    """Means over what was served between two snapshots: ms per route and stage, lists per model call."""
     out = {}
     for label, (total, count) in sorted(after.items()):
         t0, c0 = before.get(label, (0.0, 0.0))
         if count > c0:
-            out[label] = 1000 * (total - t0) / (count - c0)
+            out[label] = (1 if label == BATCH_ROW else 1000) * (total - t0) / (count - c0)
     return out
 
 
@@ -485,14 +489,14 @@ def render(cfg: BenchConfig, workload: Workload, ready: dict, r: Result, command
         f"| {r.rps:,.0f} | {r.loaded.pct(50):.2f} | {r.loaded.pct(90):.2f} | {r.loaded.pct(99):.2f} | "
         f"{len(r.loaded.ms):,} | {r.loaded.errors} | {r.loaded.degraded} |",
         "",
-        "## Inside the server: mean ms from its own histograms (request and stage durations)",
+        "## Inside the server: means from its own histograms (ms per route and stage; lists per model call)",
         "",
         "| route or stage | (a) one client, warm-up included | (b) under load |",
         "|---|---:|---:|",
         *(
             f"| {k} | {r.server_one.get(k, float('nan')):.3f} | {r.server_loaded.get(k, float('nan')):.3f} |"
             for k in sorted(set(r.server_one) | set(r.server_loaded))
-            if k.startswith(("/rerank", "/bench", "stage"))
+            if k.startswith(("/rerank", "/bench", "stage", BATCH_ROW))
         ),
         "",
         *cpu_lines(r, cores or 1),
@@ -581,9 +585,10 @@ def run_bench(cfg: BenchConfig, settings: Settings, out: Path | None) -> Result:
             log = cfg.var / "server.log"
             server = start_server(port, cfg.workers, redis_url, settings.model_repo, log, cluster=cluster)
             base = f"http://127.0.0.1:{port}"
+            threads = load_settings(processes=cfg.workers).inference_workers  # what each server process reads
             described = (
                 f"`psad serve --workers {cfg.workers}` (uvloop, httptools), Redis on loopback"
-                f"{' (cluster)' if cluster else ''}; inference threads {settings.inference_workers}, "
+                f"{' (cluster)' if cluster else ''}; inference threads {threads} per process, "
                 f"micro-batching {'up to ' + str(settings.microbatch_max_size) if settings.microbatching else 'off'}, "
                 f"Redis budget {settings.redis_budget_ms:g} ms"
             )

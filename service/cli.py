@@ -52,41 +52,47 @@ def fresh_multiproc_dir() -> tuple[Path, bool]:
 
 
 def run_server(host: str, port: int, workers: int, log_level: str) -> None:
-    """uvicorn on uvloop + httptools, no access log; several workers share metrics through files."""
+    """uvicorn on uvloop + httptools, no access log. Several workers: one process and one
+    SO_REUSEPORT socket each (service.workers), sharing metrics through files."""
     import uvicorn
 
-    created: Path | None = None
-    if workers > 1:
-        path, ours = fresh_multiproc_dir()
-        os.environ[MULTIPROC_ENV] = str(path)
-        created = path if ours else None
+    from service.workers import supervise
+
+    config = {
+        "app": APP_FACTORY,
+        "factory": True,
+        "loop": "uvloop",
+        "http": "httptools",
+        "access_log": False,
+        "log_level": log_level,
+    }
+    if workers == 1:
+        uvicorn.run(**config, host=host, port=port)
+        return
+    path, ours = fresh_multiproc_dir()
+    os.environ[MULTIPROC_ENV] = str(path)
     try:
-        uvicorn.run(
-            APP_FACTORY,
-            factory=True,
-            host=host,
-            port=port,
-            workers=workers,
-            loop="uvloop",
-            http="httptools",
-            access_log=False,
-            log_level=log_level,
-        )
+        supervise(config, host, port, workers)
+    except OSError as exc:
+        typer.echo(f"cannot listen on {host}:{port}: {exc}", err=True)
+        raise typer.Exit(1) from None
     finally:
-        if created is not None:
-            shutil.rmtree(created, ignore_errors=True)
+        if ours:
+            shutil.rmtree(path, ignore_errors=True)
 
 
 def serve_command(
     host: str = typer.Option("127.0.0.1", help="Interface to bind (0.0.0.0 in a container)."),
     port: int = typer.Option(8000, min=1, max=65535, help="TCP port."),
-    workers: int = typer.Option(1, min=1, max=64, help="uvicorn worker processes (one model session each)."),
+    workers: int = typer.Option(
+        1, min=1, max=64, help="Server processes (one model session and one SO_REUSEPORT socket each)."
+    ),
     model_repo: Path | None = MODEL_REPO,
     model_name: str | None = MODEL_NAME,
     redis_url: str | None = REDIS_URL,
 ) -> None:
     """Serve POST /rerank, /rerank/batch, /events and GET /metrics, /livez, /readyz."""
-    settings = apply_overrides(model_repo=model_repo, model_name=model_name, redis_url=redis_url)
+    settings = apply_overrides(model_repo=model_repo, model_name=model_name, redis_url=redis_url, processes=workers)
     run_server(host, port, workers, settings.log_level)
 
 

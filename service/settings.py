@@ -10,10 +10,15 @@ import os
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 ENV_PREFIX = "PSAD_"
+
+
+def usable_cpus() -> int:
+    """CPUs this process may run on (a container's cpuset, not the host's count)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 class SettingsError(ValueError):
@@ -29,7 +34,8 @@ class Settings(BaseSettings):
     model_version: str = "latest"  # "latest" or a version number; "latest" also follows new versions
     device: Literal["auto", "cpu", "cuda"] = "auto"
     threads: int = Field(1, ge=1)  # ONNX Runtime intra-op threads per model call
-    inference_workers: int = Field(min(4, os.cpu_count() or 1), ge=1)  # threads running assembly + model
+    processes: int = Field(1, ge=1)  # server processes on this host; `psad serve --workers N` sets it
+    inference_workers: int | None = Field(None, ge=1)  # threads running assembly + model; None: CPU share
     microbatch_max_size: int = Field(8, ge=0)  # 0 or 1 = off; else requests merged into one model call
     microbatch_max_wait_us: int = Field(0, ge=0)  # 0: batch only what is already queued, never wait
     poll_interval_s: float = Field(0.0, ge=0)  # 0 = no polling; reload through /admin/reload only
@@ -79,6 +85,14 @@ class Settings(BaseSettings):
     @classmethod
     def _lower(cls, v: object) -> object:
         return v.lower() if isinstance(v, str) else v
+
+    @model_validator(mode="after")
+    def _cpu_share(self) -> Settings:
+        """Default inference threads: this process's share of the CPUs, at most 4. One thread per
+        process when processes fill the cores: more only add thread switches and shrink batches."""
+        if self.inference_workers is None:
+            self.inference_workers = max(1, min(4, usable_cpus() // self.processes))
+        return self
 
     @property
     def microbatching(self) -> bool:

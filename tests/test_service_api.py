@@ -220,11 +220,22 @@ def test_health_and_metrics(client, data):
         ("threads", 0, "PSAD_THREADS"),
         ("key_prefix", "a{b", "PSAD_KEY_PREFIX"),
         ("model_version", "v2", "PSAD_MODEL_VERSION"),
+        ("processes", 0, "PSAD_PROCESSES"),
+        ("inference_workers", 0, "PSAD_INFERENCE_WORKERS"),
     ],
 )
 def test_bad_settings_name_the_variable(field, value, variable):
     with pytest.raises(SettingsError, match=variable):
         load_settings(**{field: value})
+
+
+def test_inference_threads_default_to_the_process_share_of_the_cpus(monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.delenv("PSAD_INFERENCE_WORKERS", raising=False)
+    monkeypatch.setattr("service.settings.usable_cpus", lambda: 8)
+    assert load_settings().inference_workers == 4  # one process: at most 4
+    assert load_settings(processes=4).inference_workers == 2
+    assert load_settings(processes=16).inference_workers == 1
+    assert load_settings(processes=4, inference_workers=3).inference_workers == 3  # set: kept
 
 
 @pytest.mark.parametrize("path", ["/rerank", "/bench/floor", "/rerank/batch"])
