@@ -57,6 +57,18 @@ def test_partially_trained_run_resumes_instead_of_restarting(experiment, tiny_da
     assert (run_dir / "result.json").is_file()
 
 
+def test_finished_runs_with_other_settings_are_not_reused(experiment, tiny_data: Path) -> None:
+    out, _, _ = experiment
+    changed = tiny_config()
+    changed.lr *= 2
+    with pytest.raises(ExperimentError, match=r"other settings \['train.lr'\].*new --out"):
+        run_experiment(tiny_data, out, seeds=2, models=MODELS, base_config=changed, progress=False)
+    neutral = tiny_config()
+    neutral.eval_batch_size = 7  # does not change what a run learns: the finished runs still count
+    report = run_experiment(tiny_data, out, seeds=2, models=MODELS, base_config=neutral, progress=False)
+    assert report["trained_this_session"] == []
+
+
 def test_json_schema(experiment) -> None:
     out, report, _ = experiment
     saved = json.loads((out / "results.json").read_text())

@@ -64,6 +64,7 @@ def test_config_round_trips_through_toml_and_dict(tmp_path: Path) -> None:
         ("[train]\nepochs = '3'\n", "train.epochs must be an integer"),
         ("[train]\nbatch_size = 0\n", "train.batch_size must be an integer >= 1"),
         ("[train]\ndevice = 'tpu'\n", "['auto', 'cpu', 'cuda']"),
+        ("[train]\nema = 1.0\n", "train.ema must be a number in [0, 1)"),
         ("[model]\nblock_size = 0\n", "model.block_size"),
         ("[model]\ndistill_weight = -0.5\n", "model.distill_weight"),
         ("[model]\ndistill = 'kl'\n", "['listwise', 'rd', 'none']"),
@@ -152,6 +153,22 @@ def test_same_seed_gives_identical_weights_and_resume_equals_uninterrupted(
     assert_same_weights(weights(split, "model.safetensors"), weights(tiny_run, "model.safetensors"))
     history = json.loads((split / "history.json").read_text())
     assert [h["epoch"] for h in history] == [1, 2]
+
+
+def test_weight_average_is_validated_saved_and_resumed(tiny_data: Path, tmp_path: Path) -> None:
+    config = dataclasses.replace(TrainConfig.small_for_tests(), ema=0.9)
+    full = train(tiny_data, config, tmp_path / "full", progress=False)
+    raw, averaged = weights(full), weights(full, "ema.safetensors")
+    moved = [k for k in raw if raw[k].is_floating_point() and not torch.equal(raw[k], averaged[k])]
+    assert moved  # the average lags the trained weights
+    ndcg = [h["val"]["student"]["ndcg@10"] for h in json.loads((full / "history.json").read_text())]
+    assert ndcg[1] > ndcg[0]  # so the second epoch's average is the best checkpoint, and what was validated
+    assert_same_weights(weights(full, "model.safetensors"), averaged)
+
+    split = train(tiny_data, dataclasses.replace(config, epochs=1), tmp_path / "split", progress=False)
+    train(tiny_data, config, split, resume=True, progress=False)
+    for name in ("last.safetensors", "ema.safetensors", "model.safetensors"):
+        assert_same_weights(weights(split, name), weights(full, name))
 
 
 @pytest.mark.slow

@@ -37,6 +37,7 @@ class TrainConfig:
     threads: int = 0  # torch CPU threads; 0 = torch's default
     max_list: int = 0  # keep the first max_list candidates of every list; 0 = keep all
     eval_batch_size: int = 512  # lists per forward pass in validation and evaluation
+    ema: float = 0.0  # decay per step of an exponential moving average of the weights, validated and saved; 0 = off
 
     def validate(self) -> None:
         def need(ok: bool, key: str, allowed: str, value: Any) -> None:
@@ -53,6 +54,7 @@ class TrainConfig:
         need(self.seed >= 0, "seed", "an integer >= 0", self.seed)
         need(self.device in DEVICES, "device", f"one of {list(DEVICES)}", self.device)
         need(self.threads >= 0, "threads", "an integer >= 0 (0 = torch default)", self.threads)
+        need(0 <= self.ema < 1, "ema", "a number in [0, 1) (0 = off)", self.ema)
         need(self.max_list >= 0, "max_list", "an integer >= 0 (0 = keep every candidate)", self.max_list)
         try:
             self.model.validate()

@@ -202,6 +202,7 @@ def run_experiment(
 
     from training.config import TrainConfig
     from training.data.store import check_schema_files, load_schema
+    from training.train import RESULT_NEUTRAL, changed_settings
 
     started = time.perf_counter()
     data_dir, out = Path(data_dir), Path(out)
@@ -227,15 +228,21 @@ def run_experiment(
     for run, seed in bar:
         bar.set_postfix_str(f"{run} seed {seed}")
         run_dir = out / "runs" / run / f"seed{seed}"
-        done = run_dir / "result.json"
-        if done.is_file():
-            results[run, seed] = json.loads(done.read_text())
-            continue
         config = TrainConfig.from_dict(base.to_dict())
         config.seed = seed
         for key, value in plan.runs[run].items():
             setattr(config.model, key, value)
         config.validate()
+        done = run_dir / "result.json"
+        if done.is_file():
+            stale = changed_settings(run_dir, config, data_dir, RESULT_NEUTRAL)
+            if stale:
+                raise ExperimentError(
+                    f"{run_dir} is a finished run with other settings {stale}: its result would not be this "
+                    f"experiment's. Write to a new --out, or delete {out / 'runs'} to retrain every run."
+                )
+            results[run, seed] = json.loads(done.read_text())
+            continue
         results[run, seed] = train_and_evaluate(data_dir, config, run_dir, progress)
         trained.append(f"{run}/seed{seed}")
         if on_run_done is not None:

@@ -12,6 +12,7 @@ and its sums all-reduced; only rank 0 writes files and prints.
 
 from __future__ import annotations
 
+import copy
 import math
 import os
 import time
@@ -43,7 +44,9 @@ from training.plots import plot_history
 
 VALIDATION_METRIC = "ndcg@10"
 # Keys that may change when resuming: they do not alter what the finished epochs computed.
-RESUMABLE_CHANGES = {"epochs", "patience", "device", "threads", "eval_batch_size"}
+EMA_FILE = "ema.safetensors"  # the moving average of the weights, for --resume
+RESULT_NEUTRAL = {"device", "threads", "eval_batch_size"}  # settings that do not change what a run learns
+RESUMABLE_CHANGES = {"epochs", "patience", *RESULT_NEUTRAL}
 
 
 @dataclass
@@ -109,18 +112,21 @@ def validate(model: nn.Module, data: ListData, config: TrainConfig, cluster: Clu
     return out
 
 
+def changed_settings(out_dir: Path, config: TrainConfig, data_dir: Path, may_change: set[str]) -> list[str]:
+    """The settings (and --data) that differ between the run in out_dir and `config`, except may_change."""
+    saved, saved_data = read_config(out_dir)
+    changed = [] if saved_data == data_dir.resolve() else [f"--data (the run used {saved_data})"]
+    old, new = saved.to_dict(), config.to_dict()
+    changed += [f"model.{k}" for k in new["model"] if new["model"][k] != old["model"].get(k)]
+    changed += [f"train.{k}" for k in new["train"] if k not in may_change and new["train"][k] != old["train"].get(k)]
+    return changed
+
+
 def check_resume(out_dir: Path, config: TrainConfig, data_dir: Path) -> None:
     """Resuming is only exact with the same data and the same training-defining settings."""
     if not (out_dir / "state.safetensors").is_file():
         raise RunError(f"{out_dir}: nothing to resume (no state.safetensors); train without --resume")
-    saved, saved_data = read_config(out_dir)
-    if saved_data != data_dir.resolve():
-        raise RunError(f"{out_dir} was trained on {saved_data}, not {data_dir.resolve()}; resume with that --data")
-    old, new = saved.to_dict(), config.to_dict()
-    changed = [f"model.{k}" for k in new["model"] if new["model"][k] != old["model"].get(k)]
-    changed += [
-        f"train.{k}" for k in new["train"] if k not in RESUMABLE_CHANGES and new["train"][k] != old["train"].get(k)
-    ]
+    changed = changed_settings(out_dir, config, data_dir, RESUMABLE_CHANGES)
     if changed:
         raise RunError(
             f"{out_dir}: cannot resume with changed settings {changed}; only {sorted(RESUMABLE_CHANGES)} may change"
@@ -164,9 +170,13 @@ def _train(
     model = build_model(config.model, schema, item_cat, item_num).to(cluster.device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
 
+    averaged = copy.deepcopy(model).requires_grad_(False) if config.ema else model  # validated and saved
+
     epoch, step, meta = 0, 0, {"best": -math.inf, "bad_epochs": 0, "history": []}
     if resume:
         load_weights(model, out_dir / "last.safetensors")
+        if config.ema:
+            load_weights(averaged, out_dir / EMA_FILE)
         epoch, step, meta = load_state(out_dir / "state.safetensors", optimizer)
     elif cluster.main:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -190,13 +200,15 @@ def _train(
             if config.grad_clip:
                 nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
             optimizer.step()
+            if config.ema:
+                torch._foreach_lerp_(list(averaged.parameters()), list(model.parameters()), 1.0 - config.ema)
             step += 1
             for name, value in losses.items():
                 sums[name] = sums.get(name, 0.0) + float(value.detach())
             bar.set_postfix({k: f"{v / i:.4f}" for k, v in sums.items()}, refresh=False)
         bar.close()
         epoch += 1
-        val = validate(model, val_data, config, cluster)
+        val = validate(averaged, val_data, config, cluster)
         score = val["student"][VALIDATION_METRIC]
         improved = score > meta["best"]
         meta["best"] = max(meta["best"], score)
@@ -211,7 +223,7 @@ def _train(
             }
         )
         if cluster.main:
-            save_epoch(out_dir, model, optimizer, epoch, step, meta, improved)
+            save_epoch(out_dir, model, averaged, optimizer, epoch, step, meta, improved)
             if progress:
                 tqdm.write(epoch_line(meta["history"][-1], improved))
     if progress and config.patience and meta["bad_epochs"] >= config.patience:
@@ -222,12 +234,21 @@ def _train(
 
 
 def save_epoch(
-    out_dir: Path, model: nn.Module, optimizer: torch.optim.Optimizer, epoch: int, step: int, meta: dict, improved: bool
+    out_dir: Path,
+    model: nn.Module,
+    averaged: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    epoch: int,
+    step: int,
+    meta: dict,
+    improved: bool,
 ) -> None:
-    """Checkpoint after an epoch: best and last weights, training state, history and curves."""
+    """Checkpoint after an epoch: best (validated) and last weights, training state, history, curves."""
     if improved:
-        save_weights(model, out_dir / "model.safetensors")
+        save_weights(averaged, out_dir / "model.safetensors")
     save_weights(model, out_dir / "last.safetensors")
+    if averaged is not model:
+        save_weights(averaged, out_dir / EMA_FILE)
     save_state(out_dir / "state.safetensors", optimizer, epoch, step, meta)
     write_json(out_dir / "history.json", meta["history"])
     plot_history(meta["history"], out_dir / "curves.png", VALIDATION_METRIC)
