@@ -56,7 +56,7 @@ def run_server(host: str, port: int, workers: int, log_level: str) -> None:
     SO_REUSEPORT socket each (service.workers), sharing metrics through files."""
     import uvicorn
 
-    from service.workers import supervise
+    from service.workers import WorkersError, supervise
 
     config = {
         "app": APP_FACTORY,
@@ -73,8 +73,8 @@ def run_server(host: str, port: int, workers: int, log_level: str) -> None:
     os.environ[MULTIPROC_ENV] = str(path)
     try:
         supervise(config, host, port, workers)
-    except OSError as exc:
-        typer.echo(f"cannot listen on {host}:{port}: {exc}", err=True)
+    except WorkersError as exc:
+        typer.echo(str(exc), err=True)
         raise typer.Exit(1) from None
     finally:
         if ours:
@@ -106,9 +106,8 @@ def profiles_load_command(
     ttl_s: int | None = typer.Option(None, "--ttl-s", min=0, help="Profile TTL (overrides PSAD_PROFILE_TTL_S)."),
 ) -> None:
     """Write a data set's users and behaviours to Redis as profiles (an idempotent upsert)."""
-    import redis
 
-    from service.profiles import bulk_load
+    from service.profiles import STORE_ERRORS, bulk_load
     from training.data.store import DataError, check_schema_files
     from training.schema import SchemaError
 
@@ -127,7 +126,7 @@ def profiles_load_command(
     except (DataError, SchemaError) as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(1) from None
-    except redis.RedisError as exc:
+    except STORE_ERRORS as exc:
         typer.echo(f"error: Redis at {settings.redis_url}: {exc}; start redis-server or pass --redis-url", err=True)
         raise typer.Exit(1) from None
     typer.echo(

@@ -10,6 +10,7 @@ candidate take their training mean (0 after the model's standardisation).
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -17,8 +18,10 @@ import numpy as np
 
 from service.api import RANK_SCORE, RerankRequest
 from service.profiles import RawProfile, encode_profile
-from training.features import assemble, cold_start_profile
+from training.features import EncodedProfile, assemble, cold_start_profile
 from training.schema import FeatureSchema, NumericFeature, Vocabularies
+
+log = logging.getLogger("psad.service")
 
 
 @dataclass
@@ -55,17 +58,23 @@ def candidate_numeric(request: RerankRequest, schema: FeatureSchema) -> np.ndarr
     return out
 
 
+def encoded(profile: RawProfile | None, schema: FeatureSchema, vocabs: Vocabularies) -> tuple[EncodedProfile, int]:
+    """The encoded profile and its corrupt-entry count; a cold start for a failed read, and for a
+    profile that cannot be decoded at all (so one bad profile never fails a whole micro-batch)."""
+    if profile is None:
+        return cold_start_profile(schema), 0
+    try:
+        return encode_profile(profile, schema, vocabs)
+    except Exception:
+        log.warning("profile cannot be decoded; scoring with a cold-start profile", exc_info=True)
+        return cold_start_profile(schema), 1
+
+
 def build_inputs(
     jobs: Sequence[Job], schema: FeatureSchema, vocabs: Vocabularies
 ) -> tuple[dict[str, np.ndarray], list[int]]:
     """Model inputs for a batch of jobs, and the corrupt profile entries skipped per job."""
-    profiles, corrupt = zip(
-        *(
-            (cold_start_profile(schema), 0) if j.profile is None else encode_profile(j.profile, schema, vocabs)
-            for j in jobs
-        ),
-        strict=True,
-    )
+    profiles, corrupt = zip(*(encoded(j.profile, schema, vocabs) for j in jobs), strict=True)
     items = [np.asarray(vocabs.items.indices([c.item_id for c in j.request.candidates]), dtype=np.int64) for j in jobs]
     nums = [candidate_numeric(j.request, schema) for j in jobs]
     return assemble(schema, list(profiles), items, nums, [j.now for j in jobs]), list(corrupt)

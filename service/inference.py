@@ -2,7 +2,7 @@
 
 Feature assembly and the ONNX Runtime call are CPU-bound: they run in a dedicated thread pool
 (PSAD_INFERENCE_WORKERS threads). With micro-batching on (PSAD_MICROBATCH_MAX_SIZE > 1, the
-default) a list goes straight to a worker when nothing is being scored or queued; otherwise it
+default) a list goes straight to a worker when one is free and nothing is queued; otherwise it
 queues, and one task, waiting for a free worker and then up to PSAD_MICROBATCH_MAX_WAIT_US for
 more (default 0: only what is queued), scores the queue in one model call (assemble pads mixed
 lengths); results are scattered back to each request.
@@ -22,14 +22,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-from redis.exceptions import RedisError
 
 from export.runtime import Bundle
 from service import metrics
 from service.api import RerankRequest
 from service.features import Job, build_inputs, given_scores
 from service.model_store import ModelStore
-from service.profiles import ProfileStore, RawProfile
+from service.profiles import STORE_ERRORS, ProfileStore, RawProfile
 from service.settings import Settings
 
 log = logging.getLogger("psad.service")
@@ -67,7 +66,11 @@ def run_batch(bundle: Bundle, jobs: list[Job]) -> list[Outcome]:
 
 
 class Scorer:
-    """A thread pool for CPU work and, optionally, the micro-batch collector in front of it."""
+    """A thread pool for CPU work and, optionally, the micro-batch collector in front of it.
+
+    Every model call holds one of PSAD_INFERENCE_WORKERS permits, so a batch never waits inside
+    the executor behind another call: while all permits are taken, lists queue up and the
+    collector takes everything queued as soon as one is free."""
 
     def __init__(self, settings: Settings):
         self.workers = settings.inference_workers
@@ -77,7 +80,6 @@ class Scorer:
         self.queue: asyncio.Queue[tuple[Bundle, Job, asyncio.Future]] = asyncio.Queue()
         self._free = asyncio.Semaphore(self.workers)
         self._collector: asyncio.Task | None = None
-        self._running = 0  # model calls in flight (micro-batching on)
 
     def start(self) -> None:
         if self.max_size:
@@ -89,17 +91,12 @@ class Scorer:
         self.executor.shutdown(wait=False, cancel_futures=True)
 
     async def score(self, bundle: Bundle, jobs: list[Job]) -> list[Outcome]:
+        idle = self.queue.empty() and not self._free.locked()
+        if not self.max_size or len(jobs) >= self.max_size or idle:
+            # Nothing to batch with (or batching is off, or the batch is full already): score now.
+            async with self._free:
+                return await asyncio.get_running_loop().run_in_executor(self.executor, run_batch, bundle, jobs)
         loop = asyncio.get_running_loop()
-        if not self.max_size or len(jobs) >= self.max_size:
-            return await loop.run_in_executor(self.executor, run_batch, bundle, jobs)
-        if not self._running and self.queue.empty():
-            # Nothing is being scored and nothing waits: there is nothing to batch with, so skip
-            # the collector's round trip. Under load lists find the workers busy and queue up.
-            self._running += 1
-            try:
-                return await loop.run_in_executor(self.executor, run_batch, bundle, jobs)
-            finally:
-                self._running -= 1
         futures = [loop.create_future() for _ in jobs]
         for job, fut in zip(jobs, futures, strict=True):
             self.queue.put_nowait((bundle, job, fut))
@@ -108,8 +105,8 @@ class Scorer:
     async def _collect(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
-            await self._free.acquire()  # requests queue up while every worker is busy: bigger batches
             batch = [await self.queue.get()]
+            await self._free.acquire()  # lists keep queuing while every worker is busy: bigger batches
             deadline = loop.time() + self.max_wait_s
             while len(batch) < self.max_size:
                 try:
@@ -127,7 +124,7 @@ class Scorer:
             asyncio.create_task(self._run(batch))
 
     async def _run(self, batch: list[tuple[Bundle, Job, asyncio.Future]]) -> None:
-        self._running += 1
+        """Score a collected batch on the permit the collector took, then release it."""
         try:
             groups: dict[int, list[tuple[Bundle, Job, asyncio.Future]]] = {}
             for entry in batch:  # a model swap may fall inside a batch: one call per bundle
@@ -144,7 +141,6 @@ class Scorer:
                     if not fut.done():
                         fut.set_result(outcome)
         finally:
-            self._running -= 1
             self._free.release()
 
 
@@ -167,7 +163,7 @@ class Reranker:
             reason = None
         except asyncio.TimeoutError:
             raws, reason = [None] * len(requests), "redis_timeout"
-        except (RedisError, OSError):
+        except STORE_ERRORS:
             raws, reason = [None] * len(requests), "redis_unavailable"
         metrics.STAGE.profile_read.observe(time.perf_counter() - t0)
         return raws, reason

@@ -19,7 +19,6 @@ the same id stores it once.
 
 from __future__ import annotations
 
-import functools
 import math
 import time
 import uuid
@@ -38,7 +37,11 @@ from tqdm import tqdm
 from service.resp import RespClient, within
 from training.data.store import load_schema, load_vocabs
 from training.features import EncodedProfile
-from training.schema import N_RESERVED, OOV, FeatureSchema, Vocabularies
+from training.schema import OOV, FeatureSchema, Vocabularies
+
+# What an unreachable or failing profile store raises: redis-py's errors, Redis Cluster's own
+# (RedisClusterException is no RedisError: cluster down, slot not covered), and socket errors.
+STORE_ERRORS = (redis.RedisError, redis.exceptions.RedisClusterException, OSError)
 
 # KEYS[1] = history, KEYS[2] = user hash; ARGV = cap, ttl, then (score, member) pairs.
 APPEND_LUA = """
@@ -99,13 +102,13 @@ def encode_profile(raw: RawProfile, schema: FeatureSchema, vocabs: Vocabularies)
             corrupt += 1
     # History members "<ts>|<action>|<event id>|<item_id>": split once, convert column by column.
     parts = [m.split("|", 3) for m in raw.history]
-    good = [p for p in parts if len(p) == 4 and p[3] and p[0].isdigit()]
+    good = [p for p in parts if len(p) == 4 and p[3] and p[0].isascii() and p[0].isdigit()]  # int() takes these
     corrupt += len(parts) - len(good)
     if not good:
         empty = np.zeros(0, np.int64)
         return EncodedProfile(user_cat, user_num, empty, empty, empty), corrupt
     stamps, names, _, item_ids = zip(*good, strict=True)
-    codes = _action_codes(schema)
+    codes = schema.action_codes
     ts = np.array(list(map(int, stamps)), dtype=np.int64)
     actions = np.array([codes.get(a, OOV) for a in names], dtype=np.int64)
     items = np.array(vocabs.items.indices(item_ids), dtype=np.int64)
@@ -113,19 +116,6 @@ def encode_profile(raw: RawProfile, schema: FeatureSchema, vocabs: Vocabularies)
         order = np.argsort(ts, kind="stable")
         ts, actions, items = ts[order], actions[order], items[order]
     return EncodedProfile(user_cat, user_num, items, ts, actions), corrupt
-
-
-@functools.lru_cache(maxsize=16)
-def _action_index(actions: tuple[str, ...]) -> dict[str, int]:
-    """FeatureSchema.action_index as a dict (the first occurrence wins, as with tuple.index)."""
-    codes: dict[str, int] = {}
-    for i, a in enumerate(actions):
-        codes.setdefault(a, i + N_RESERVED)
-    return codes
-
-
-def _action_codes(schema: FeatureSchema) -> dict[str, int]:
-    return _action_index(tuple(schema.actions))
 
 
 def _text(value: bytes | str) -> str:

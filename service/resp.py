@@ -47,8 +47,10 @@ def pack(commands: Sequence[Command]) -> bytes:
                 raw = arg.encode()
             elif isinstance(arg, bytes):
                 raw = arg
+            elif isinstance(arg, int | float) and not isinstance(arg, bool):
+                raw = repr(int(arg) if isinstance(arg, int) else float(arg)).encode()  # no numpy reprs
             else:
-                raw = repr(arg).encode()
+                raise TypeError(f"RESP argument must be str, bytes, int or float, got {type(arg).__name__}")
             out.append(b"$%d\r\n%s\r\n" % (len(raw), raw))
     return b"".join(out)
 
@@ -162,6 +164,7 @@ class RespClient:
         socket: the deadline is checked only after the event loop has polled its sockets once
         more, so a busy loop that is late to resume this caller does not turn a fast Redis into a
         timeout (the replies then wait in the socket buffer, not in Redis)."""
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s  # one budget, reconnect included
         proto = self._proto
         if proto is None or not proto.alive:
             proto = await within(self._connection(), timeout_s)
@@ -169,10 +172,11 @@ class RespClient:
             proto.abort(f"Redis has not answered for {self.stale_s:g} s")
             proto = await within(self._connection(), timeout_s)
         fut = proto.call(pack(commands), len(commands))
-        if timeout_s is None:
+        if deadline is None:
             replies = await fut
         else:
-            timer = asyncio.get_running_loop().call_later(timeout_s, _expire, fut, 2)
+            left = max(0.0, deadline - time.monotonic())
+            timer = asyncio.get_running_loop().call_later(left, _expire, fut, 2)
             try:
                 replies = await fut
             finally:
@@ -211,11 +215,13 @@ class RespClient:
             setup.append(("AUTH", self.username, self.password) if self.username else ("AUTH", self.password))
         if self.db:
             setup.append(("SELECT", self.db))
-        if setup:
-            for r in await proto.call(pack(setup), len(setup)):
+        try:
+            for r in await proto.call(pack(setup), len(setup)) if setup else ():
                 if isinstance(r, hiredis.ReplyError):
-                    proto.abort("connection setup failed")
                     raise ResponseError(f"Redis connection setup (AUTH/SELECT): {r}")
+        except BaseException:  # a failed setup, or the connect timeout cancelling it: close the socket
+            proto.abort("connection setup failed")
+            raise
         return proto
 
     def close(self) -> None:

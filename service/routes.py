@@ -18,12 +18,12 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from fastapi.routing import APIRoute
 from pydantic import BaseModel, Discriminator, Tag, ValidationError
-from redis.exceptions import RedisError
 from starlette.routing import BaseRoute
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from service import api, logs, metrics
 from service.app import Service
+from service.profiles import STORE_ERRORS
 
 EVENTS_RETRY_AFTER_S = 1
 
@@ -203,7 +203,7 @@ async def events(body: EventsBody, svc: Svc) -> JSON:
     cap = svc.settings.history_len or bundle.schema.max_history
     try:
         await asyncio.wait_for(svc.profiles.append(rows, cap), svc.settings.events_timeout_ms / 1000)
-    except (asyncio.TimeoutError, RedisError, OSError) as exc:
+    except (asyncio.TimeoutError, *STORE_ERRORS) as exc:
         svc.log.warning("events not stored", extra={"events": len(rows), "error": repr(exc)})
         detail = (
             f"profile store unavailable ({type(exc).__name__}): the {len(rows)} event(s) were NOT stored; "
@@ -224,7 +224,7 @@ async def readyz(svc: Svc) -> JSON:
     bundle = svc.models.current
     try:
         redis_ok = await asyncio.wait_for(svc.profiles.ping(), 0.25)
-    except (asyncio.TimeoutError, RedisError, OSError):
+    except (asyncio.TimeoutError, *STORE_ERRORS):
         redis_ok = False
     body = {
         "ready": bundle is not None and redis_ok,

@@ -6,6 +6,7 @@ binds a port, with a message naming the variable and the allowed values.
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 from typing import Literal
@@ -16,9 +17,20 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 ENV_PREFIX = "PSAD_"
 
 
+CGROUP_CPU_MAX = Path("/sys/fs/cgroup/cpu.max")  # cgroup v2 CPU quota: "<quota> <period>" or "max <period>"
+
+
 def usable_cpus() -> int:
-    """CPUs this process may run on (a container's cpuset, not the host's count)."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    """CPUs this process may use: its affinity set, capped by a cgroup CPU quota (docker --cpus,
+    Kubernetes limits), which the affinity set does not show."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    try:
+        quota, period = CGROUP_CPU_MAX.read_text().split()
+        if quota != "max":
+            cpus = min(cpus, max(1, math.ceil(int(quota) / int(period))))
+    except (OSError, ValueError):
+        pass  # no cgroup v2 quota to read: the affinity set is the limit
+    return cpus
 
 
 class SettingsError(ValueError):

@@ -7,8 +7,9 @@ loop and GIL cap the rate while the other cores idle; the measured throughput on
 between about 700 and 1,050 requests/s from run to run. With a socket per process the kernel
 spreads new connections over the processes by a hash of their addresses.
 
-The supervisor restarts a worker that dies (its metrics files are marked dead for Prometheus) and
-stops them all on SIGINT/SIGTERM, each with uvicorn's graceful shutdown.
+The supervisor restarts a worker that dies, but gives up (stopping the others) when a worker
+fails its startup (a model that does not load: nothing to serve) or workers keep dying. SIGINT
+and SIGTERM stop every worker with uvicorn's graceful shutdown.
 """
 
 from __future__ import annotations
@@ -17,24 +18,42 @@ import multiprocessing
 import signal
 import socket
 import threading
+import time
+from collections import deque
 from multiprocessing.process import BaseProcess
 from typing import Any
 
 from service import logs
 
-SHUTDOWN_WAIT_S = 30.0  # a worker still running this long after SIGTERM is killed
+STARTUP_FAILURE = 3  # uvicorn's exit code when the app's startup (model load) fails
+SHUTDOWN_WAIT_S = 30.0  # workers still running this long after SIGTERM are killed
 POLL_S = 0.5  # how often dead workers are looked for
+MAX_RESTARTS, RESTART_WINDOW_S = 5, 60.0  # more restarts than this within the window: give up
+
+
+class WorkersError(RuntimeError):
+    """The workers cannot serve: the port is taken, or a worker fails at startup or keeps dying."""
 
 
 def reuseport_socket(host: str, port: int) -> socket.socket:
     """A listening TCP socket that other processes may bind to the same address too."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     sock.bind((host, port))
-    sock.set_inheritable(True)
     return sock
+
+
+def check_port_free(host: str, port: int) -> None:
+    """Bind without SO_REUSEPORT, which fails while anything (an older `psad serve` too) listens there."""
+    if not hasattr(socket, "SO_REUSEPORT"):
+        raise WorkersError("several workers need SO_REUSEPORT (Linux, macOS, BSD); run one worker per container")
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError as exc:
+            raise WorkersError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
 
 
 def serve_one(config: dict[str, Any], host: str, port: int) -> None:
@@ -45,12 +64,10 @@ def serve_one(config: dict[str, Any], host: str, port: int) -> None:
     uvicorn.Server(uvicorn.Config(**config, host=host, port=port)).run(sockets=[sock])
 
 
-def supervise(config: dict[str, Any], host: str, port: int, workers: int) -> int:
-    """Run `workers` processes until a signal; returns the number of workers restarted."""
+def supervise(config: dict[str, Any], host: str, port: int, workers: int) -> None:
+    """Run `workers` processes until SIGINT/SIGTERM; WorkersError when they cannot serve."""
     log = logs.configure(config["log_level"])
-    if not hasattr(socket, "SO_REUSEPORT"):
-        raise RuntimeError("several workers need SO_REUSEPORT (Linux, macOS, BSD)")
-    reuseport_socket(host, port).close()  # fail here, once, if the address is taken
+    check_port_free(host, port)
     ctx = multiprocessing.get_context("spawn")
     stop = threading.Event()
 
@@ -65,27 +82,40 @@ def supervise(config: dict[str, Any], host: str, port: int, workers: int) -> int
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     procs = [start() for _ in range(workers)]
     log.info("workers started", extra={"address": f"{host}:{port}", "pids": [p.pid for p in procs]})
-    restarted = 0
+    restarts: deque[float] = deque()
     try:
         while not stop.wait(POLL_S):
             for i, proc in enumerate(procs):
-                if not proc.is_alive():
-                    log.warning("worker exited; starting another", extra={"pid": proc.pid, "exitcode": proc.exitcode})
-                    _mark_dead(proc.pid)
-                    procs[i] = start()
-                    restarted += 1
+                if proc.is_alive() or stop.is_set():
+                    continue
+                if proc.exitcode == STARTUP_FAILURE:
+                    raise WorkersError(f"worker {proc.pid} failed at startup (see its log above); stopping")
+                now = time.monotonic()
+                while restarts and now - restarts[0] > RESTART_WINDOW_S:
+                    restarts.popleft()
+                if len(restarts) >= MAX_RESTARTS:
+                    raise WorkersError(f"{MAX_RESTARTS} workers died within {RESTART_WINDOW_S:.0f} s; stopping")
+                log.warning("worker exited; starting another", extra={"pid": proc.pid, "exitcode": proc.exitcode})
+                _mark_dead(proc.pid)
+                restarts.append(now)
+                procs[i] = start()
     finally:
-        for proc in procs:
-            if proc.is_alive():
-                proc.terminate()  # SIGTERM: uvicorn finishes in-flight requests and the lifespan
-        for proc in procs:
-            proc.join(SHUTDOWN_WAIT_S)
-            if proc.is_alive():
-                proc.kill()
-                proc.join()
+        _stop_all(procs)
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-    return restarted
+
+
+def _stop_all(procs: list[BaseProcess]) -> None:
+    """SIGTERM (uvicorn finishes in-flight requests and the lifespan), then SIGKILL past one deadline."""
+    for proc in procs:
+        if proc.is_alive():
+            proc.terminate()
+    deadline = time.monotonic() + SHUTDOWN_WAIT_S
+    for proc in procs:
+        proc.join(max(0.0, deadline - time.monotonic()))
+        if proc.is_alive():
+            proc.kill()
+            proc.join()
 
 
 def _mark_dead(pid: int | None) -> None:

@@ -17,7 +17,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from service.app import create_app
 from service.profiles import bulk_load
-from service.settings import Settings, SettingsError, load_settings
+from service.settings import Settings, SettingsError, load_settings, usable_cpus
 from tests.conftest import free_port
 
 PREFIX = "apitest"
@@ -43,6 +43,9 @@ def serve(settings: Settings) -> Iterator[httpx.Client]:
 
 
 def settings_for(repo: Path, redis_url: str, **overrides: object) -> Settings:
+    """The service's settings for a test. The profile-read budget is 1 s unless a test sets it: the
+    5 ms default is a production budget, and a loaded CI machine would degrade healthy reads."""
+    overrides.setdefault("redis_budget_ms", 1000)
     return load_settings(model_repo=repo, redis_url=redis_url, key_prefix=PREFIX, device="cpu", **overrides)
 
 
@@ -227,6 +230,17 @@ def test_health_and_metrics(client, data):
 def test_bad_settings_name_the_variable(field, value, variable):
     with pytest.raises(SettingsError, match=variable):
         load_settings(**{field: value})
+
+
+def test_usable_cpus_honours_a_cgroup_quota(monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
+    cpu_max = tmp_path / "cpu.max"
+    monkeypatch.setattr("service.settings.CGROUP_CPU_MAX", cpu_max)
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(64)))
+    assert usable_cpus() == 64  # no quota file
+    cpu_max.write_text("max 100000\n")
+    assert usable_cpus() == 64
+    cpu_max.write_text("150000 100000\n")  # docker --cpus 1.5
+    assert usable_cpus() == 2
 
 
 def test_inference_threads_default_to_the_process_share_of_the_cpus(monkeypatch: pytest.MonkeyPatch):

@@ -9,6 +9,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -136,6 +137,28 @@ def test_serve_becomes_ready_and_stops_on_sigterm(tiny_bundle: Path, redis_serve
     finally:
         stop_serve(proc, log)
     assert list(tmp_path.glob("psad-prometheus-*")) == []  # the metrics directory of several workers is removed
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_serve_exits_when_no_model_loads(redis_server, workers: int, tmp_path: Path):
+    """Nothing to serve: the server stops with an error instead of restarting workers forever."""
+    (tmp_path / "empty").mkdir()
+    proc, _, log = start_serve(tmp_path / "empty" / "psad" / "1", redis_server.url, workers, tmp_path)
+    rc = proc.wait(timeout=90)
+    assert rc not in (0, None), log.read_text()
+    if workers > 1:
+        assert "failed at startup" in log.read_text()
+
+
+def test_serve_refuses_a_port_in_use(redis_server, tmp_path: Path):
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        cmd = [sys.executable, "-m", "service.cli", "serve", "--port", str(port), "--workers", "2"]
+        done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1
+    assert f"cannot listen on 127.0.0.1:{port}" in done.stderr
 
 
 def connections_per_process(port: int, connections: int = 32) -> list[int]:

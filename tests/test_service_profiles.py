@@ -51,10 +51,10 @@ def test_encoding_uses_the_vocabularies_and_skips_corrupt_entries(tiny_data):
     known_item = vocabs.items.tokens[0]
     raw = RawProfile(
         user={schema.user_categorical[0].name: "never-seen", schema.user_numeric[0].name: "not-a-number"},
-        history=["20|click|e1|" + known_item, "garbage", "x|view|e2|a", "10|view|e3|unknown|item"],
+        history=["20|click|e1|" + known_item, "garbage", "x|view|e2|a", "\u00b2|view|e4|a", "10|view|e3|unknown|item"],
     )
     profile, corrupt = encode_profile(raw, schema, vocabs)
-    assert corrupt == 3  # the numeric and two history members
+    assert corrupt == 4  # the numeric and three history members (a superscript digit is no timestamp)
     assert profile.user_cat.tolist() == [OOV] and profile.user_num.tolist() == [0.0]
     assert profile.hist_ts.tolist() == [10, 20]  # time-sorted; item ids may contain '|'
     assert profile.hist_items.tolist() == [OOV, vocabs.items.index(known_item)]

@@ -39,8 +39,10 @@ def test_idle_lists_go_straight_through_and_queued_lists_share_a_model_call(tiny
         first = asyncio.create_task(scorer.score(bundle, [jobs[0]]))
         while not calls:  # the idle service scores the first list at once
             await asyncio.sleep(0.01)
-        rest = [asyncio.create_task(scorer.score(bundle, [j])) for j in jobs[1:]]
-        await asyncio.sleep(0.05)
+        rest = []
+        for job in jobs[1:]:  # arriving one by one while the only worker is busy: they wait together
+            rest.append(asyncio.create_task(scorer.score(bundle, [job])))
+            await asyncio.sleep(0.02)
         gate.set()
         out = await asyncio.gather(first, *rest)
         await scorer.stop()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import os
@@ -13,11 +14,12 @@ import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
+from torch import nn
 
 from training.checkpoint import RunError, load_run
 from training.config import ConfigError, TrainConfig
 from training.schema import SchemaError
-from training.train import train
+from training.train import train, update_average
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -153,6 +155,19 @@ def test_same_seed_gives_identical_weights_and_resume_equals_uninterrupted(
     assert_same_weights(weights(split, "model.safetensors"), weights(tiny_run, "model.safetensors"))
     history = json.loads((split / "history.json").read_text())
     assert [h["epoch"] for h in history] == [1, 2]
+
+
+def test_weight_average_update_is_exact_and_outside_autograd() -> None:
+    model = nn.Linear(3, 2)
+    averaged = copy.deepcopy(model).requires_grad_(False)
+    before = [p.clone() for p in averaged.parameters()]
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    update_average(averaged, model, 0.9)
+    for old, new, current in zip(before, averaged.parameters(), model.parameters(), strict=True):
+        torch.testing.assert_close(new, 0.9 * old + 0.1 * current)
+        assert new.grad_fn is None and not new.requires_grad
 
 
 def test_weight_average_is_validated_saved_and_resumed(tiny_data: Path, tmp_path: Path) -> None:

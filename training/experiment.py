@@ -120,6 +120,18 @@ def _mean_std(values: list[float]) -> dict[str, Any]:
     return {"mean": statistics.fmean(values), "std": std, "values": values}
 
 
+def run_config(base: Any, overrides: dict[str, Any], seed: int) -> Any:
+    """The TrainConfig of one (run, seed): the base config, this seed, the run's model overrides."""
+    from training.config import TrainConfig
+
+    config = TrainConfig.from_dict(base.to_dict())
+    config.seed = seed
+    for key, value in overrides.items():
+        setattr(config.model, key, value)
+    config.validate()
+    return config
+
+
 def train_and_evaluate(data_dir: Path, config: Any, run_dir: Path, progress: bool) -> dict:
     """One (run, seed): train (resuming a partial run), evaluate on test, write result.json."""
     from training.evaluate import evaluate_run
@@ -222,26 +234,23 @@ def run_experiment(
     history = schema.max_history
     plan = make_plan(models, length, base.model.distill)
 
-    jobs = [(run, seed) for run in plan.runs for seed in range(seeds)]
+    jobs = {(run, seed): run_config(base, plan.runs[run], seed) for run in plan.runs for seed in range(seeds)}
+    for (run, seed), config in jobs.items():  # before training anything: no half-replaced experiment
+        run_dir = out / "runs" / run / f"seed{seed}"
+        finished = (run_dir / "result.json").is_file()
+        stale = changed_settings(run_dir, config, data_dir, RESULT_NEUTRAL) if finished else []
+        if stale:
+            raise ExperimentError(
+                f"{run_dir} is a finished run with other settings {stale}: its result would not be this "
+                f"experiment's. Write to a new --out, or delete {out / 'runs'} to retrain every run."
+            )
     trained, results = [], {}
-    bar = tqdm(jobs, desc="experiment runs", disable=not progress)
-    for run, seed in bar:
+    bar = tqdm(jobs.items(), desc="experiment runs", disable=not progress)
+    for (run, seed), config in bar:
         bar.set_postfix_str(f"{run} seed {seed}")
         run_dir = out / "runs" / run / f"seed{seed}"
-        config = TrainConfig.from_dict(base.to_dict())
-        config.seed = seed
-        for key, value in plan.runs[run].items():
-            setattr(config.model, key, value)
-        config.validate()
-        done = run_dir / "result.json"
-        if done.is_file():
-            stale = changed_settings(run_dir, config, data_dir, RESULT_NEUTRAL)
-            if stale:
-                raise ExperimentError(
-                    f"{run_dir} is a finished run with other settings {stale}: its result would not be this "
-                    f"experiment's. Write to a new --out, or delete {out / 'runs'} to retrain every run."
-                )
-            results[run, seed] = json.loads(done.read_text())
+        if (run_dir / "result.json").is_file():
+            results[run, seed] = json.loads((run_dir / "result.json").read_text())
             continue
         results[run, seed] = train_and_evaluate(data_dir, config, run_dir, progress)
         trained.append(f"{run}/seed{seed}")

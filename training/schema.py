@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import asdict, dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -82,11 +83,16 @@ class FeatureSchema:
     def n_actions(self) -> int:
         return len(self.actions) + N_RESERVED
 
+    @cached_property
+    def action_codes(self) -> dict[str, int]:
+        """Action name -> model index, built once (the service encodes every history with it)."""
+        codes: dict[str, int] = {}
+        for i, action in enumerate(self.actions):
+            codes.setdefault(action, i + N_RESERVED)  # a repeated name keeps its first index
+        return codes
+
     def action_index(self, action: str) -> int:
-        try:
-            return self.actions.index(action) + N_RESERVED
-        except ValueError:
-            return OOV
+        return self.action_codes.get(action, OOV)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

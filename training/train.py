@@ -201,7 +201,7 @@ def _train(
                 nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
             optimizer.step()
             if config.ema:
-                torch._foreach_lerp_(list(averaged.parameters()), list(model.parameters()), 1.0 - config.ema)
+                update_average(averaged, model, config.ema)
             step += 1
             for name, value in losses.items():
                 sums[name] = sums.get(name, 0.0) + float(value.detach())
@@ -231,6 +231,12 @@ def _train(
     if cluster.distributed:
         dist.barrier()  # rank 0 has finished writing before any process leaves
     return out_dir
+
+
+@torch.no_grad()  # the average is no part of the autograd graph
+def update_average(averaged: nn.Module, model: nn.Module, decay: float) -> None:
+    """averaged <- decay * averaged + (1 - decay) * model, parameter by parameter."""
+    torch._foreach_lerp_(list(averaged.parameters()), list(model.parameters()), 1.0 - decay)
 
 
 def save_epoch(
