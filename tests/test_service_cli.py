@@ -182,7 +182,14 @@ def connections_per_process(port: int, connections: int = 32) -> list[int]:
 def worker_pids(pid: int) -> set[int]:
     """The server processes a supervisor started (not multiprocessing's resource tracker)."""
     out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout
-    return {int(p) for p in out.split() if b"spawn_main" in Path(f"/proc/{p}/cmdline").read_bytes()}
+    pids = set()
+    for p in out.split():
+        try:
+            if b"spawn_main" in Path(f"/proc/{p}/cmdline").read_bytes():
+                pids.add(int(p))
+        except OSError:  # it exited between pgrep and here
+            pass
+    return pids
 
 
 def test_workers_share_connections_and_a_dead_worker_is_replaced(tiny_bundle: Path, redis_server, tmp_path: Path):
@@ -207,6 +214,30 @@ def test_workers_share_connections_and_a_dead_worker_is_replaced(tiny_bundle: Pa
         assert connections_per_process(port)[0] >= 5
     finally:
         stop_serve(proc, log)
+
+
+def test_workers_that_keep_dying_stop_the_server(tiny_bundle: Path, redis_server, tmp_path: Path):
+    """A crash loop is not served forever: past MAX_RESTARTS deaths within a minute the supervisor
+    stops the other worker and exits with an error."""
+    from service.workers import MAX_RESTARTS
+
+    proc, _, log = start_serve(tiny_bundle, redis_server.url, 2, tmp_path)
+    killed: set[int] = set()
+    try:
+        while proc.poll() is None and len(killed) <= MAX_RESTARTS:
+            fresh = worker_pids(proc.pid) - killed
+            if fresh:
+                victim = min(fresh)
+                os.kill(victim, signal.SIGKILL)
+                killed.add(victim)
+            time.sleep(0.05)
+        rc = proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert rc == 1, log.read_text()
+    assert f"{MAX_RESTARTS} workers died within 60 s; stopping" in log.read_text()
+    assert worker_pids(proc.pid) == set()
 
 
 def file_step(name: str, out: Path, key: dict, log: list[str]) -> Step:
