@@ -35,9 +35,13 @@ class WorkersError(RuntimeError):
     """The workers cannot serve: the port is taken, or a worker fails at startup or keeps dying."""
 
 
+def tcp_socket(host: str) -> socket.socket:
+    return socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+
+
 def reuseport_socket(host: str, port: int) -> socket.socket:
     """A listening TCP socket that other processes may bind to the same address too."""
-    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    sock = tcp_socket(host)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     sock.bind((host, port))
@@ -48,7 +52,7 @@ def check_port_free(host: str, port: int) -> None:
     """Bind without SO_REUSEPORT, which fails while anything (an older `psad serve` too) listens there."""
     if not hasattr(socket, "SO_REUSEPORT"):
         raise WorkersError("several workers need SO_REUSEPORT (Linux, macOS, BSD); run one worker per container")
-    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM) as sock:
+    with tcp_socket(host) as sock:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind((host, port))

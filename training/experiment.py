@@ -235,10 +235,11 @@ def run_experiment(
     plan = make_plan(models, length, base.model.distill)
 
     jobs = {(run, seed): run_config(base, plan.runs[run], seed) for run in plan.runs for seed in range(seeds)}
-    for (run, seed), config in jobs.items():  # before training anything: no half-replaced experiment
-        run_dir = out / "runs" / run / f"seed{seed}"
-        finished = (run_dir / "result.json").is_file()
-        stale = changed_settings(run_dir, config, data_dir, RESULT_NEUTRAL) if finished else []
+    run_dirs = {(run, seed): out / "runs" / run / f"seed{seed}" for run, seed in jobs}
+    finished = [job for job, run_dir in run_dirs.items() if (run_dir / "result.json").is_file()]
+    for job in finished:  # before training anything: no half-replaced experiment
+        run_dir = run_dirs[job]
+        stale = changed_settings(run_dir, jobs[job], data_dir, RESULT_NEUTRAL)
         if stale:
             raise ExperimentError(
                 f"{run_dir} is a finished run with other settings {stale}: its result would not be this "
@@ -248,8 +249,8 @@ def run_experiment(
     bar = tqdm(jobs.items(), desc="experiment runs", disable=not progress)
     for (run, seed), config in bar:
         bar.set_postfix_str(f"{run} seed {seed}")
-        run_dir = out / "runs" / run / f"seed{seed}"
-        if (run_dir / "result.json").is_file():
+        run_dir = run_dirs[run, seed]
+        if (run, seed) in finished:
             results[run, seed] = json.loads((run_dir / "result.json").read_text())
             continue
         results[run, seed] = train_and_evaluate(data_dir, config, run_dir, progress)
