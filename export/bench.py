@@ -3,7 +3,8 @@
 Every (batch, list length, history length) cell is timed call by call after a warm-up, for up
 to --iters calls or --seconds, whichever comes first; inputs are synthesised from the bundle's
 schema (full lists, no padding). ONNX Runtime is timed through Bundle.score (what the service
-calls, input checks included); PyTorch eager runs the same serving module under
+calls, input checks included); PyTorch eager runs the same serving architecture (the bundle's
+teacher.safetensors weights: latency does not depend on them) under
 torch.inference_mode. Runs on the CPU, and on CUDA as well when a GPU is present. --profile
 adds ONNX Runtime's per-operator profile of the target cell: where the time goes.
 """

@@ -6,7 +6,9 @@
         manifest.json        what the bundle is, where it came from, parity results, sha256 of every file
         schema.json          the FeatureSchema the service assembles inputs with
         vocab.json           item ids and user categorical values -> indices (unseen -> OOV row)
-        teacher.safetensors  the whole model state dict, teacher included, for offline shadow evaluation
+        teacher.safetensors  the whole model state dict at the teacher's best validation epoch (the
+                             run's teacher.safetensors; model.safetensors for scorer-only baselines),
+                             for offline shadow evaluation
         items.safetensors    the item side tables the model was built with
         config.json          the run's TrainConfig (+ data_dir)
 
@@ -46,7 +48,7 @@ from export.runtime import (
     latest_version,
     sha256,
 )
-from training.checkpoint import RunError, load_run, load_weights, read_config
+from training.checkpoint import BEST_FILES, RunError, load_run, load_weights, read_config
 from training.data.store import DataError, load_split, load_vocabs
 from training.models.registry import build_model
 from training.schema import INPUT_NAMES, MODEL_OUTPUT, FeatureSchema, SchemaError, TensorSpec, model_inputs
@@ -86,6 +88,9 @@ def export_run(
         )
     try:
         model, config, schema = load_run(run_dir)
+        shadow = Path(run_dir) / BEST_FILES["teacher" if hasattr(model, "teacher_decode") else "student"]
+        if not shadow.is_file():
+            raise RunError(f"{shadow}: not found; the run predates per-model checkpoints: retrain it")
         _, data_dir = read_config(run_dir)
         vocabs = load_vocabs(data_dir, schema)
         validation = best_validation(run_dir)
@@ -114,8 +119,8 @@ def export_run(
         steps.set_postfix_str("files")
         schema.save(tmp / "schema.json")
         vocabs.save(tmp / "vocab.json")
-        for src, dst in (("model.safetensors", "teacher.safetensors"), ("items.safetensors", "items.safetensors")):
-            shutil.copyfile(run_dir / src, tmp / dst)
+        shutil.copyfile(shadow, tmp / "teacher.safetensors")
+        shutil.copyfile(run_dir / "items.safetensors", tmp / "items.safetensors")
         shutil.copyfile(run_dir / "config.json", tmp / "config.json")
         steps.update()
         manifest = build_manifest(
@@ -289,7 +294,8 @@ def file_entry(path: Path) -> dict[str, Any]:
 
 
 def load_torch_model(bundle_dir: Path) -> nn.Module:
-    """Rebuild the whole PyTorch model (teacher included, eval mode) from a bundle alone."""
+    """Rebuild the whole PyTorch model (teacher included, eval mode) from a bundle alone, with the
+    weights of the teacher's best epoch (which may differ from the epoch model.onnx was exported from)."""
     from safetensors.torch import load_file
 
     bundle_dir = Path(bundle_dir)

@@ -243,8 +243,10 @@ def train_step(cfg: UpConfig) -> Step:
     def valid(_: dict[str, Any]) -> bool:
         if not all((cfg.run_dir / name).is_file() for name in RUN_FILES):
             return False
-        try:
-            load_run(cfg.run_dir)  # weights from an older model code no longer fit: train afresh
+        try:  # weights from an older model code no longer fit: train afresh
+            model, _, _ = load_run(cfg.run_dir)
+            if hasattr(model, "teacher_decode"):
+                load_run(cfg.run_dir, "teacher")
         except RunError:
             return False
         return True

@@ -34,6 +34,13 @@ def test_evaluate_run_reports_every_ranker_metric_and_group(tiny_run: Path) -> N
     assert sum(activity["lists"].values()) == result["lists"]
     assert activity["light_max"] <= activity["medium_max"]
     assert set(result["groups"]) == {g for g, n in activity["lists"].items() if n > 0}
+    for ranker in ("student", "teacher"):
+        gain = result["vs_initial"][ranker]["ndcg@10"]
+        expected = result["overall"][ranker]["ndcg@10"] - result["overall"]["initial"]["ndcg@10"]
+        assert gain["gain"] == pytest.approx(expected)
+        assert gain["low"] <= gain["gain"] <= gain["high"]
+        assert set(result["vs_initial"][ranker]) == {"ndcg@10", "utility"}
+    assert "paired bootstrap 95% interval" in format_table(result)
     overall_ndcg = result["overall"]["student"]["ndcg@10"]
     weighted = sum(result["groups"][g]["student"]["ndcg@10"] * activity["lists"][g] for g in result["groups"])
     assert weighted / result["lists"] == pytest.approx(overall_ndcg)
@@ -93,10 +100,13 @@ def test_short_training_beats_the_initial_order_under_the_simulator(sim_run: tup
     history = json.loads((run / "history.json").read_text())
     assert history[-1]["train"]["loss"] < history[0]["train"]["loss"]
     assert history[-1]["train"]["teacher"] < history[0]["train"]["teacher"]
-    result = evaluate_run(run, "test")["overall"]
+    evaluation = evaluate_run(run, "test")
+    result = evaluation["overall"]
     initial = result["initial"]["utility"]
     assert result["student"]["utility"] > initial + 0.005
     assert result["teacher"]["utility"] > initial + 0.005
+    for ranker in ("student", "teacher"):  # and not by chance: the paired interval excludes 0
+        assert evaluation["vs_initial"][ranker]["utility"]["low"] > 0
     data = load_split(data_dir, "test")
     rng = np.random.default_rng(0)
     random_orders = np.argsort(rng.random(data.labels.shape), 1)

@@ -10,6 +10,7 @@ from training.metrics import (
     clicks_at_k,
     map_at_k,
     ndcg_at_k,
+    paired_bootstrap,
     per_list_metrics,
     ranking_from_scores,
     ranking_metrics,
@@ -129,3 +130,18 @@ def test_nan_scores_and_empty_batches_are_rejected() -> None:
         ranking_from_scores(np.array([[1.0, np.nan]]), np.ones((1, 2), dtype=bool))
     with pytest.raises(ValueError, match="empty"):
         ranking_metrics(np.zeros((0, 3), np.int64), np.zeros((0, 3)), np.zeros((0, 3), bool))
+
+
+def test_paired_bootstrap_interval() -> None:
+    low, high = paired_bootstrap(np.full(50, 0.2))
+    assert low == pytest.approx(0.2) and high == pytest.approx(0.2)
+    rng = np.random.default_rng(1)
+    noise = rng.normal(0.0, 1.0, 400)
+    low, high = paired_bootstrap(noise)
+    assert low < noise.mean() < high and low < 0 < high
+    assert high - low == pytest.approx(2 * 1.96 / np.sqrt(400), rel=0.2)  # the normal-theory width
+    assert paired_bootstrap(noise) == (low, high)  # seeded
+    low, high = paired_bootstrap(noise + 0.5)
+    assert low > 0  # a real gain is told apart from noise
+    with pytest.raises(ValueError, match="non-empty 1-d"):
+        paired_bootstrap(np.zeros(0))

@@ -19,7 +19,7 @@ from torch import nn
 from training.checkpoint import RunError, load_run
 from training.config import ConfigError, TrainConfig
 from training.schema import SchemaError
-from training.train import train, update_average
+from training.train import record_best, train, update_average
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -134,6 +134,41 @@ def test_load_run_reports_missing_and_corrupt_runs(tiny_run: Path, tmp_path: Pat
     (broken / "model.safetensors").write_bytes((tiny_run / "model.safetensors").read_bytes()[:100])
     with pytest.raises(RunError, match="model.safetensors: cannot read weights"):
         load_run(broken)
+
+
+def test_each_model_is_kept_at_its_own_best_epoch_and_training_waits_for_both() -> None:
+    meta: dict = {"best": {}, "bad_epochs": 0}
+
+    def epoch(student: float, teacher: float) -> list[str]:
+        val = {"initial": {"ndcg@10": 0.9}, "student": {"ndcg@10": student}, "teacher": {"ndcg@10": teacher}}
+        return record_best(meta, val)
+
+    assert epoch(0.5, 0.4) == ["student", "teacher"]
+    assert epoch(0.6, 0.3) == ["student"] and meta["bad_epochs"] == 0
+    assert epoch(0.55, 0.45) == ["teacher"] and meta["bad_epochs"] == 0  # the teacher still learns: go on
+    assert epoch(0.6, 0.45) == [] and meta["bad_epochs"] == 1  # ties are no improvement
+    assert meta["best"] == {"student": 0.6, "teacher": 0.45}
+    assert record_best({"best": {}, "bad_epochs": 3}, {"student": {"ndcg@10": 0.1}}) == ["student"]  # scorers
+
+
+def test_student_and_teacher_weights_come_from_their_best_epochs(tiny_run: Path, tmp_path: Path) -> None:
+    history = json.loads((tiny_run / "history.json").read_text())
+    for model, name in (("student", "model.safetensors"), ("teacher", "teacher.safetensors")):
+        scores = [h["val"][model]["ndcg@10"] for h in history]
+        assert (tiny_run / name).is_file()
+        best, last = weights(tiny_run, name), weights(tiny_run)
+        if scores[1] > scores[0]:  # the second (last) epoch was this model's best
+            assert_same_weights(best, last)
+        else:
+            assert any(not torch.equal(best[k], last[k]) for k in best)
+    broken = tmp_path / "no-teacher"
+    broken.mkdir()
+    for path in tiny_run.iterdir():
+        if path.name != "teacher.safetensors":
+            (broken / path.name).write_bytes(path.read_bytes())
+    load_run(broken)
+    with pytest.raises(RunError, match="teacher.safetensors: not found"):
+        load_run(broken, "teacher")
 
 
 def test_same_seed_gives_identical_weights_and_resume_equals_uninterrupted(

@@ -5,7 +5,8 @@ A run directory holds:
     config.json        TrainConfig.to_dict() plus "data_dir" (absolute path of the data set)
     schema.json        the data set's FeatureSchema (copied)
     items.safetensors  the item side tables the model was built with (item_cat, item_num)
-    model.safetensors  best weights (highest validation student NDCG@10)
+    model.safetensors  the student's best weights (highest validation student NDCG@10): what export serves
+    teacher.safetensors  the teacher's best weights (highest validation teacher NDCG@10; generators only)
     last.safetensors   weights after the last completed epoch
     state.safetensors  optimiser tensors, RNG states, epoch and step; JSON metadata for the rest
     history.json       per-epoch training losses and validation metrics
@@ -32,6 +33,8 @@ from training.models.registry import build_model
 from training.schema import FeatureSchema, SchemaError
 
 RUN_FILES = ("config.json", "schema.json", "items.safetensors", "model.safetensors")
+MODELS = ("student", "teacher")  # each kept at its own best validation epoch
+BEST_FILES = {"student": "model.safetensors", "teacher": "teacher.safetensors"}
 
 
 class RunError(ValueError):
@@ -141,8 +144,9 @@ def load_state(path: Path, optimizer: torch.optim.Optimizer) -> tuple[int, int, 
     return int(tensors["epoch"]), int(tensors["step"]), meta
 
 
-def load_run(run_dir: Path) -> tuple[nn.Module, TrainConfig, FeatureSchema]:
-    """Rebuild a trained model (best weights, eval mode) from its run directory alone."""
+def load_run(run_dir: Path, model: str = "student") -> tuple[nn.Module, TrainConfig, FeatureSchema]:
+    """Rebuild a trained model (eval mode) from its run directory alone, with the weights of the
+    epoch where `model` ("student" or "teacher") was best on validation."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise RunError(f"{run_dir}: run directory not found; train one with `psad train --out {run_dir}`")
@@ -159,6 +163,9 @@ def load_run(run_dir: Path) -> tuple[nn.Module, TrainConfig, FeatureSchema]:
         item_cat, item_num = items["item_cat"], items["item_num"]
     except (SafetensorError, OSError, KeyError) as exc:
         raise RunError(f"{run_dir / 'items.safetensors'}: cannot read the item tables ({exc})") from None
-    model = build_model(config.model, schema, item_cat, item_num)
-    load_weights(model, run_dir / "model.safetensors")
-    return model.eval(), config, schema
+    weights = run_dir / BEST_FILES[model]
+    if not weights.is_file():
+        raise RunError(f"{weights}: not found; the run has no {model} (or predates per-model checkpoints: retrain it)")
+    net = build_model(config.model, schema, item_cat, item_num)
+    load_weights(net, weights)
+    return net.eval(), config, schema

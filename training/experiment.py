@@ -173,7 +173,7 @@ def measure_latency(run_dir: Path, ranker: str, data_dir: Path, length: int, his
     from training.checkpoint import load_run
     from training.evaluate import load_lists, to_tensors
 
-    model, config, schema = load_run(run_dir)
+    model, config, schema = load_run(run_dir, ranker)
     lists = load_lists(data_dir, "test", schema, config.max_list)
     inputs = to_tensors(BatchMaker(schema, lists.inputs).make(1, length, history, pad_last=False), torch.device("cpu"))
     infer = model.teacher_decode if ranker == "teacher" else model.rank_scores

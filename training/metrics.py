@@ -121,3 +121,23 @@ def ranking_metrics(perm: np.ndarray, labels: np.ndarray, mask: np.ndarray) -> d
     if len(perm) == 0:
         raise ValueError("ranking_metrics: the batch is empty (no lists to evaluate)")
     return {name: float(values.mean()) for name, values in per_list_metrics(perm, labels, mask).items()}
+
+
+def paired_bootstrap(
+    diff: np.ndarray, resamples: int = 2000, seed: int = 0, level: float = 0.95
+) -> tuple[float, float]:
+    """Confidence interval of mean(diff), diff[i] = metric of ranker A minus ranker B on list i.
+
+    Lists are resampled with replacement, and the two rankers are always compared on the same
+    lists (paired), which is far tighter than two separate intervals. Seeded: reproducible."""
+    diff = np.asarray(diff, dtype=np.float64)
+    if diff.ndim != 1 or len(diff) == 0:
+        raise ValueError(f"paired_bootstrap: diff must be a non-empty 1-d array, got shape {diff.shape}")
+    means = np.empty(resamples)
+    rng = np.random.default_rng(seed)
+    for start in range(0, resamples, 256):  # bounded memory for large splits
+        rows = rng.integers(0, len(diff), size=(min(256, resamples - start), len(diff)))
+        means[start : start + len(rows)] = diff[rows].mean(axis=1)
+    tail = (1.0 - level) / 2 * 100
+    low, high = np.percentile(means, [tail, 100 - tail])
+    return float(low), float(high)

@@ -2,8 +2,11 @@
 
 Each epoch shuffles the training lists with a generator seeded by (seed, epoch), takes AdamW
 steps on the model's joint loss, then measures the student (and, for generators, the teacher)
-on the validation split. The best student NDCG@10 is kept as model.safetensors; the last epoch
-as last.safetensors + state.safetensors, from which `resume=True` continues exactly.
+on the validation split. Each model is kept at its own best validation NDCG@10: the student's
+epoch as model.safetensors (what export serves), the teacher's as teacher.safetensors (offline
+shadow evaluation); training stops when neither has improved for `patience` epochs, so a teacher
+that learns more slowly than its student is not cut short. The last epoch is kept as
+last.safetensors + state.safetensors, from which `resume=True` continues exactly.
 
 Distributed: under torchrun (WORLD_SIZE > 1) every process trains on its own shard of each
 epoch's order with DistributedDataParallel (gloo on CPU, nccl on CUDA); validation is sharded
@@ -27,6 +30,8 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from training.checkpoint import (
+    BEST_FILES,
+    MODELS,
     RunError,
     load_state,
     load_weights,
@@ -172,12 +177,16 @@ def _train(
 
     averaged = copy.deepcopy(model).requires_grad_(False) if config.ema else model  # validated and saved
 
-    epoch, step, meta = 0, 0, {"best": -math.inf, "bad_epochs": 0, "history": []}
+    epoch, step, meta = 0, 0, {"best": {}, "bad_epochs": 0, "history": []}
     if resume:
         load_weights(model, out_dir / "last.safetensors")
         if config.ema:
             load_weights(averaged, out_dir / EMA_FILE)
         epoch, step, meta = load_state(out_dir / "state.safetensors", optimizer)
+        if not isinstance(meta.get("best"), dict):
+            raise RunError(
+                f"{out_dir}: written by an earlier version of `psad train`; start a new run without --resume"
+            )
     elif cluster.main:
         out_dir.mkdir(parents=True, exist_ok=True)
         save_run_files(out_dir, config, schema, data_dir, item_cat, item_num)
@@ -209,10 +218,7 @@ def _train(
         bar.close()
         epoch += 1
         val = validate(averaged, val_data, config, cluster)
-        score = val["student"][VALIDATION_METRIC]
-        improved = score > meta["best"]
-        meta["best"] = max(meta["best"], score)
-        meta["bad_epochs"] = 0 if improved else meta["bad_epochs"] + 1
+        improved = record_best(meta, val)
         meta["history"].append(
             {
                 "epoch": epoch,
@@ -227,10 +233,20 @@ def _train(
             if progress:
                 tqdm.write(epoch_line(meta["history"][-1], improved))
     if progress and config.patience and meta["bad_epochs"] >= config.patience:
-        tqdm.write(f"early stop: no better validation student {VALIDATION_METRIC} for {config.patience} epoch(s)")
+        tqdm.write(f"early stop: no better validation {VALIDATION_METRIC} for {config.patience} epoch(s)")
     if cluster.distributed:
         dist.barrier()  # rank 0 has finished writing before any process leaves
     return out_dir
+
+
+def record_best(meta: dict, val: dict[str, dict[str, float]]) -> list[str]:
+    """The models (student, teacher) whose validation metric beat their best so far; updates meta's
+    best scores, and its count of epochs in which no model improved (what early stopping reads)."""
+    improved = [m for m in MODELS if m in val and val[m][VALIDATION_METRIC] > meta["best"].get(m, -math.inf)]
+    for m in improved:
+        meta["best"][m] = val[m][VALIDATION_METRIC]
+    meta["bad_epochs"] = 0 if improved else meta["bad_epochs"] + 1
+    return improved
 
 
 @torch.no_grad()  # the average is no part of the autograd graph
@@ -247,11 +263,12 @@ def save_epoch(
     epoch: int,
     step: int,
     meta: dict,
-    improved: bool,
+    improved: list[str],
 ) -> None:
-    """Checkpoint after an epoch: best (validated) and last weights, training state, history, curves."""
-    if improved:
-        save_weights(averaged, out_dir / "model.safetensors")
+    """Checkpoint after an epoch: each improved model's weights, the last weights, training state,
+    history, curves."""
+    for m in improved:
+        save_weights(averaged, out_dir / BEST_FILES[m])
     save_weights(model, out_dir / "last.safetensors")
     if averaged is not model:
         save_weights(averaged, out_dir / EMA_FILE)
@@ -260,8 +277,11 @@ def save_epoch(
     plot_history(meta["history"], out_dir / "curves.png", VALIDATION_METRIC)
 
 
-def epoch_line(entry: dict, improved: bool) -> str:
+def epoch_line(entry: dict, improved: list[str]) -> str:
     losses = " ".join(f"{k} {v:.4f}" for k, v in entry["train"].items())
-    val = " ".join(f"{ranker} {m[VALIDATION_METRIC]:.4f}" for ranker, m in entry["val"].items())
-    mark = " *best" if improved else ""
-    return f"epoch {entry['epoch']:>3}  {entry['seconds']:.1f}s  train: {losses}  val {VALIDATION_METRIC}: {val}{mark}"
+    val = " ".join(
+        f"{ranker} {m[VALIDATION_METRIC]:.4f}{'*' if ranker in improved else ''}" for ranker, m in entry["val"].items()
+    )
+    return (
+        f"epoch {entry['epoch']:>3}  {entry['seconds']:.1f}s  train: {losses}  val {VALIDATION_METRIC} (* best): {val}"
+    )
