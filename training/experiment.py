@@ -383,7 +383,8 @@ def markdown(report: dict) -> str:
         f"# Reranking experiment: {report['dataset']}",
         "",
         f"Test split of `{report['data_dir']}`; mean ± standard deviation over seeds {report['seeds']}. "
-        f"Checkpoints chosen on validation (student {TARGET_METRIC}). Latency: {report['latency']}, "
+        f"Checkpoints chosen on validation: each model at its own best epoch (student or teacher {TARGET_METRIC}). "
+        f"Latency: {report['latency']}, "
         f"L = {report['list_length']}, H = {report['history_length']}. Wall time of this session: "
         f"{report['wall_seconds'] / 60:.1f} min (training {report['train_seconds_total'] / 60:.1f} min in total).",
         "",
