@@ -69,6 +69,15 @@ def test_finished_runs_with_other_settings_are_not_reused(experiment, tiny_data:
     assert report["trained_this_session"] == []
 
 
+def test_finished_generator_runs_without_a_teacher_checkpoint_are_not_reused(tiny_data: Path, tmp_path: Path) -> None:
+    kwargs = dict(seeds=1, models=["psad-g"], base_config=tiny_config(), progress=False)
+    run_experiment(tiny_data, tmp_path, **kwargs)
+    (teacher,) = (tmp_path / "runs").glob("*/seed0/teacher.safetensors")
+    teacher.unlink()  # as a run finished by the previous version left it
+    with pytest.raises(ExperimentError, match=r"no teacher.safetensors \(finished before per-model checkpoints\)"):
+        run_experiment(tiny_data, tmp_path, **kwargs)
+
+
 def test_json_schema(experiment) -> None:
     out, report, _ = experiment
     saved = json.loads((out / "results.json").read_text())

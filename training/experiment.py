@@ -4,14 +4,16 @@ A model spec names a training run (ModelConfig overrides of the base config) and
 that run to evaluate: "student" (rank_scores), "teacher" (teacher_decode) or "initial" (the
 ranking stage's order, nothing trained). Specs that need the same run share it: psad-g and
 psad-s are the teacher and the student of one run. Checkpoints are chosen by train() on the
-validation split (best student NDCG@10); the test split is only ever evaluated.
+validation split (each model at its own best NDCG@10 epoch); the test split is only ever evaluated.
 
 Layout under --out:
     runs/<run>/seed<k>/              a train() run directory
     runs/<run>/seed<k>/result.json   its test evaluation, written when the run is done
     results.json, results.md, quality_vs_latency.png
 A killed experiment resumes: finished runs (result.json present) are skipped, a partially
-trained one continues from its last epoch (train(..., resume=True)).
+trained one continues from its last epoch (train(..., resume=True)). A finished run trained with
+other settings, or a generator run without a teacher checkpoint (finished by an earlier version),
+is refused before anything trains: its result would not be this experiment's.
 """
 
 from __future__ import annotations
@@ -212,8 +214,10 @@ def run_experiment(
     """
     from tqdm import tqdm
 
+    from training.checkpoint import BEST_FILES
     from training.config import TrainConfig
     from training.data.store import check_schema_files, load_schema
+    from training.models.registry import GENERATOR_ARCHS
     from training.train import RESULT_NEUTRAL, changed_settings
 
     started = time.perf_counter()
@@ -240,6 +244,8 @@ def run_experiment(
     for job in finished:  # before training anything: no half-replaced experiment
         run_dir = run_dirs[job]
         stale = changed_settings(run_dir, jobs[job], data_dir, RESULT_NEUTRAL)
+        if jobs[job].model.arch in GENERATOR_ARCHS and not (run_dir / BEST_FILES["teacher"]).is_file():
+            stale.append(f"no {BEST_FILES['teacher']} (finished before per-model checkpoints)")
         if stale:
             raise ExperimentError(
                 f"{run_dir} is a finished run with other settings {stale}: its result would not be this "

@@ -15,6 +15,8 @@ from torch import nn
 from training.models.config import ModelConfig
 from training.schema import FeatureSchema
 
+GENERATOR_ARCHS = frozenset({"psad"})  # archs whose models offer teacher_decode (and keep a teacher checkpoint)
+
 
 def build_model(cfg: ModelConfig, schema: FeatureSchema, item_cat: torch.Tensor, item_num: torch.Tensor) -> nn.Module:
     cfg.validate()
