@@ -48,9 +48,9 @@ from export.runtime import (
     latest_version,
     sha256,
 )
-from training.checkpoint import BEST_FILES, RunError, load_run, load_weights, read_config
+from training.checkpoint import BEST_FILES, MODELS, RunError, load_run, load_weights, read_config
 from training.data.store import DataError, load_split, load_vocabs
-from training.models.registry import build_model
+from training.models.registry import GENERATOR_ARCHS, build_model
 from training.schema import INPUT_NAMES, MODEL_OUTPUT, FeatureSchema, SchemaError, TensorSpec, model_inputs
 
 OPSET = 18
@@ -88,9 +88,8 @@ def export_run(
         )
     try:
         model, config, schema = load_run(run_dir)
-        shadow = Path(run_dir) / BEST_FILES["teacher" if hasattr(model, "teacher_decode") else "student"]
-        if not shadow.is_file():
-            raise RunError(f"{shadow}: not found; the run predates per-model checkpoints: retrain it")
+        shadow = "teacher" if config.model.arch in GENERATOR_ARCHS else "student"
+        load_run(run_dir, shadow)  # the weights shipped for shadow evaluation exist and fit the model
         _, data_dir = read_config(run_dir)
         vocabs = load_vocabs(data_dir, schema)
         validation = best_validation(run_dir)
@@ -119,7 +118,7 @@ def export_run(
         steps.set_postfix_str("files")
         schema.save(tmp / "schema.json")
         vocabs.save(tmp / "vocab.json")
-        shutil.copyfile(shadow, tmp / "teacher.safetensors")
+        shutil.copyfile(run_dir / BEST_FILES[shadow], tmp / "teacher.safetensors")
         shutil.copyfile(run_dir / "items.safetensors", tmp / "items.safetensors")
         shutil.copyfile(run_dir / "config.json", tmp / "config.json")
         steps.update()
@@ -145,18 +144,31 @@ def next_version(repo_dir: Path, name: str) -> int:
 
 
 def best_validation(run_dir: Path) -> dict[str, Any]:
-    """The best epoch's validation metrics (the epoch whose weights are model.safetensors)."""
+    """The student's best epoch (whose weights are model.onnx) and its validation metrics; for
+    generators also the teacher's (whose weights are teacher.safetensors). max() keeps the first
+    of equal scores, as training does (a tie is no improvement)."""
     from training.train import VALIDATION_METRIC
 
     path = Path(run_dir) / "history.json"
     try:
         history = json.loads(path.read_text())
-        best = max(history, key=lambda e: e["val"]["student"][VALIDATION_METRIC])
+        best = {
+            m: max(history, key=lambda e: e["val"][m][VALIDATION_METRIC]) for m in history[-1]["val"] if m in MODELS
+        }
+        student = best["student"]
     except FileNotFoundError:
         raise ExportError(f"{path}: not found; export a run written by `psad train`") from None
-    except (json.JSONDecodeError, TypeError, KeyError, ValueError) as exc:
+    except (json.JSONDecodeError, TypeError, KeyError, ValueError, IndexError) as exc:
         raise ExportError(f"{path}: cannot read per-epoch validation metrics ({exc!r}); re-run `psad train`") from None
-    return {"selected_by": f"student {VALIDATION_METRIC}", "epoch": best["epoch"], "metrics": best["val"]}
+    out = {"selected_by": f"student {VALIDATION_METRIC}", "epoch": student["epoch"], "metrics": student["val"]}
+    if "teacher" in best:
+        teacher = best["teacher"]
+        out["teacher"] = {
+            "selected_by": f"teacher {VALIDATION_METRIC}",
+            "epoch": teacher["epoch"],
+            "metrics": teacher["val"],
+        }
+    return out
 
 
 def export_onnx(module: nn.Module, maker: BatchMaker, path: Path) -> None:

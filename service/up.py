@@ -236,6 +236,7 @@ def data_step(cfg: UpConfig) -> Step:
 def train_step(cfg: UpConfig) -> Step:
     from training.checkpoint import RUN_FILES, RunError, load_run
     from training.config import TrainConfig
+    from training.models.registry import GENERATOR_ARCHS
 
     config_text = cfg.train_config.read_text() if cfg.train_config.is_file() else ""
     key = {"config": str(cfg.train_config), "sha256": hashlib.sha256(config_text.encode()).hexdigest()}
@@ -244,8 +245,8 @@ def train_step(cfg: UpConfig) -> Step:
         if not all((cfg.run_dir / name).is_file() for name in RUN_FILES):
             return False
         try:  # weights from an older model code no longer fit: train afresh
-            model, _, _ = load_run(cfg.run_dir)
-            if hasattr(model, "teacher_decode"):
+            _, config, _ = load_run(cfg.run_dir)
+            if config.model.arch in GENERATOR_ARCHS:
                 load_run(cfg.run_dir, "teacher")
         except RunError:
             return False

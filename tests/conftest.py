@@ -82,6 +82,22 @@ class RedisServer:
             self.proc = None
 
 
+def predate_per_model_checkpoints(run_dir: Path) -> None:
+    """Rewrite a run's training state as the earlier version saved it: one best score, a number."""
+    import json
+
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    state = run_dir / "state.safetensors"
+    tensors = load_file(str(state))
+    with safe_open(str(state), framework="pt") as f:
+        metadata = f.metadata()
+    meta = json.loads(metadata["meta"])
+    meta["best"] = 0.6
+    save_file(tensors, str(state), metadata={**metadata, "meta": json.dumps(meta)})
+
+
 @pytest.fixture(scope="session")
 def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
     server = RedisServer(tmp_path_factory.mktemp("redis"))

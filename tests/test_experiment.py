@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import predate_per_model_checkpoints
 from training.config import TrainConfig
 from training.experiment import SPECS, ExperimentError, make_plan, parse_models, run_experiment
 
@@ -69,12 +70,15 @@ def test_finished_runs_with_other_settings_are_not_reused(experiment, tiny_data:
     assert report["trained_this_session"] == []
 
 
-def test_finished_generator_runs_without_a_teacher_checkpoint_are_not_reused(tiny_data: Path, tmp_path: Path) -> None:
+def test_runs_of_the_earlier_checkpoint_rule_are_not_reused(tiny_data: Path, tmp_path: Path) -> None:
     kwargs = dict(seeds=1, models=["psad-g"], base_config=tiny_config(), progress=False)
     run_experiment(tiny_data, tmp_path, **kwargs)
-    (teacher,) = (tmp_path / "runs").glob("*/seed0/teacher.safetensors")
-    teacher.unlink()  # as a run finished by the previous version left it
-    with pytest.raises(ExperimentError, match=r"no teacher.safetensors \(finished before per-model checkpoints\)"):
+    (run_dir,) = (tmp_path / "runs").glob("*/seed0")
+    predate_per_model_checkpoints(run_dir)  # its teacher result would come from the student's epoch
+    with pytest.raises(ExperimentError, match=r"trained by an earlier version of `psad train`.*new --out"):
+        run_experiment(tiny_data, tmp_path, **kwargs)
+    (run_dir / "result.json").unlink()  # a partial run is refused too, before anything trains
+    with pytest.raises(ExperimentError, match="earlier version"):
         run_experiment(tiny_data, tmp_path, **kwargs)
 
 

@@ -41,7 +41,13 @@ def test_bundle_layout_and_manifest(tiny_bundle: Path, tiny_run: Path) -> None:
     assert manifest["inputs"] == specs
     assert manifest["outputs"] == [{"name": "scores", "dtype": "float32", "dims": ["batch", "list"]}]
     assert manifest["source"]["run"] == str(tiny_run.resolve())
-    assert "ndcg@10" in manifest["source"]["validation"]["metrics"]["student"]
+    validation = manifest["source"]["validation"]
+    assert "ndcg@10" in validation["metrics"]["student"]
+    history = json.loads((tiny_run / "history.json").read_text())
+    for model, picked in (("student", validation), ("teacher", validation["teacher"])):  # each model's own epoch
+        scores = [h["val"][model]["ndcg@10"] for h in history]
+        assert picked["epoch"] == 1 + scores.index(max(scores))
+    assert (tiny_bundle / "teacher.safetensors").read_bytes() == (tiny_run / "teacher.safetensors").read_bytes()
     assert set(manifest["files"]) == BUNDLE_FILES - {"manifest.json"}
     for name, entry in manifest["files"].items():
         assert entry["sha256"] == sha256(tiny_bundle / name)

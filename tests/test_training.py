@@ -6,6 +6,7 @@ import copy
 import dataclasses
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -16,6 +17,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 from torch import nn
 
+from tests.conftest import predate_per_model_checkpoints
 from training.checkpoint import RunError, load_run
 from training.config import ConfigError, TrainConfig
 from training.schema import SchemaError
@@ -151,24 +153,65 @@ def test_each_model_is_kept_at_its_own_best_epoch_and_training_waits_for_both() 
     assert record_best({"best": {}, "bad_epochs": 3}, {"student": {"ndcg@10": 0.1}}) == ["student"]  # scorers
 
 
-def test_student_and_teacher_weights_come_from_their_best_epochs(tiny_run: Path, tmp_path: Path) -> None:
-    history = json.loads((tiny_run / "history.json").read_text())
-    for model, name in (("student", "model.safetensors"), ("teacher", "teacher.safetensors")):
-        scores = [h["val"][model]["ndcg@10"] for h in history]
-        assert (tiny_run / name).is_file()
-        best, last = weights(tiny_run, name), weights(tiny_run)
-        if scores[1] > scores[0]:  # the second (last) epoch was this model's best
-            assert_same_weights(best, last)
-        else:
-            assert any(not torch.equal(best[k], last[k]) for k in best)
+def scripted_validation(monkeypatch: pytest.MonkeyPatch, student: list[float], teacher: list[float]) -> None:
+    """validate() returns these scores, one epoch per call: best epochs that training cannot choose."""
+    scores = iter(zip(student, teacher, strict=True))
+
+    def validate(*_: object) -> dict[str, dict[str, float]]:
+        s, t = next(scores)
+        return {"initial": {"ndcg@10": 0.5}, "student": {"ndcg@10": s}, "teacher": {"ndcg@10": t}}
+
+    monkeypatch.setattr("training.train.validate", validate)
+
+
+def test_student_and_teacher_are_kept_at_their_own_best_epochs_and_resume_keeps_them(
+    tiny_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    student, teacher = [0.5, 0.6, 0.55, 0.5, 0.9], [0.4, 0.3, 0.45, 0.44, 0.9]
+    config = dataclasses.replace(TrainConfig.small_for_tests(), epochs=5, patience=1)
+    epoch_weights = []
+
+    def keep(run: Path) -> None:
+        epoch_weights.append(weights(run))
+
+    scripted_validation(monkeypatch, student, teacher)
+    monkeypatch.setattr("training.train.plot_history", lambda history, path, metric: keep(path.parent))
+    full = train(tiny_data, config, tmp_path / "full", progress=False)
+    # epoch 3: only the teacher improved, which keeps training going; epoch 4: nothing did, patience 1 stops
+    assert len(json.loads((full / "history.json").read_text())) == 4
+    assert_same_weights(weights(full, "model.safetensors"), epoch_weights[1])  # the student's best: epoch 2
+    assert_same_weights(weights(full, "teacher.safetensors"), epoch_weights[2])  # the teacher's best: epoch 3
+    assert_same_weights(weights(full, "model.safetensors"), load_file(str(full / "model.safetensors")))
+    model, _, _ = load_run(full, "teacher")
+    assert not model.training
+
+    scripted_validation(monkeypatch, student, teacher)  # the same scores, over a run cut after epoch 2
+    split = train(tiny_data, dataclasses.replace(config, epochs=2), tmp_path / "split", progress=False)
+    train(tiny_data, config, split, resume=True, progress=False)
+    for name in ("last.safetensors", "model.safetensors", "teacher.safetensors"):
+        assert_same_weights(weights(split, name), weights(full, name))
+
+
+def test_resuming_a_run_of_the_earlier_checkpoint_rule_is_refused(
+    tiny_data: Path, tiny_run: Path, tmp_path: Path
+) -> None:
+    old = tmp_path / "old"
+    shutil.copytree(tiny_run, old)
+    predate_per_model_checkpoints(old)
+    config = dataclasses.replace(TrainConfig.small_for_tests(), epochs=3)
+    with pytest.raises(RunError, match="earlier version of `psad train`"):
+        train(tiny_data, config, old, resume=True, progress=False)
+
+
+def test_a_run_without_a_teacher_checkpoint_loads_its_student_only(tiny_run: Path, tmp_path: Path) -> None:
     broken = tmp_path / "no-teacher"
-    broken.mkdir()
-    for path in tiny_run.iterdir():
-        if path.name != "teacher.safetensors":
-            (broken / path.name).write_bytes(path.read_bytes())
+    shutil.copytree(tiny_run, broken)
+    (broken / "teacher.safetensors").unlink()
     load_run(broken)
     with pytest.raises(RunError, match="teacher.safetensors: not found"):
         load_run(broken, "teacher")
+    with pytest.raises(ValueError, match="which must be one of"):
+        load_run(broken, "generator")
 
 
 def test_same_seed_gives_identical_weights_and_resume_equals_uninterrupted(

@@ -118,6 +118,20 @@ def save_state(path: Path, optimizer: torch.optim.Optimizer, epoch: int, step: i
     os.replace(tmp, path)
 
 
+def read_meta(path: Path) -> dict[str, Any]:
+    """The JSON metadata of a training state (early-stopping state, history) without loading tensors."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return json.loads((f.metadata() or {})["meta"])
+    except (SafetensorError, OSError, KeyError, json.JSONDecodeError) as exc:
+        raise RunError(f"{path}: cannot read the training state ({exc}); start a new run") from None
+
+
+def predates_per_model_checkpoints(meta: dict[str, Any]) -> bool:
+    """A state written before each model was kept at its own best epoch (one best score, a number)."""
+    return not isinstance(meta.get("best"), dict)
+
+
 def load_state(path: Path, optimizer: torch.optim.Optimizer) -> tuple[int, int, dict[str, Any]]:
     """Restore the optimiser and RNG states; returns (epoch, step, meta)."""
     try:
@@ -144,9 +158,11 @@ def load_state(path: Path, optimizer: torch.optim.Optimizer) -> tuple[int, int, 
     return int(tensors["epoch"]), int(tensors["step"]), meta
 
 
-def load_run(run_dir: Path, model: str = "student") -> tuple[nn.Module, TrainConfig, FeatureSchema]:
+def load_run(run_dir: Path, which: str = "student") -> tuple[nn.Module, TrainConfig, FeatureSchema]:
     """Rebuild a trained model (eval mode) from its run directory alone, with the weights of the
-    epoch where `model` ("student" or "teacher") was best on validation."""
+    epoch where `which` ("student" or "teacher") was best on validation."""
+    if which not in BEST_FILES:
+        raise ValueError(f"load_run: which must be one of {list(BEST_FILES)}, got {which!r}")
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise RunError(f"{run_dir}: run directory not found; train one with `psad train --out {run_dir}`")
@@ -163,9 +179,9 @@ def load_run(run_dir: Path, model: str = "student") -> tuple[nn.Module, TrainCon
         item_cat, item_num = items["item_cat"], items["item_num"]
     except (SafetensorError, OSError, KeyError) as exc:
         raise RunError(f"{run_dir / 'items.safetensors'}: cannot read the item tables ({exc})") from None
-    weights = run_dir / BEST_FILES[model]
+    weights = run_dir / BEST_FILES[which]
     if not weights.is_file():
-        raise RunError(f"{weights}: not found; the run has no {model} (or predates per-model checkpoints: retrain it)")
-    net = build_model(config.model, schema, item_cat, item_num)
-    load_weights(net, weights)
-    return net.eval(), config, schema
+        raise RunError(f"{weights}: not found; the run has no {which} (or predates per-model checkpoints: retrain it)")
+    model = build_model(config.model, schema, item_cat, item_num)
+    load_weights(model, weights)
+    return model.eval(), config, schema

@@ -31,7 +31,7 @@ class TrainConfig:
     lr: float = 1e-3  # AdamW learning rate (constant)
     weight_decay: float = 1e-4  # AdamW decoupled weight decay
     grad_clip: float = 1.0  # max global gradient norm; 0 = no clipping
-    patience: int = 4  # epochs without a better validation student NDCG@10 before stopping; 0 = never stop early
+    patience: int = 4  # epochs in which neither student nor teacher improved validation NDCG@10; 0 = never stop
     seed: int = 0  # seeds weights, dropout and the shuffling order
     device: str = "auto"  # auto (CUDA when present) | cpu | cuda
     threads: int = 0  # torch CPU threads; 0 = torch's default

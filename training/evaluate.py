@@ -31,6 +31,7 @@ from torch import nn
 from training.checkpoint import MODELS, load_run, read_config
 from training.data.store import DataError, ListData, check_schema_files, load_schema, load_split
 from training.metrics import paired_bootstrap, per_list_metrics, ranking_from_scores
+from training.models.registry import GENERATOR_ARCHS
 from training.schema import FeatureSchema, SchemaError
 
 GROUPS = ("light", "medium", "heavy")
@@ -131,7 +132,7 @@ def evaluate_run(run_dir: Path, split: str = "test", data_dir: Path | None = Non
         raise DataError(f"{data_dir}/{split}.parquet has no lists to evaluate")
     dev = torch.device(device)
     perms = rank_lists(model.to(dev), data, dev, config.eval_batch_size, ("student",))
-    if hasattr(model, "teacher_decode"):
+    if config.model.arch in GENERATOR_ARCHS:
         teacher, _, _ = load_run(run_dir, "teacher")
         perms |= rank_lists(teacher.to(dev), data, dev, config.eval_batch_size, ("teacher",))
     metrics = list_metrics(perms, data, click_model(data_dir))

@@ -12,8 +12,8 @@ Layout under --out:
     results.json, results.md, quality_vs_latency.png
 A killed experiment resumes: finished runs (result.json present) are skipped, a partially
 trained one continues from its last epoch (train(..., resume=True)). A finished run trained with
-other settings, or a generator run without a teacher checkpoint (finished by an earlier version),
-is refused before anything trains: its result would not be this experiment's.
+other settings, or any run trained by an earlier version of the checkpoint rule, is refused
+before anything trains: its result would not be this experiment's.
 """
 
 from __future__ import annotations
@@ -214,10 +214,9 @@ def run_experiment(
     """
     from tqdm import tqdm
 
-    from training.checkpoint import BEST_FILES
+    from training.checkpoint import predates_per_model_checkpoints, read_meta
     from training.config import TrainConfig
     from training.data.store import check_schema_files, load_schema
-    from training.models.registry import GENERATOR_ARCHS
     from training.train import RESULT_NEUTRAL, changed_settings
 
     started = time.perf_counter()
@@ -241,15 +240,19 @@ def run_experiment(
     jobs = {(run, seed): run_config(base, plan.runs[run], seed) for run in plan.runs for seed in range(seeds)}
     run_dirs = {(run, seed): out / "runs" / run / f"seed{seed}" for run, seed in jobs}
     finished = [job for job, run_dir in run_dirs.items() if (run_dir / "result.json").is_file()]
-    for job in finished:  # before training anything: no half-replaced experiment
-        run_dir = run_dirs[job]
-        stale = changed_settings(run_dir, jobs[job], data_dir, RESULT_NEUTRAL)
-        if jobs[job].model.arch in GENERATOR_ARCHS and not (run_dir / BEST_FILES["teacher"]).is_file():
-            stale.append(f"no {BEST_FILES['teacher']} (finished before per-model checkpoints)")
+    fix = f"Write to a new --out, or delete {out / 'runs'} to retrain every run."
+    for job, run_dir in run_dirs.items():  # before training anything: no half-replaced experiment
+        state = run_dir / "state.safetensors"
+        if state.is_file() and predates_per_model_checkpoints(read_meta(state)):
+            raise ExperimentError(
+                f"{run_dir} was trained by an earlier version of `psad train` (one checkpoint for student and "
+                f"teacher): its result would not be this experiment's. {fix}"
+            )
+        stale = changed_settings(run_dir, jobs[job], data_dir, RESULT_NEUTRAL) if job in finished else []
         if stale:
             raise ExperimentError(
                 f"{run_dir} is a finished run with other settings {stale}: its result would not be this "
-                f"experiment's. Write to a new --out, or delete {out / 'runs'} to retrain every run."
+                f"experiment's. {fix}"
             )
     trained, results = [], {}
     bar = tqdm(jobs.items(), desc="experiment runs", disable=not progress)

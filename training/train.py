@@ -35,6 +35,7 @@ from training.checkpoint import (
     RunError,
     load_state,
     load_weights,
+    predates_per_model_checkpoints,
     read_config,
     save_run_files,
     save_state,
@@ -183,7 +184,7 @@ def _train(
         if config.ema:
             load_weights(averaged, out_dir / EMA_FILE)
         epoch, step, meta = load_state(out_dir / "state.safetensors", optimizer)
-        if not isinstance(meta.get("best"), dict):
+        if predates_per_model_checkpoints(meta):
             raise RunError(
                 f"{out_dir}: written by an earlier version of `psad train`; start a new run without --resume"
             )
