@@ -2,15 +2,16 @@
 
 A run directory holds:
 
-    config.json        TrainConfig.to_dict() plus "data_dir" (absolute path of the data set)
-    schema.json        the data set's FeatureSchema (copied)
-    items.safetensors  the item side tables the model was built with (item_cat, item_num)
-    model.safetensors  the student's best weights (highest validation student NDCG@10): what export serves
+    config.json          TrainConfig.to_dict() plus "data_dir" (absolute path of the data set)
+    schema.json          the data set's FeatureSchema (copied)
+    items.safetensors    the item side tables the model was built with (item_cat, item_num)
+    model.safetensors    the student's best weights (highest validation student NDCG@10): what export serves
     teacher.safetensors  the teacher's best weights (highest validation teacher NDCG@10; generators only)
-    last.safetensors   weights after the last completed epoch
-    state.safetensors  optimiser tensors, RNG states, epoch and step; JSON metadata for the rest
-    history.json       per-epoch training losses and validation metrics
-    curves.png         the training curves
+    last.safetensors     weights after the last completed epoch
+    ema.safetensors      with train.ema > 0: the weight average after the last epoch (for resume)
+    state.safetensors    optimiser tensors, RNG states, epoch and step; JSON metadata for the rest
+    history.json         per-epoch training losses and validation metrics
+    curves.png           the training curves
 
 Every file is safetensors or JSON, written to a temporary name and renamed, so an interrupted
 run never leaves a half-written checkpoint behind.
