@@ -89,7 +89,8 @@ def export_run(
     try:
         model, config, schema = load_run(run_dir)
         shadow = "teacher" if config.model.arch in GENERATOR_ARCHS else "student"
-        load_run(run_dir, shadow)  # the weights shipped for shadow evaluation exist and fit the model
+        if shadow == "teacher":
+            load_run(run_dir, shadow)  # the weights shipped for shadow evaluation exist and fit the model
         _, data_dir = read_config(run_dir)
         vocabs = load_vocabs(data_dir, schema)
         validation = best_validation(run_dir)
