@@ -2,13 +2,14 @@
 that depend on settings or on the serving model's schema.
 
 Static rules (types, finite numbers, non-empty lists, top_k >= 1, timestamps >= 0) live in the
-models; limits that come from settings (max_candidates, max_id_length, ...) and from the model
+models; limits that come from settings (max_candidates, max_id_length, max_future_s, ...) and from the model
 (known candidate features, behaviour actions) are checked by `check_*`, which raise the same
 422 error format FastAPI uses, with the location of the offending field.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from typing import Annotated, Any
 
@@ -46,8 +47,18 @@ class Context(_Strict):
     timestamp: float | None = Field(None, ge=0, description="Request time, unix seconds (default: now).")
 
 
+# A request id is echoed in the X-Request-ID header: visible ASCII only (no spaces, no control
+# characters, nothing HTTP cannot carry in a header).
+REQUEST_ID_PATTERN = r"^[!-~]+$"
+
+
 class RerankRequest(_Strict):
-    request_id: str | None = Field(None, min_length=1, description="Echoed back; generated when absent.")
+    request_id: str | None = Field(
+        None,
+        min_length=1,
+        pattern=REQUEST_ID_PATTERN,
+        description="Visible ASCII, echoed back in the body and the X-Request-ID header; generated when absent.",
+    )
     user_id: str = Field(min_length=1)
     candidates: list[Candidate] = Field(min_length=1, description="In the ranking stage's order.")
     context: Context | None = None
@@ -104,6 +115,19 @@ def _error(loc: Sequence[Any], msg: str, value: Any) -> dict[str, Any]:
     return {"type": "value_error", "loc": ("body", *loc), "msg": msg, "input": value}
 
 
+def _too_far_ahead(timestamp: float | None, settings: Settings) -> bool:
+    return timestamp is not None and timestamp > time.time() + settings.max_future_s
+
+
+def _future_error(loc: Sequence[Any], timestamp: float, settings: Settings) -> dict[str, Any]:
+    ahead = timestamp - time.time()
+    msg = (
+        f"{ahead:.0f} s ahead of the server clock (limit: max_future_s={settings.max_future_s}); "
+        "send unix seconds, not milliseconds"
+    )
+    return _error(loc, msg, timestamp)
+
+
 def raise_if(errors: list[dict[str, Any]]) -> None:
     if errors:
         raise RequestValidationError(errors)
@@ -126,6 +150,8 @@ def _valid(req: RerankRequest, settings: Settings, features: Sequence[str]) -> b
     if n > settings.max_candidates or len(req.user_id) > limit:
         return False
     if (req.request_id is not None and len(req.request_id) > limit) or (req.top_k is not None and req.top_k > n):
+        return False
+    if req.context is not None and _too_far_ahead(req.context.timestamp, settings):
         return False
     ids = [c.item_id for c in cands]
     if len(set(ids)) != n or max(map(len, ids)) > limit:
@@ -151,6 +177,8 @@ def _rerank_errors(req: RerankRequest, settings: Settings, features: Sequence[st
             errors.append(_error((*loc, name), f"longer than max_id_length={limit}", value[:limit] + "..."))
     if req.top_k is not None and req.top_k > n:
         errors.append(_error((*loc, "top_k"), f"top_k must be within 1..{n} (the number of candidates)", req.top_k))
+    if req.context is not None and _too_far_ahead(req.context.timestamp, settings):
+        errors.append(_future_error((*loc, "context", "timestamp"), req.context.timestamp, settings))
     allowed = [f for f in features if f != RANK_SCORE]
     seen: dict[str, int] = {}
     has_score = req.candidates[0].score is not None
@@ -167,6 +195,8 @@ def _rerank_errors(req: RerankRequest, settings: Settings, features: Sequence[st
         unknown = sorted(set(c.features or ()) - set(allowed))
         if unknown:
             msg = f"unknown feature(s) {unknown}; the model's candidate features are {allowed}"
+            if RANK_SCORE in unknown:
+                msg += f"; {RANK_SCORE} is given as the candidate's score"
             errors.append(_error((*where, "features"), msg, unknown))
         if len(errors) >= 20:  # enough to fix the request; do not build a huge error body
             break
@@ -197,6 +227,8 @@ def check_events(events: Sequence[Event], settings: Settings, actions: Sequence[
                 errors.append(_error((*where, name), f"longer than max_id_length={limit}", value[:limit] + "..."))
         if e.action not in actions:
             errors.append(_error((*where, "action"), f"unknown action; allowed: {list(actions)}", e.action))
+        if _too_far_ahead(e.timestamp, settings):
+            errors.append(_future_error((*where, "timestamp"), e.timestamp, settings))
         if len(errors) >= 20:
             break
     raise_if(errors)

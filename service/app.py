@@ -107,5 +107,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_exception_handler(RequestValidationError, routes.validation_error)
     app.add_exception_handler(Exception, routes.unexpected_error)
     app.add_middleware(routes.FastPath, routes=own)  # inside MetricsMiddleware: it sets scope["route"]
+    app.add_middleware(routes.BodyLimit, limit=settings.max_body_bytes)
     app.add_middleware(MetricsMiddleware)
     return app

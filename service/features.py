@@ -60,9 +60,13 @@ def candidate_numeric(request: RerankRequest, schema: FeatureSchema) -> np.ndarr
 
 def encoded(profile: RawProfile | None, schema: FeatureSchema, vocabs: Vocabularies) -> tuple[EncodedProfile, int]:
     """The encoded profile and its corrupt-entry count; a cold start for a failed read, and for a
-    profile that cannot be decoded at all (so one bad profile never fails a whole micro-batch)."""
+    profile that Redis cannot read (keys of another type) or that cannot be decoded at all (so one
+    bad profile never fails a whole micro-batch)."""
     if profile is None:
         return cold_start_profile(schema), 0
+    if profile.error is not None:
+        log.warning("profile unreadable in Redis; scoring with a cold-start profile", extra={"error": profile.error})
+        return cold_start_profile(schema), 1
     try:
         return encode_profile(profile, schema, vocabs)
     except Exception:

@@ -86,6 +86,10 @@ class MetricsMiddleware:
 
         try:
             await self.app(scope, receive, send_status)
+        except Exception:
+            if status == 499:  # an error escaped before any response: the server's 500
+                status = 500
+            raise
         finally:
             route = getattr(scope.get("route"), "path", "unmatched")
             duration, count = _route_children(route, status)

@@ -13,8 +13,8 @@ Raw values (item ids, action names, categorical values) are stored rather than i
 model version with new vocabularies reads the same profiles: encoding happens at read time with
 the serving bundle's vocabularies. One pipelined round trip reads a whole profile. An append is one
 Lua script (ZADD + trim + EXPIRE), atomic with no read-modify-write race; members sort by
-timestamp, so late events land in place. A member carries an event id: retrying an event with
-the same id stores it once.
+timestamp, so late events land in place. A member carries an event id: an event whose id is
+already in the user's history is not stored again, whatever its timestamp.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ import uuid
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -43,9 +44,23 @@ from training.schema import OOV, FeatureSchema, Vocabularies
 # (RedisClusterException is no RedisError: cluster down, slot not covered), and socket errors.
 STORE_ERRORS = (redis.RedisError, redis.exceptions.RedisClusterException, OSError)
 
-# KEYS[1] = history, KEYS[2] = user hash; ARGV = cap, ttl, then (score, member) pairs.
+# KEYS[1] = history, KEYS[2] = user hash; ARGV = cap, ttl, then (score, member) pairs. An event
+# whose id (a member's third field) is already in the history is skipped: a retry stores nothing,
+# even when its timestamp differs (the service stamps events sent without one on each attempt).
 APPEND_LUA = """
-for i = 3, #ARGV, 2 do redis.call('ZADD', KEYS[1], ARGV[i], ARGV[i + 1]) end
+local function event_id(m) return string.match(m, '^[^|]*|[^|]*|([^|]*)|') end
+local seen = {}
+for _, m in ipairs(redis.call('ZRANGE', KEYS[1], 0, -1)) do
+  local id = event_id(m)
+  if id then seen[id] = true end
+end
+for i = 3, #ARGV, 2 do
+  local id = event_id(ARGV[i + 1])
+  if not seen[id] then
+    redis.call('ZADD', KEYS[1], ARGV[i], ARGV[i + 1])
+    seen[id] = true
+  end
+end
 local cap = tonumber(ARGV[1])
 if cap > 0 then redis.call('ZREMRANGEBYRANK', KEYS[1], 0, -cap - 1) end
 local ttl = tonumber(ARGV[2])
@@ -55,6 +70,16 @@ if ttl > 0 then
 end
 return redis.call('ZCARD', KEYS[1])
 """
+
+
+class AppendFailed(Exception):
+    """Some users' appends failed inside Redis (a key of another type, out of memory); the other
+    users' events are stored. failed: user id -> Redis's error."""
+
+    def __init__(self, failed: dict[str, str], stored_users: int):
+        super().__init__(f"{len(failed)} user(s) not stored")
+        self.failed = failed
+        self.stored_users = stored_users
 
 
 def user_key(prefix: str, user_id: str) -> str:
@@ -75,6 +100,7 @@ class RawProfile:
 
     user: dict[str, str] = field(default_factory=dict)
     history: list[str] = field(default_factory=list)
+    error: str | None = None  # Redis refused this user's read (a key of another type): unusable
 
 
 def encode_profile(raw: RawProfile, schema: FeatureSchema, vocabs: Vocabularies) -> tuple[EncodedProfile, int]:
@@ -137,6 +163,11 @@ def _members(reply: list) -> list[str]:
     return reply if not reply or isinstance(reply[0], str) else [_text(m) for m in reply]
 
 
+def _profile(user: Any, history: Any) -> RawProfile:
+    errors = [str(r) for r in (user, history) if isinstance(r, Exception)]
+    return RawProfile(error="; ".join(errors)) if errors else RawProfile(_fields(user), _members(history))
+
+
 class ProfileStore:
     """Async reads (one pipelined round trip per request or batch) and atomic appends.
 
@@ -168,20 +199,22 @@ class ProfileStore:
         self, user_ids: Sequence[str], now: Sequence[float], max_history: int, timeout_s: float | None = None
     ) -> list[RawProfile]:
         """Each user's features and their last max_history behaviours strictly before `now`;
-        asyncio.TimeoutError past timeout_s (None: no limit)."""
+        asyncio.TimeoutError past timeout_s (None: no limit). A user whose keys Redis cannot read
+        as a profile gets a RawProfile with `error` set; the other users are read as usual."""
         commands = self.read_commands(user_ids, now, max_history)
         if self.reader is not None:
-            replies = await self.reader.execute(commands, timeout_s)
+            replies = await self.reader.execute(commands, timeout_s, raise_on_error=False)
         else:
             pipe = self.client.pipeline(transaction=False)
             for command in commands:
                 pipe.execute_command(*command)
-            replies = await within(pipe.execute(), timeout_s)
-        return [RawProfile(_fields(u), _members(h)) for u, h in zip(replies[0::2], replies[1::2], strict=True)]
+            replies = await within(pipe.execute(raise_on_error=False), timeout_s)
+        return [_profile(u, h) for u, h in zip(replies[0::2], replies[1::2], strict=True)]
 
     async def append(self, events: Sequence[tuple[str, str, str, int, str | None]], cap: int) -> None:
         """events: (user_id, item_id, action, timestamp, event_id or None); one script call per user,
-        all in one pipelined round trip (with Redis Cluster: one per node, concurrently)."""
+        all in one pipelined round trip (with Redis Cluster: one per node, concurrently).
+        AppendFailed when some users' scripts fail in Redis (the others' events are stored)."""
         by_user: dict[str, list] = {}
         for uid, item, action, ts, event_id in events:
             by_user.setdefault(uid, []).extend([ts, member(ts, action, event_id or uuid.uuid4().hex[:16], item)])
@@ -192,7 +225,10 @@ class ProfileStore:
                 pipe.eval(APPEND_LUA, 2, *keys, cap, self.ttl_s, *args)
             else:
                 await self._append(keys=keys, args=[cap, self.ttl_s, *args], client=pipe)
-        await pipe.execute()
+        results = await pipe.execute(raise_on_error=False)
+        failed = {uid: str(r) for uid, r in zip(by_user, results, strict=True) if isinstance(r, Exception)}
+        if failed:
+            raise AppendFailed(failed, len(by_user) - len(failed))
 
     async def ping(self) -> bool:
         return bool(await self.client.ping())

@@ -157,8 +157,11 @@ class RespClient:
         if self._proto is None or not self._proto.alive:
             await self._connection()
 
-    async def execute(self, commands: Sequence[Command], timeout_s: float | None = None) -> list[Any]:
-        """Send the commands in one write and return their replies, in order.
+    async def execute(
+        self, commands: Sequence[Command], timeout_s: float | None = None, raise_on_error: bool = True
+    ) -> list[Any]:
+        """Send the commands in one write and return their replies, in order; an error reply raises
+        ResponseError, or with raise_on_error=False comes back as one in its place.
 
         timeout_s: past it, asyncio.TimeoutError, unless the replies had already reached the
         socket: the deadline is checked only after the event loop has polled its sockets once
@@ -181,9 +184,11 @@ class RespClient:
                 replies = await fut
             finally:
                 timer.cancel()
-        for r in replies:
-            if isinstance(r, hiredis.ReplyError):
-                raise ResponseError(str(r))
+        replies = [ResponseError(str(r)) if isinstance(r, hiredis.ReplyError) else r for r in replies]
+        if raise_on_error:
+            for r in replies:
+                if isinstance(r, ResponseError):
+                    raise r
         return replies
 
     async def _connection(self) -> _Protocol:

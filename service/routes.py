@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import inspect
 import itertools
+import json
+import re
 import secrets
 import time
 import uuid
@@ -19,11 +21,11 @@ from fastapi.responses import JSONResponse, Response
 from fastapi.routing import APIRoute
 from pydantic import BaseModel, Discriminator, Tag, ValidationError
 from starlette.routing import BaseRoute
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service import api, logs, metrics
 from service.app import Service
-from service.profiles import STORE_ERRORS
+from service.profiles import STORE_ERRORS, AppendFailed
 
 EVENTS_RETRY_AFTER_S = 1
 
@@ -35,7 +37,10 @@ class JSON(JSONResponse):
     media_type = "application/json"
 
     def render(self, content: Any) -> bytes:
-        return orjson.dumps(content, option=orjson.OPT_SERIALIZE_NUMPY)
+        try:
+            return orjson.dumps(content, option=orjson.OPT_SERIALIZE_NUMPY)
+        except TypeError:  # an integer beyond 64 bits, echoed as a 422's "input": stdlib JSON has them
+            return json.dumps(content, default=str).encode()
 
 
 def service(request: Request) -> Service:
@@ -91,6 +96,43 @@ class BodyRoute(APIRoute):
             return await endpoint(body, request.app.state.service, request.headers.get("x-request-id"))
 
         return handler
+
+
+class BodyLimit:
+    """ASGI layer: a body over `limit` bytes is answered 413 before any of it is parsed (a declared
+    Content-Length at once, a streamed body as its chunks arrive), so one huge request cannot hold
+    the event loop or the memory. On a streamed overflow the app then sees the client leave, and
+    whatever it would still send is dropped."""
+
+    def __init__(self, app: ASGIApp, limit: int):
+        self.app = app
+        self.limit = limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = next((v for k, v in scope["headers"] if k == b"content-length"), b"")
+        if declared.isdigit() and int(declared) > self.limit:
+            await too_large_response(self.limit)(scope, receive, send)
+            return
+        received, refused = 0, False
+
+        async def limited() -> Message:
+            nonlocal received, refused
+            message = await receive()
+            received += len(message.get("body", b""))
+            if received > self.limit and not refused:
+                refused = True
+                await too_large_response(self.limit)(scope, receive, send)
+                return {"type": "http.disconnect"}
+            return message
+
+        async def unless_refused(message: Message) -> None:
+            if not refused:
+                await send(message)
+
+        await self.app(scope, limited, unless_refused)
 
 
 class FastPath:
@@ -154,10 +196,14 @@ def new_request_id() -> str:
     return f"{_ID_PREFIX}{next(_id_counter):016x}"
 
 
+_HEADER_SAFE_ID = re.compile(api.REQUEST_ID_PATTERN)
+
+
 def _request_id(given: str | None, header: str | None, limit: int) -> str:
+    """The body's id, else the X-Request-ID header's when it is usable as one, else a new id."""
     if given is not None:
         return given
-    if header and len(header) <= limit:
+    if header and len(header) <= limit and _HEADER_SAFE_ID.match(header):
         return header
     return new_request_id()
 
@@ -201,13 +247,21 @@ async def events(body: EventsBody, svc: Svc) -> JSON:
     now = int(time.time())
     rows = [(e.user_id, e.item_id, e.action, now if e.timestamp is None else e.timestamp, e.event_id) for e in items]
     cap = svc.settings.history_len or bundle.schema.max_history
+    retry = f"retry after {EVENTS_RETRY_AFTER_S} s (an event with an event_id is stored once however often it is sent)"
     try:
         await asyncio.wait_for(svc.profiles.append(rows, cap), svc.settings.events_timeout_ms / 1000)
+    except AppendFailed as exc:
+        svc.log.warning("events not stored for some users", extra={"failed": exc.failed})
+        users = ", ".join(f"{uid!r}: {error}" for uid, error in list(exc.failed.items())[:5])
+        detail = (
+            f"events of {len(exc.failed)} user(s) were NOT stored ({users}); those of the other "
+            f"{exc.stored_users} user(s) were; {retry}"
+        )
+        return JSON({"detail": detail}, status_code=503, headers={"Retry-After": str(EVENTS_RETRY_AFTER_S)})
     except (asyncio.TimeoutError, *STORE_ERRORS) as exc:
         svc.log.warning("events not stored", extra={"events": len(rows), "error": repr(exc)})
         detail = (
-            f"profile store unavailable ({type(exc).__name__}): the {len(rows)} event(s) were NOT stored; "
-            f"retry after {EVENTS_RETRY_AFTER_S} s (send event_id so a retry cannot store an event twice)"
+            f"profile store unavailable ({type(exc).__name__}): the {len(rows)} event(s) may not be stored; {retry}"
         )
         return JSON({"detail": detail}, status_code=503, headers={"Retry-After": str(EVENTS_RETRY_AFTER_S)})
     return JSON({"accepted": len(rows)})
@@ -276,6 +330,11 @@ async def floor(body: api.RerankRequest, svc: Svc, x_request_id: Annotated[str |
 def validation_response(exc: RequestValidationError) -> JSON:
     """422 naming each bad field; orjson renders a NaN input as null where the stdlib encoder fails."""
     return JSON({"detail": jsonable_encoder(exc.errors())}, status_code=422)
+
+
+def too_large_response(limit: int) -> JSON:
+    detail = f"request body over max_body_bytes={limit}: split the batch, or raise PSAD_MAX_BODY_BYTES"
+    return JSON({"detail": detail}, status_code=413)
 
 
 def unexpected_response(svc: Service, exc: Exception, path: str, request_id: str | None) -> JSON:

@@ -6,8 +6,10 @@ binds a port, with a message naming the variable and the allowed values.
 
 from __future__ import annotations
 
+import difflib
 import math
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Literal
 
@@ -15,6 +17,9 @@ from pydantic import Field, SecretStr, ValidationError, field_validator, model_v
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 ENV_PREFIX = "PSAD_"
+# PSAD_* variables read by other tools, not by the service: the test suite's MovieLens path,
+# docker-compose's worker count (it becomes `psad serve --workers`), the locust load test's knobs.
+OTHER_TOOLS = ("PSAD_ML100K", "PSAD_WORKERS", "PSAD_LOADTEST_")
 
 
 CGROUP_CPU_MAX = Path("/sys/fs/cgroup/cpu.max")  # cgroup v2 CPU quota: "<quota> <period>" or "max <period>"
@@ -68,6 +73,8 @@ class Settings(BaseSettings):
     max_id_length: int = Field(128, ge=1)
     max_batch_requests: int = Field(64, ge=1)
     max_events: int = Field(1000, ge=1)
+    max_body_bytes: int = Field(8 * 1024 * 1024, ge=1024)  # larger bodies: 413 before any parsing
+    max_future_s: int = Field(3600, ge=0)  # event and request timestamps at most this far ahead of now
 
     enable_floor_endpoint: bool = False
     log_level: Literal["debug", "info", "warning", "error"] = "info"
@@ -111,13 +118,31 @@ class Settings(BaseSettings):
         return self.microbatch_max_size > 1
 
 
+def unknown_variables(environ: Mapping[str, str]) -> list[str]:
+    """PSAD_* names that are neither a setting nor another tool's variable, each with the setting
+    it most likely misspells: a typo must not silently leave a default (say, another Redis) in place."""
+    fields = [name.upper() for name in Settings.model_fields]
+    lines = []
+    for name in sorted(environ):
+        upper = name.upper()
+        if not upper.startswith(ENV_PREFIX) or upper[len(ENV_PREFIX) :] in fields or upper.startswith(OTHER_TOOLS):
+            continue
+        close = difflib.get_close_matches(upper[len(ENV_PREFIX) :], fields, n=1, cutoff=0.7)
+        hint = f"did you mean {ENV_PREFIX}{close[0]}?" if close else "docs/service.md#settings lists them"
+        lines.append(f"{name}: not a setting; {hint}")
+    return lines
+
+
 def load_settings(**overrides: object) -> Settings:
-    """Read PSAD_* variables (keyword overrides win); raise SettingsError naming each bad variable."""
+    """Read PSAD_* variables (keyword overrides win); raise SettingsError naming each bad or
+    unknown variable."""
+    lines = unknown_variables(os.environ)
     try:
-        return Settings(**overrides)
+        settings = Settings(**overrides)
     except ValidationError as exc:
-        lines = []
         for err in exc.errors():
             field = str(err["loc"][0]) if err["loc"] else "?"
             lines.append(f"{ENV_PREFIX}{field.upper()}={err.get('input')!r}: {err['msg']}")
+    if lines:
         raise SettingsError("invalid service settings:\n  " + "\n  ".join(lines)) from None
+    return settings

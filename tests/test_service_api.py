@@ -104,6 +104,85 @@ def test_profile_personalises_and_cold_start_and_unknown_items_are_served(client
 def test_request_id_from_header(client, data):
     r = client.post("/rerank", json=request(data), headers={"X-Request-ID": "from-header"})
     assert r.json()["request_id"] == "from-header" and r.headers["x-request-id"] == "from-header"
+    r = client.post("/rerank", json=request(data), headers={"X-Request-ID": "not usable"})  # a space: replaced
+    assert r.status_code == 200 and len(r.json()["request_id"]) == 32 and r.headers["x-request-id"] != "not usable"
+
+
+@pytest.mark.parametrize("rid", ["r\u00e9q-1", "two words", "line\r\nbreak", "nul\u0000"])
+def test_request_ids_that_a_header_cannot_carry_answer_422(client, data, rid):
+    r = client.post("/rerank", json=request(data, request_id=rid))
+    assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["body", "request_id"]
+
+
+def test_integers_beyond_64_bits_answer_422_and_the_connection_keeps_serving(client, data):
+    huge = 10**30
+    r = client.post("/rerank", json=request(data, n=3, top_k=huge))
+    assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["body", "top_k"]
+    assert str(huge) in r.text  # echoed as the input, though orjson cannot encode it
+    r = client.post("/events", json={"user_id": "u", "item_id": "a", "action": "click", "timestamp": -huge})
+    assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["body", "single", "timestamp"]
+    assert client.post("/rerank", json=request(data)).status_code == 200
+
+
+def test_timestamps_far_ahead_of_the_clock_answer_422(client, data):
+    millis = int(time.time() * 1000)  # the usual mistake: milliseconds sent as seconds
+    r = client.post("/events", json={"user_id": "u", "item_id": "a", "action": "click", "timestamp": millis})
+    assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["body", "timestamp"]
+    assert "milliseconds" in r.json()["detail"][0]["msg"]
+    r = client.post("/rerank", json=request(data, context={"timestamp": millis}))
+    assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["body", "context", "timestamp"]
+    soon = int(time.time()) + 60  # within the default clock skew of an hour
+    assert client.post("/rerank", json=request(data, context={"timestamp": soon})).status_code == 200
+
+
+def test_bodies_over_the_limit_answer_413_before_parsing(tiny_bundle, redis_server, data):
+    settings = settings_for(tiny_bundle.parents[1], redis_server.url, max_body_bytes=2048)
+    big = json.dumps(request(data, n=60)).encode()
+    events = json.dumps({"events": [{"user_id": "u", "item_id": "a" * 100, "action": "click"}] * 30}).encode()
+    assert min(len(big), len(events)) > 2048
+
+    def streamed(body: bytes) -> Iterator[bytes]:  # no Content-Length: counted as the chunks arrive
+        yield from (body[i : i + 512] for i in range(0, len(body), 512))
+
+    with serve(settings) as c:
+        for path, body in (("/rerank", big), ("/rerank/batch", big), ("/events", events)):
+            for content in (body, streamed(body)):
+                r = c.post(path, content=content, headers={"content-type": "application/json"})
+                assert r.status_code == 413 and "max_body_bytes=2048" in r.json()["detail"], path
+        assert c.post("/rerank", json=request(data, n=5)).status_code == 200
+
+
+def test_events_of_a_user_whose_keys_are_unusable_are_reported_and_the_others_stored(client, redis_server):
+    import redis
+
+    store = redis.Redis.from_url(redis_server.url)
+    store.set(f"{PREFIX}:{{wrong-type}}:h", "not a sorted set")
+    events = [
+        {"user_id": "wrong-type", "item_id": "a", "action": "click", "event_id": "w1"},
+        {"user_id": "fine-user", "item_id": "a", "action": "click", "event_id": "w2"},
+    ]
+    r = client.post("/events", json={"events": events})
+    assert r.status_code == 503 and r.headers["retry-after"] == "1"
+    assert "'wrong-type'" in r.json()["detail"] and "WRONGTYPE" in r.json()["detail"]
+    assert store.zcard(f"{PREFIX}:{{fine-user}}:h") == 1
+
+
+def test_an_error_escaping_every_handler_is_counted_as_500():
+    import asyncio
+    from types import SimpleNamespace
+
+    from prometheus_client import REGISTRY
+
+    from service.metrics import MetricsMiddleware
+
+    async def app(scope, receive, send):
+        raise RuntimeError("escaped")
+
+    labels = {"route": "/escape-test", "status": "500"}
+    before = REGISTRY.get_sample_value("psad_requests_total", labels) or 0.0
+    with pytest.raises(RuntimeError):
+        asyncio.run(MetricsMiddleware(app)({"type": "http", "route": SimpleNamespace(path="/escape-test")}, None, None))
+    assert REGISTRY.get_sample_value("psad_requests_total", labels) == before + 1
 
 
 def _too_many(d):
@@ -181,6 +260,8 @@ def test_events_validate_the_action_and_are_stored(client, data, redis_server):
     single = {"user_id": "ev-user", "item_id": data["items"][0], "action": "click", "timestamp": 100, "event_id": "e1"}
     assert client.post("/events", json=single).json() == {"accepted": 1}
     assert client.post("/events", json=single).json() == {"accepted": 1}  # a retry: same event id, stored once
+    for retry in ({**single, "timestamp": 101}, {k: v for k, v in single.items() if k != "timestamp"}):
+        assert client.post("/events", json=retry).json() == {"accepted": 1}  # another timestamp: still once
     batch = {"events": [{**single, "event_id": f"e{k}", "timestamp": 100 + k} for k in range(2, 5)]}
     assert client.post("/events", json=batch).json() == {"accepted": 3}
     import redis
@@ -230,6 +311,15 @@ def test_health_and_metrics(client, data):
 def test_bad_settings_name_the_variable(field, value, variable):
     with pytest.raises(SettingsError, match=variable):
         load_settings(**{field: value})
+
+
+def test_misspelt_variables_are_refused_with_the_likely_setting(monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setenv("PSAD_LOADTEST_DATA", "data/demo")  # another tool's variable: left alone
+    monkeypatch.setenv("PSAD_REDIS_ULR", "redis://elsewhere:6379/0")
+    with pytest.raises(SettingsError, match="PSAD_REDIS_ULR: not a setting; did you mean PSAD_REDIS_URL"):
+        load_settings()
+    monkeypatch.delenv("PSAD_REDIS_ULR")
+    assert load_settings().redis_url == "redis://127.0.0.1:6379/0"
 
 
 def test_usable_cpus_honours_a_cgroup_quota(monkeypatch: pytest.MonkeyPatch, tmp_path: Path):

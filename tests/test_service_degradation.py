@@ -96,7 +96,7 @@ def test_redis_down_degrades_and_recovers(tiny_bundle, tiny_data, own_redis, dat
         cold = c.post("/rerank", json=request(data, user="never-seen-user")).json()
         assert [i["item_id"] for i in r.json()["items"]] == [i["item_id"] for i in cold["items"]]  # cold-start
         ev = c.post("/events", json={"user_id": "u", "item_id": "a", "action": "click"})
-        assert ev.status_code == 503 and ev.headers["retry-after"] == "1" and "NOT stored" in ev.json()["detail"]
+        assert ev.status_code == 503 and ev.headers["retry-after"] == "1" and "may not be stored" in ev.json()["detail"]
         ready = c.get("/readyz")
         assert ready.status_code == 503 and ready.json()["redis"] == "unreachable"
         assert metric_samples(c)[("psad_degraded_total", (("reason", "redis_unavailable"),))] >= 3

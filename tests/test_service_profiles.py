@@ -66,9 +66,14 @@ def test_corrupt_redis_contents_are_flagged_not_fatal(tiny_bundle, tiny_data, re
     r.zadd(history_key("apitest", "corrupt-user"), {"no-pipes-here": 5, "7|click|e|i001": 7})
     r.hset(user_key("apitest", "corrupt-user"), "activity", "NaN")
     data = {"users": ["corrupt-user"], "items": json.loads((tiny_data / "vocab.json").read_text())["items"]}
+    r.set(history_key("apitest", "wrong-type-user"), "a string where a sorted set belongs")
+    healthy = pd.read_parquet(tiny_data / "users.parquet")["user_id"].astype(str).iloc[0]
     with serve(settings_for(tiny_bundle.parents[1], redis_server.url)) as c:
         out = c.post("/rerank", json=request(data)).json()
+        batch = {"requests": [request(data, user="wrong-type-user"), request(data, user=healthy)]}
+        wrong, fine = c.post("/rerank/batch", json=batch).json()["responses"]
     assert out["degraded_reasons"] == ["profile_corrupt"] and len(out["items"]) == 10
+    assert wrong["degraded_reasons"] == ["profile_corrupt"] and fine["degraded_reasons"] == []
 
 
 def test_reads_see_only_the_past_in_time_order(redis_server):
