@@ -107,6 +107,30 @@ class EventsAccepted(BaseModel):
     accepted: int
 
 
+class Detail(BaseModel):
+    detail: str
+
+
+class ReloadResult(BaseModel):
+    result: str = Field(description="loaded, unchanged, or refused (409)")
+    version: int = Field(description="the version now serving")
+    detail: str
+
+
+def _answers(*statuses: tuple[int, str], model: type[BaseModel] = Detail) -> dict[int | str, dict[str, Any]]:
+    return {status: {"model": model, "description": text} for status, text in statuses}
+
+
+TOO_LARGE = (413, "Body over PSAD_MAX_BODY_BYTES; refused before parsing.")
+# The non-200 answers each route may give besides 422, for the OpenAPI schema.
+BODY_ANSWERS = _answers(TOO_LARGE)
+EVENTS_ANSWERS = _answers(TOO_LARGE, (503, "Not stored or not all stored: retry after Retry-After seconds."))
+RELOAD_ANSWERS = {
+    **_answers((401, "No bearer token."), (403, "Wrong token, or admin disabled (no PSAD_ADMIN_TOKEN).")),
+    **_answers((409, "The bundle was refused; the current version keeps serving."), model=ReloadResult),
+}
+
+
 class ReloadRequest(_Strict):
     version: int | None = Field(None, ge=1, description="Version to load (default: the latest).")
 

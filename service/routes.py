@@ -211,7 +211,7 @@ def _request_id(given: str | None, header: str | None, limit: int) -> str:
 fast_router = APIRouter(default_response_class=JSON, route_class=BodyRoute)
 
 
-@fast_router.post("/rerank", response_model=api.RerankResponse)
+@fast_router.post("/rerank", response_model=api.RerankResponse, responses=api.BODY_ANSWERS)
 async def rerank(body: api.RerankRequest, svc: Svc, x_request_id: Annotated[str | None, Header()] = None) -> JSON:
     started = time.perf_counter()
     bundle = svc.models.current
@@ -223,7 +223,7 @@ async def rerank(body: api.RerankRequest, svc: Svc, x_request_id: Annotated[str 
     return JSON(answer, headers={"X-Request-ID": rid})
 
 
-@fast_router.post("/rerank/batch", response_model=api.BatchRerankResponse)
+@fast_router.post("/rerank/batch", response_model=api.BatchRerankResponse, responses=api.BODY_ANSWERS)
 async def rerank_batch(body: api.BatchRerankRequest, svc: Svc) -> JSON:
     started = time.perf_counter()
     bundle = svc.models.current
@@ -237,7 +237,7 @@ async def rerank_batch(body: api.BatchRerankRequest, svc: Svc) -> JSON:
     return JSON({"responses": answers})
 
 
-@router.post("/events", response_model=api.EventsAccepted)
+@router.post("/events", response_model=api.EventsAccepted, responses=api.EVENTS_ANSWERS)
 async def events(body: EventsBody, svc: Svc) -> JSON:
     """Append behaviours. 503 + Retry-After when the profile store is down: nothing was stored."""
     batch = isinstance(body, api.EventBatch)
@@ -272,7 +272,7 @@ async def livez() -> JSON:
     return JSON({"status": "ok"})
 
 
-@router.get("/readyz")
+@router.get("/readyz", responses={503: {"description": "Not ready: no model loaded or Redis unreachable (same body)."}})
 async def readyz(svc: Svc) -> JSON:
     """200 when a model is loaded and Redis answers a PING; 503 otherwise, saying which."""
     bundle = svc.models.current
@@ -301,13 +301,16 @@ def admin(svc: Svc, authorization: Annotated[str | None, Header()] = None) -> No
     token = svc.settings.admin_token
     if token is None:
         raise HTTPException(403, "admin endpoints are disabled: set PSAD_ADMIN_TOKEN to enable them")
-    if not authorization or not authorization.startswith("Bearer "):
+    scheme, _, given = (authorization or "").partition(" ")
+    if scheme.lower() != "bearer" or not given.strip():  # the scheme is case-insensitive (RFC 9110)
         raise HTTPException(401, "missing 'Authorization: Bearer <token>' header", {"WWW-Authenticate": "Bearer"})
-    if not secrets.compare_digest(authorization[7:].encode(), token.get_secret_value().encode()):
+    if not secrets.compare_digest(given.strip().encode(), token.get_secret_value().encode()):
         raise HTTPException(403, "wrong admin token")
 
 
-@router.post("/admin/reload", dependencies=[Depends(admin)])
+@router.post(
+    "/admin/reload", dependencies=[Depends(admin)], response_model=api.ReloadResult, responses=api.RELOAD_ANSWERS
+)
 async def reload(svc: Svc, body: api.ReloadRequest | None = None) -> JSON:
     """Load the latest (or the given) version: verified and warmed before the swap; 409 if refused."""
     result = await svc.models.reload(body.version if body else None)
@@ -318,7 +321,7 @@ async def reload(svc: Svc, body: api.ReloadRequest | None = None) -> JSON:
 floor_router = APIRouter(default_response_class=JSON, route_class=BodyRoute)
 
 
-@floor_router.post("/bench/floor", response_model=api.RerankResponse)
+@floor_router.post("/bench/floor", response_model=api.RerankResponse, responses=api.BODY_ANSWERS)
 async def floor(body: api.RerankRequest, svc: Svc, x_request_id: Annotated[str | None, Header()] = None) -> JSON:
     """Benchmark baseline: /rerank's parsing, validation and profile read, then a sort by score."""
     bundle = svc.models.current

@@ -272,8 +272,10 @@ def test_events_validate_the_action_and_are_stored(client, data, redis_server):
 def test_admin_reload_needs_the_token(client):
     assert client.post("/admin/reload").status_code == 401
     assert client.post("/admin/reload", headers={"Authorization": "Bearer wrong"}).status_code == 403
+    assert client.post("/admin/reload", headers={"Authorization": "Basic secret"}).status_code == 401
     ok = client.post("/admin/reload", headers={"Authorization": "Bearer secret"})
     assert ok.status_code == 200 and ok.json()["result"] == "unchanged"
+    assert client.post("/admin/reload", headers={"Authorization": "bearer secret"}).status_code == 200
 
 
 def test_admin_is_disabled_without_a_token(tiny_bundle, redis_server, data):
@@ -361,6 +363,9 @@ def test_hot_routes_keep_their_http_semantics_and_schema(client, data):
     assert [p["name"] for p in op["parameters"]] == ["x-request-id"]
     assert "parameters" not in spec["paths"]["/rerank/batch"]["post"]
     assert op["responses"]["200"]["content"]["application/json"]["schema"]["$ref"].endswith("/RerankResponse")
+    answers = {path: set(ops[m]["responses"]) for path, ops in spec["paths"].items() for m in ops}
+    assert {"200", "413", "422"} <= answers["/rerank"] and {"413", "503"} <= answers["/events"]
+    assert {"401", "403", "409"} <= answers["/admin/reload"] and "503" in answers["/readyz"]
     key = ("psad_requests_total", (("route", "/rerank"), ("status", "422")))
     before = metric_samples(client).get(key, 0.0)
     client.post("/rerank", json={"user_id": "u", "candidates": []})
