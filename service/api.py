@@ -27,7 +27,10 @@ Feature = Annotated[float, Field(ge=-FLOAT32_SAFE, le=FLOAT32_SAFE)]
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+    """Unknown fields, NaN and infinities are refused, and types are strict: a number sent as a
+    string or as true/false is a 422, not a silent conversion (2.0 for an integer too)."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, strict=True)
 
 
 class Candidate(_Strict):

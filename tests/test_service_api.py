@@ -203,6 +203,11 @@ INVALID = {
     "long_user": (lambda d: {"user_id": "u" * 200, "candidates": [{"item_id": "a"}]}, ["body", "user_id"]),
     "top_k_above_list": (lambda d: request(d, n=3, top_k=4), ["body", "top_k"]),
     "top_k_zero": (lambda d: request(d, n=3, top_k=0), ["body", "top_k"]),
+    "top_k_as_bool": (lambda d: request(d, n=3, top_k=True), ["body", "top_k"]),
+    "score_as_string": (
+        lambda d: {"user_id": "u", "candidates": [{"item_id": "a", "score": "0.5"}]},
+        ["body", "candidates", 0, "score"],
+    ),
     "unknown_feature": (
         lambda d: {"user_id": "u", "candidates": [{"item_id": "a", "features": {"colour": 1.0}}]},
         ["body", "candidates", 0, "features"],
