@@ -69,6 +69,8 @@ def test_config_round_trips_through_toml_and_dict(tmp_path: Path) -> None:
         ("[train]\nbatch_size = 0\n", "train.batch_size must be an integer >= 1"),
         ("[train]\ndevice = 'tpu'\n", "['auto', 'cpu', 'cuda']"),
         ("[train]\nema = 1.0\n", "train.ema must be a number in [0, 1)"),
+        ("[train]\nlr = inf\n", "train.lr must be a finite number"),
+        ("[model]\nrd_mu = inf\n", "model.rd_mu = inf is invalid: allowed a finite number"),
         ("[model]\nblock_size = 0\n", "model.block_size"),
         ("[model]\ndistill_weight = -0.5\n", "model.distill_weight"),
         ("[model]\ndistill = 'kl'\n", "['listwise', 'rd', 'none']"),
@@ -89,6 +91,13 @@ def test_missing_config_and_data_dir_are_named(tmp_path: Path) -> None:
         TrainConfig.load(tmp_path / "nope.toml")
     with pytest.raises(SchemaError, match=r"missing-data.*psad data build"):
         train(tmp_path / "missing-data", TrainConfig.small_for_tests(), tmp_path / "run", progress=False)
+
+
+def test_a_diverging_run_stops_with_advice_and_keeps_no_broken_checkpoint(tiny_data: Path, tmp_path: Path) -> None:
+    config = dataclasses.replace(TrainConfig.small_for_tests(), lr=1e30, grad_clip=0.0, epochs=1)
+    with pytest.raises(RunError, match=r"training diverged\. Lower train\.lr \(now 1e\+30\)"):
+        train(tiny_data, config, tmp_path / "run", progress=False)
+    assert not (tmp_path / "run" / "model.safetensors").exists()
 
 
 def test_training_lowers_the_loss_and_writes_the_run(tiny_run: Path) -> None:

@@ -8,6 +8,7 @@ typo never trains a different model than the one asked for.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -44,6 +45,9 @@ class TrainConfig:
             if not ok:
                 raise ConfigError(f"train.{key} must be {allowed}, got {value!r}")
 
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            need(not isinstance(value, float) or math.isfinite(value), f.name, "a finite number", value)
         need(self.epochs >= 1, "epochs", "an integer >= 1", self.epochs)
         need(self.batch_size >= 1, "batch_size", "an integer >= 1", self.batch_size)
         need(self.eval_batch_size >= 1, "eval_batch_size", "an integer >= 1", self.eval_batch_size)

@@ -215,6 +215,12 @@ def _train(
             step += 1
             for name, value in losses.items():
                 sums[name] = sums.get(name, 0.0) + float(value.detach())
+            if not math.isfinite(sums["loss"]):  # nothing of this epoch is saved: the last checkpoint stays good
+                raise RunError(
+                    f"the training loss became {sums['loss']} at epoch {epoch + 1}, step {step}: training diverged. "
+                    f"Lower train.lr (now {config.lr:g}), keep train.grad_clip on (now {config.grad_clip:g}), "
+                    "or look for extreme values in the data set's numeric features"
+                )
             bar.set_postfix({k: f"{v / i:.4f}" for k, v in sums.items()}, refresh=False)
         bar.close()
         epoch += 1

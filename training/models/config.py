@@ -6,6 +6,7 @@ it and a run saves it as JSON, so `from_dict` rejects unknown keys instead of ig
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
@@ -42,6 +43,9 @@ class ModelConfig:
             if not cond:
                 raise ValueError(f"model.{field} = {getattr(self, field)!r} is invalid: allowed {allowed}")
 
+        for f in fields(self):
+            value = getattr(self, f.name)
+            need(not isinstance(value, float) or math.isfinite(value), f.name, "a finite number")
         need(self.arch in ARCHS, "arch", f"one of {list(ARCHS)}")
         need(self.student_loss in STUDENT_LOSSES, "student_loss", f"one of {list(STUDENT_LOSSES)}")
         need(self.distill in DISTILL_LOSSES, "distill", f"one of {list(DISTILL_LOSSES)}")
