@@ -50,7 +50,8 @@ BENCH_USERS = 200
 DISTINCT_REQUESTS = 256
 WARMUP_PAIRS = 200
 WARMUP_S = 1.0
-READY_TIMEOUT_S = 180.0
+READY_TIMEOUT_S = 180.0  # a server the benchmark starts: model load and warm-up included
+URL_READY_TIMEOUT_S = 10.0  # a server given by --url should be up already
 
 TARGETS = {
     "p50": 2.5,  # ms, one client, rerank
@@ -279,7 +280,9 @@ def post_json(url: str, body: dict) -> dict:
 
 
 def wait_ready(base: str, proc: subprocess.Popen | None, log: Path | None) -> dict:
-    deadline = time.monotonic() + READY_TIMEOUT_S
+    """/readyz's body once it answers 200; proc None: a server started by someone else (--url)."""
+    limit = READY_TIMEOUT_S if proc is not None else URL_READY_TIMEOUT_S
+    deadline = time.monotonic() + limit
     while time.monotonic() < deadline:
         if proc is not None and proc.poll() is not None:
             tail = log.read_text()[-3000:] if log and log.is_file() else ""
@@ -289,7 +292,8 @@ def wait_ready(base: str, proc: subprocess.Popen | None, log: Path | None) -> di
                 return orjson.loads(resp.read())
         except (OSError, urllib.error.HTTPError):
             time.sleep(0.2)
-    raise RuntimeError(f"{base}/readyz did not answer 200 within {READY_TIMEOUT_S:.0f}s")
+    hint = "" if proc is not None else ": start it with `psad serve` (PSAD_ENABLE_FLOOR_ENDPOINT=true), or omit --url"
+    raise RuntimeError(f"{base}/readyz did not answer 200 within {limit:g} s{hint}")
 
 
 def start_server(

@@ -47,3 +47,12 @@ def test_bench_service_rejects_bad_flags(field: str, value: int):
     app.command()(bench_service_command)
     result = CliRunner().invoke(app, [f"--{field}", str(value)])
     assert result.exit_code == 2 and f"--{field}" in result.output
+
+
+def test_a_url_without_a_server_fails_fast_with_a_hint(monkeypatch):
+    from service import bench
+    from tests.conftest import free_port
+
+    monkeypatch.setattr(bench, "URL_READY_TIMEOUT_S", 0.5)
+    with pytest.raises(RuntimeError, match=r"did not answer 200 within 0.5 s: start it with `psad serve`"):
+        bench.wait_ready(f"http://127.0.0.1:{free_port()}", None, None)
