@@ -7,7 +7,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from typer.testing import CliRunner
 
+from training.data.cli import app
 from training.data.generic import build_generic
 from training.data.store import SPLITS, DataError, load_items, load_schema, load_split
 
@@ -100,6 +102,61 @@ def test_parquet_example_with_behaviours_and_graded_labels(tmp_path: Path) -> No
     assert list(u1["hist_items"]) == [1]  # i99 never shown in train -> OOV
 
 
+def test_datetime_timestamps_are_converted_to_unix_seconds(tmp_path: Path) -> None:
+    """Parquet datetime columns store micro/nanoseconds: read raw, every history would be empty."""
+    behaviours = pd.DataFrame(
+        {"user_id": ["u0", "u1"], "item_id": ["i1", "i2"], "timestamp": [T0 - 10, T0 + 7200], "action": ["buy", "buy"]}
+    )  # fmt: skip
+
+    def build(name: str, impression_ts, behaviour_ts) -> pd.DataFrame:
+        src, out = tmp_path / name, tmp_path / f"{name}-out"
+        src.mkdir()
+        impressions().assign(timestamp=impression_ts).to_parquet(src / "impressions.parquet")
+        behaviours.assign(timestamp=behaviour_ts).to_parquet(src / "behaviours.parquet")
+        build_generic(src, out, max_history=5, progress=False)
+        return pd.read_parquet(out / "train.parquet")
+
+    seconds = build("seconds", impressions()["timestamp"], behaviours["timestamp"])
+    aware = pd.to_datetime(impressions()["timestamp"], unit="s", utc=True).dt.tz_convert("Asia/Tokyo")
+    naive = pd.to_datetime(behaviours["timestamp"], unit="s").astype("datetime64[ms]")  # naive means UTC
+    pd.testing.assert_frame_equal(build("datetimes", aware, naive), seconds)
+    assert seconds["timestamp"].iloc[0] == T0 and seconds["hist_ts"].map(len).sum() > 0
+
+
+def test_a_failed_build_leaves_the_previous_data_set_untouched(tmp_path: Path, monkeypatch) -> None:
+    src, out = write_csv_example(tmp_path / "src"), tmp_path / "data"
+    build_generic(src, out, max_history=10, progress=False)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+
+    def fail(_labels) -> dict:
+        raise DataError("disk full")
+
+    monkeypatch.setattr("training.data.generic.order_quality", fail)  # after every data-set file is written
+    for target in (out, tmp_path / "new"):
+        with pytest.raises(DataError, match="disk full"):
+            build_generic(src, target, max_history=3, progress=False)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "src"]  # nothing half-built, no staging left
+
+
+def test_out_that_is_not_a_data_set_is_refused_not_replaced(tmp_path: Path) -> None:
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "todo.txt").write_text("keep me")
+    with pytest.raises(DataError, match="exists and is not a data set"):
+        build_generic(write_csv_example(tmp_path / "src"), notes, max_history=10, progress=False)
+    assert [p.name for p in notes.iterdir()] == ["todo.txt"]
+
+
+def test_cli_reports_a_bad_input_in_one_line_with_exit_code_2(tmp_path: Path) -> None:
+    src = write_csv_example(tmp_path / "src")
+    _set(2, "timestamp", -1)(src)
+    done = CliRunner().invoke(app, ["build", "generic", str(src), "--out", str(tmp_path / "out")])
+    assert done.exit_code == 2, done.output
+    assert done.output.startswith("error: ") and "row 2, column 'timestamp': must be >= 0" in done.output
+    assert len(done.output.strip().splitlines()) == 1 and not (tmp_path / "out").exists()
+
+
 def _csv(directory: Path, df: pd.DataFrame, name: str = "impressions.csv", **kw) -> None:
     df.to_csv(directory / name, index=False, **kw)
 
@@ -121,6 +178,10 @@ BAD_INPUTS = {
     "text label": (_set(4, "label", "yes"), "row 4, column 'label': 'yes' is not a finite number"),
     "negative label": (_set(4, "label", -1), "row 4, column 'label': must be >= 0"),
     "negative timestamp": (_set(2, "timestamp", -1), "row 2, column 'timestamp': must be >= 0"),
+    "timestamp in milliseconds": (
+        lambda d: _csv(d, impressions().assign(timestamp=lambda x: x["timestamp"] * 1000)),
+        "row 1, column 'timestamp': 1700000000000 is above 1e+11: unix seconds expected; this looks like milliseconds",
+    ),
     "fractional position": (_set(2, "position", 0.5), "row 2, column 'position': must be a whole number"),
     "unknown column": (lambda d: _csv(d, impressions().assign(price=1)), "unknown column(s) ['price']"),
     "missing column": (lambda d: _csv(d, impressions().drop(columns="label")), "missing required column(s) ['label']"),
@@ -131,6 +192,14 @@ BAD_INPUTS = {
     "duplicate user row": (
         lambda d: _csv(d, pd.DataFrame({"user_id": ["u1", "u1"], "age": [1, 2]}), "users.csv"),
         "users.csv: row 2, column 'user_id': duplicate",
+    ),
+    "infinite user feature": (
+        lambda d: _csv(d, pd.DataFrame({"user_id": ["u1", "u2"], "age": [30, np.inf]}), "users.csv"),
+        "users.csv: row 2, column 'age': inf is not a finite number",
+    ),
+    "reserved item column": (
+        lambda d: _csv(d, pd.DataFrame({"item_id": ["i1"], "item_index": [7]}), "items.csv"),
+        "items.csv: column(s) ['item_index'] are reserved",
     ),
     "behaviours without action": (
         lambda d: _csv(d, pd.DataFrame({"user_id": ["u1"], "item_id": ["i1"], "timestamp": [T0]}), "behaviours.csv"),
@@ -149,4 +218,4 @@ def test_bad_inputs_are_rejected_with_a_message(case: str, tmp_path: Path) -> No
     with pytest.raises(DataError) as err:
         build_generic(src, tmp_path / "out", max_history=10, progress=False)
     assert message in str(err.value)
-    assert not (tmp_path / "out" / "schema.json").exists()
+    assert not (tmp_path / "out").exists()

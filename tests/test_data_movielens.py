@@ -215,6 +215,10 @@ BAD_INPUTS = {
     "empty value": (lambda d, f, sep: _corrupt_field(d / RATINGS[f], 2, "", sep), "row 3, column 'rating'"),
     "not a number": (lambda d, f, sep: _corrupt_field(d / RATINGS[f], 2, "x", sep), "'x' is not a finite number"),
     "negative timestamp": (lambda d, f, sep: _corrupt_field(d / RATINGS[f], 3, "-5", sep), "'timestamp': must be >= 0"),
+    "timestamp in milliseconds": (
+        lambda d, f, sep: _corrupt_field(d / RATINGS[f], 3, "978300760000", sep),
+        "row 3, column 'timestamp': 978300760000 is above 1e+11: unix seconds expected",
+    ),
     "rating out of range": (lambda d, f, sep: _corrupt_field(d / RATINGS[f], 2, "7", sep), "ratings must be 1..5"),
     "unknown user": (lambda d, f, sep: _corrupt_field(d / RATINGS[f], 0, "5000", sep), "[5000] is not in"),
     "nothing survives filtering": (

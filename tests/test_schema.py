@@ -47,6 +47,14 @@ def test_round_trip(tmp_path):
         (lambda d: d.update(max_history=-1), "max_history"),
         (lambda d: d.update(label="stars"), "label"),
         (lambda d: d["user_numeric"][0].update(std=0.0), "activity.std"),
+        (lambda d: d.update(n_items="x"), r"schema\.json: schema\.n_items must be an integer, got 'x'"),
+        (lambda d: d.update(max_list=5.5), r"schema\.max_list must be an integer, got 5\.5"),
+        (lambda d: d.update(actions="click"), r"schema\.actions must be a list"),
+        (lambda d: d["user_categorical"][0].update(cardinality="10"), r"user_categorical\[0\]\.cardinality must be an"),
+        (lambda d: d["user_numeric"][0].update(mean="0.2"), r"user_numeric\[0\]\.mean must be a number"),
+        (lambda d: d["user_numeric"][0].pop("name"), r"user_numeric\[0\]: missing required field 'name'"),
+        (lambda d: d.update(item_numeric=[[1]]), r"item_numeric\[0\] must be an object, got \[1\]"),
+        (lambda d: d.update(extra=[]), r"schema\.extra must be an object"),
     ],
 )
 def test_invalid_schema_names_the_field(tmp_path, edit, message):
@@ -75,6 +83,13 @@ def test_vocab_maps_unknown_to_oov(tmp_path):
     assert loaded.items.index("b") == 3
     with pytest.raises(SchemaError, match="n_items"):
         Vocabularies.load(tmp_path / "vocab.json", make_schema(n_items=9))
+    for text, message in [
+        ("[]", "vocab must be an object"),
+        ('{"version": 1}', "vocab: missing required field 'items'"),
+    ]:
+        (tmp_path / "vocab.json").write_text(text)
+        with pytest.raises(SchemaError, match=rf"vocab\.json: {message}"):
+            Vocabularies.load(tmp_path / "vocab.json", schema)
 
 
 def profile(ts: list[int]) -> EncodedProfile:

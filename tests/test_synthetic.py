@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
+from typer.testing import CliRunner
 
+from training.data.cli import app
 from training.data.store import SPLITS, DataError, ListData, load_items, load_schema, load_split, load_vocabs
 from training.data.synthetic import ClickModel, build_synthetic
 from training.metrics import ranking_from_scores
@@ -192,6 +195,41 @@ def test_bad_arguments_are_rejected(tmp_path: Path, overrides: dict, message: st
     with pytest.raises(DataError, match=message):
         build_synthetic(tmp_path / "x", **args, progress=False)
     assert not (tmp_path / "x").exists()
+
+
+def test_seed_is_checked_by_the_command_line(tmp_path: Path) -> None:
+    done = CliRunner().invoke(app, ["build", "synthetic", "--out", str(tmp_path / "x"), "--seed", "-1"])
+    assert done.exit_code == 2 and "--seed" in done.output and not (tmp_path / "x").exists()
+
+
+def test_a_rebuild_replaces_the_data_set_whole_or_not_at_all(tmp_path: Path, monkeypatch) -> None:
+    out = tmp_path / "sim"
+    build_synthetic(out, **SMALL, seed=1, progress=False)
+    build_synthetic(out, **SMALL, seed=2, progress=False)
+    build_synthetic(tmp_path / "fresh", **SMALL, seed=2, progress=False)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == {
+        p.name: p.read_bytes() for p in (tmp_path / "fresh").iterdir()
+    }
+
+    def fail(*_args) -> None:
+        raise OSError("disk full")
+
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    monkeypatch.setattr(ClickModel, "save", fail)  # the last file of a synthetic data set
+    with pytest.raises(OSError, match="disk full"):
+        build_synthetic(out, **SMALL, seed=3, progress=False)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fresh", "sim"]
+
+
+@pytest.mark.parametrize("name", ["train.parquet", "users.parquet", "items.parquet"])
+def test_a_corrupt_table_is_a_data_error_naming_it(tiny_data: Path, tmp_path: Path, name: str) -> None:
+    data = tmp_path / "data"
+    shutil.copytree(tiny_data, data)
+    (data / name).write_bytes((data / name).read_bytes()[:100])
+    schema = load_schema(data)
+    with pytest.raises(DataError, match=rf"{name}: cannot be read .*rebuild the data set"):
+        load_items(data, schema) if name == "items.parquet" else load_split(data, "train", schema)
 
 
 def test_click_model_needs_a_synthetic_data_set(tmp_path: Path) -> None:

@@ -13,7 +13,7 @@ DISTILL = ("listwise", "rd", "none")
 SPLITS = ("train", "val", "test")
 
 
-def _fail(exc: Exception) -> typer.Exit:
+def fail(exc: Exception) -> typer.Exit:
     typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
     return typer.Exit(2)
 
@@ -51,7 +51,7 @@ def train_command(
         started = time.perf_counter()
         run = train(data, cfg, out, resume=resume)
     except (ConfigError, DataError, SchemaError, RunError) as exc:
-        raise _fail(exc) from None
+        raise fail(exc) from None
     if int(os.environ.get("RANK", "0")) == 0:
         typer.echo(f"run written to {run} in {time.perf_counter() - started:.1f}s; evaluate: psad evaluate --run {run}")
 
@@ -73,7 +73,7 @@ def evaluate_command(
     try:
         result = evaluate_run(run, split, data)
     except (DataError, SchemaError, RunError) as exc:
-        raise _fail(exc) from None
+        raise fail(exc) from None
     path = json_path or run / f"eval_{split}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=2))

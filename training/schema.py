@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass, field
+import reprlib
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from functools import cached_property
 from pathlib import Path
 from typing import Any
@@ -51,6 +52,46 @@ class NumericFeature:
     name: str
     mean: float = 0.0
     std: float = 1.0
+
+
+_JSON_TYPES = {int: "an integer", float: "a number", str: "a string", list: "a list", dict: "an object"}
+_ANNOTATED = {"int": int, "float": float, "str": str}  # dataclass field types, as postponed annotations
+
+
+def _typed(value: Any, kind: type, what: str) -> Any:
+    """`value` if it has JSON type `kind`, else a SchemaError naming `what`.
+
+    Checked on load so that a hand-edited file fails there, not with a TypeError deep in training.
+    An integer counts as a number; a boolean counts as neither.
+    """
+    accepted = (int, float) if kind is float else kind
+    if isinstance(value, bool) or not isinstance(value, accepted):
+        raise SchemaError(f"{what} must be {_JSON_TYPES[kind]}, got {reprlib.repr(value)}")
+    return float(value) if kind is float else value
+
+
+def _field(raw: dict, name: str, kind: type, where: str, default: Any = MISSING) -> Any:
+    """raw[name] checked by `_typed`; `default` when absent, a SchemaError when absent and required."""
+    if name not in raw:
+        if default is MISSING:
+            raise SchemaError(f"{where}: missing required field {name!r}")
+        return default
+    return _typed(raw[name], kind, f"{where}.{name}")
+
+
+def _features(raw: dict, group: str, kind: type[CategoricalFeature] | type[NumericFeature]) -> tuple:
+    """The feature list `group`, each entry checked against the fields of `kind`."""
+    feats = []
+    for i, entry in enumerate(_field(raw, group, list, "schema", [])):
+        where = f"schema.{group}[{i}]"
+        entry = _typed(entry, dict, where)
+        unknown = sorted(set(entry) - set(kind.__dataclass_fields__))
+        if unknown:
+            raise SchemaError(f"{where}: unknown field(s) {unknown}")
+        feats.append(
+            kind(**{f.name: _field(entry, f.name, _ANNOTATED[f.type], where, f.default) for f in fields(kind)})
+        )
+    return tuple(feats)
 
 
 @dataclass(frozen=True)
@@ -111,26 +152,22 @@ class FeatureSchema:
         unknown = sorted(set(raw) - known)
         if unknown:
             raise SchemaError(f"schema: unknown field(s) {unknown}; allowed: {sorted(known)}")
-        try:
-            schema = cls(
-                n_items=int(raw["n_items"]),
-                actions=tuple(str(a) for a in raw["actions"]),
-                max_history=int(raw["max_history"]),
-                max_list=int(raw["max_list"]),
-                user_categorical=tuple(CategoricalFeature(**f) for f in raw.get("user_categorical", ())),
-                user_numeric=tuple(NumericFeature(**f) for f in raw.get("user_numeric", ())),
-                item_categorical=tuple(CategoricalFeature(**f) for f in raw.get("item_categorical", ())),
-                item_numeric=tuple(NumericFeature(**f) for f in raw.get("item_numeric", ())),
-                candidate_numeric=tuple(NumericFeature(**f) for f in raw.get("candidate_numeric", ())),
-                label=str(raw.get("label", "click")),
-                max_label=float(raw.get("max_label", 1.0)),
-                version=int(version),
-                extra=dict(raw.get("extra", {})),
-            )
-        except KeyError as exc:
-            raise SchemaError(f"schema: missing required field {exc.args[0]!r}") from None
-        except TypeError as exc:
-            raise SchemaError(f"schema: malformed feature entry ({exc})") from None
+        actions = _field(raw, "actions", list, "schema")
+        schema = cls(
+            n_items=_field(raw, "n_items", int, "schema"),
+            actions=tuple(_typed(a, str, f"schema.actions[{i}]") for i, a in enumerate(actions)),
+            max_history=_field(raw, "max_history", int, "schema"),
+            max_list=_field(raw, "max_list", int, "schema"),
+            user_categorical=_features(raw, "user_categorical", CategoricalFeature),
+            user_numeric=_features(raw, "user_numeric", NumericFeature),
+            item_categorical=_features(raw, "item_categorical", CategoricalFeature),
+            item_numeric=_features(raw, "item_numeric", NumericFeature),
+            candidate_numeric=_features(raw, "candidate_numeric", NumericFeature),
+            label=_field(raw, "label", str, "schema", "click"),
+            max_label=_field(raw, "max_label", float, "schema", 1.0),
+            version=SCHEMA_VERSION,
+            extra=_field(raw, "extra", dict, "schema", {}),
+        )
         schema.validate()
         return schema
 
@@ -167,8 +204,11 @@ class FeatureSchema:
 
     @classmethod
     def load(cls, path: Path) -> FeatureSchema:
-        missing = "schema file not found; rebuild the data set with `psad data build`"
-        return cls.from_dict(read_json(path, missing=missing))
+        raw = read_json(path, missing="schema file not found; rebuild the data set with `psad data build`")
+        try:
+            return cls.from_dict(raw)
+        except SchemaError as exc:
+            raise SchemaError(f"{path}: {exc}") from None
 
 
 class Vocab:
@@ -213,12 +253,14 @@ class Vocabularies:
 
     @classmethod
     def load(cls, path: Path, schema: FeatureSchema) -> Vocabularies:
-        raw = read_json(path, missing="vocabulary file not found")
+        where = f"{path}: vocab"
+        raw = _typed(read_json(path, missing="vocabulary file not found"), dict, where)
         if raw.get("version") != SCHEMA_VERSION:
             raise SchemaError(f"{path}: version {raw.get('version')!r}, expected {SCHEMA_VERSION}")
+        user = _field(raw, "user_categorical", dict, where, {})
         vocabs = cls(
-            items=Vocab(raw["items"]),
-            user_categorical={k: Vocab(v) for k, v in raw.get("user_categorical", {}).items()},
+            items=Vocab(_field(raw, "items", list, where)),
+            user_categorical={k: Vocab(_typed(v, list, f"{where}.user_categorical.{k}")) for k, v in user.items()},
         )
         if len(vocabs.items) != schema.n_items:
             raise SchemaError(f"{path}: {len(vocabs.items)} item rows but schema.n_items={schema.n_items}")

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import typer
 
-from training.data.store import format_summary
+from training.commands import fail
+from training.data.store import DataError, format_summary
+from training.schema import SchemaError
 
 app = typer.Typer(help="Build and inspect data sets.", no_args_is_help=True)
 build = typer.Typer(help="Build a data set into DIR (see docs/data.md).", no_args_is_help=True)
@@ -17,7 +20,13 @@ OUT = typer.Option(..., "--out", help="Output directory of the data set.")
 HISTORY = typer.Option(50, "--max-history", min=0, max=1000, help="Behaviours kept per list (H).")
 
 
-def _report(stats: dict, started: float) -> None:
+def _run(builder: Callable[[], dict]) -> None:
+    """Run a builder and print its summary; a bad input or --out is one `error:` line and exit code 2."""
+    started = time.perf_counter()
+    try:
+        stats = builder()
+    except (DataError, SchemaError, OSError) as exc:
+        raise fail(exc) from None
     elapsed = time.perf_counter() - started
     lists = sum(s["lists"] for s in stats["splits"].values())
     typer.echo(format_summary(stats))
@@ -27,8 +36,7 @@ def _report(stats: dict, started: float) -> None:
 def _movielens(fmt: str, source: Path, out: Path, max_history: int, seed: int) -> None:
     from training.data.movielens import build_movielens
 
-    started = time.perf_counter()
-    _report(build_movielens(source, out, fmt=fmt, max_history=max_history, seed=seed), started)
+    _run(lambda: build_movielens(source, out, fmt=fmt, max_history=max_history, seed=seed))
 
 
 @build.command("ml100k")
@@ -36,7 +44,7 @@ def ml100k(
     source: Path = typer.Argument(Path("../shared/data/ml-100k"), help="Directory with u.data, u.user, u.item."),
     out: Path = OUT,
     max_history: int = HISTORY,
-    seed: int = typer.Option(0, help="Seed of the initial ranker."),
+    seed: int = typer.Option(0, min=0, help="Seed of the initial ranker."),
 ) -> None:
     """MovieLens-100K (ReChorus recipe; see docs/data.md)."""
     _movielens("ml100k", source, out, max_history, seed)
@@ -47,7 +55,7 @@ def ml1m(
     source: Path = typer.Argument(..., help="Directory with ratings.dat, users.dat, movies.dat."),
     out: Path = OUT,
     max_history: int = HISTORY,
-    seed: int = typer.Option(0, help="Seed of the initial ranker."),
+    seed: int = typer.Option(0, min=0, help="Seed of the initial ranker."),
 ) -> None:
     """MovieLens-1M ('::'-separated files), same recipe as ml100k."""
     _movielens("ml1m", source, out, max_history, seed)
@@ -62,8 +70,7 @@ def generic(
     """Your own impression logs in the documented layout (docs/data.md#generic)."""
     from training.data.generic import build_generic
 
-    started = time.perf_counter()
-    _report(build_generic(source, out, max_history=max_history), started)
+    _run(lambda: build_generic(source, out, max_history=max_history))
 
 
 @build.command("synthetic")
@@ -74,13 +81,13 @@ def synthetic(
     items: int = typer.Option(2_000, min=30, help="Number of simulated items."),
     list_length: int = typer.Option(20, min=2, max=1000, help="Candidates per list."),
     max_history: int = HISTORY,
-    seed: int = typer.Option(0, help="Simulator seed."),
+    seed: int = typer.Option(0, min=0, help="Simulator seed."),
 ) -> None:
     """Click simulator with known ground truth (expected utility of any permutation)."""
     from training.data.synthetic import build_synthetic
 
-    started = time.perf_counter()
-    stats = build_synthetic(
-        out, lists=lists, users=users, items=items, list_length=list_length, max_history=max_history, seed=seed
+    _run(
+        lambda: build_synthetic(
+            out, lists=lists, users=users, items=items, list_length=list_length, max_history=max_history, seed=seed
+        )
     )
-    _report(stats, started)

@@ -18,7 +18,7 @@ import pandas as pd
 from tqdm import tqdm
 
 from training.data.initial_ranker import order_quality
-from training.data.store import SPLITS, DataError, write_dataset
+from training.data.store import SPLITS, DataError, staged, write_dataset
 from training.schema import N_RESERVED, CategoricalFeature, FeatureSchema, NumericFeature, Vocab, Vocabularies
 
 IMPRESSION_REQUIRED = ("request_id", "user_id", "timestamp", "item_id", "position", "label")
@@ -28,6 +28,8 @@ ID_COLUMNS = ("request_id", "user_id", "item_id")
 DERIVED_ACTIONS = ("view", "click")  # behaviours derived from impressions: label > 0 -> click
 SPLIT_FRACTIONS = (0.8, 0.9)  # train | val | test boundaries, by request time
 MIN_LIST = 2  # a list of one item has nothing to rerank
+MAX_UNIX_SECONDS = 10**11  # year 5138: a larger timestamp is in milliseconds or finer, not seconds
+RESERVED_ITEM_COLUMNS = ("item_index",)  # items.parquet gets it from the builder
 
 
 @dataclass
@@ -94,9 +96,10 @@ def read_table(directory: Path, stem: str, *, required: bool) -> tuple[pd.DataFr
     return df.reset_index(drop=True), path
 
 
-def fail_rows(path: Path, column: str, mask: pd.Series, problem: str) -> None:
+def fail_rows(path: Path, column: str, mask: pd.Series | np.ndarray, problem: str) -> None:
+    mask = np.asarray(mask)
     if mask.any():
-        row = int(np.flatnonzero(mask.to_numpy())[0]) + 1
+        row = int(np.flatnonzero(mask)[0]) + 1
         raise DataError(f"{path}: row {row}, column {column!r}: {problem}")
 
 
@@ -108,7 +111,16 @@ def check_ids(df: pd.DataFrame, path: Path, columns: tuple[str, ...]) -> None:
         fail_rows(path, col, df[col] == "", "empty value; every row needs one")
 
 
-def check_numeric(df: pd.DataFrame, path: Path, col: str, *, integer: bool = False, minimum: float | None = None):
+def check_numeric(
+    df: pd.DataFrame,
+    path: Path,
+    col: str,
+    *,
+    integer: bool = False,
+    minimum: float | None = None,
+    maximum: tuple[float, str] | None = None,
+) -> None:
+    """Parse `col` as finite numbers in place; `maximum` is (bound, what a larger value means)."""
     raw = df[col]
     fail_rows(path, col, raw.isna(), "empty value; fill it in or drop the row")
     values = pd.to_numeric(raw, errors="coerce").astype(np.float64)
@@ -119,7 +131,26 @@ def check_numeric(df: pd.DataFrame, path: Path, col: str, *, integer: bool = Fal
         fail_rows(path, col, values != np.floor(values), "must be a whole number")
     if minimum is not None:
         fail_rows(path, col, values < minimum, f"must be >= {minimum:g}")
+    if maximum is not None:
+        bound, meaning = maximum
+        above = values > bound
+        if above.any():
+            fail_rows(path, col, above, f"{values[above].iloc[0]:.15g} is above {bound:g}: {meaning}")
     df[col] = values.astype(np.int64) if integer else values
+
+
+def check_timestamps(df: pd.DataFrame, path: Path, col: str = "timestamp") -> None:
+    """Make `col` unix seconds (int64) in place.
+
+    A datetime column (Parquet; naive means UTC) is converted, since its raw integers are micro- or
+    nanoseconds; numbers beyond MAX_UNIX_SECONDS are refused, since read as seconds they would date
+    every event millennia ahead and leave histories empty.
+    """
+    raw = df[col]
+    if pd.api.types.is_datetime64_any_dtype(raw):
+        df[col] = (raw - pd.Timestamp(0, tz=raw.dt.tz)) // pd.Timedelta(seconds=1)
+    meaning = "unix seconds expected; this looks like milliseconds or finer (divide by 1000)"
+    check_numeric(df, path, col, integer=True, minimum=0, maximum=(MAX_UNIX_SECONDS, meaning))
 
 
 def _check_columns(df: pd.DataFrame, path: Path, required: tuple[str, ...], allowed: tuple[str, ...] | None) -> None:
@@ -142,7 +173,7 @@ def read_impressions(directory: Path) -> pd.DataFrame:
     df, path = read_table(directory, "impressions", required=True)
     _check_columns(df, path, IMPRESSION_REQUIRED, IMPRESSION_REQUIRED + IMPRESSION_OPTIONAL)
     check_ids(df, path, ("request_id", "user_id", "item_id"))
-    check_numeric(df, path, "timestamp", integer=True, minimum=0)
+    check_timestamps(df, path)
     check_numeric(df, path, "position", integer=True, minimum=0)
     check_numeric(df, path, "label", minimum=0)
     for col in [c for c in df.columns if c == "rank_score" or str(c).startswith("f_")]:
@@ -167,18 +198,28 @@ def read_behaviours(directory: Path) -> pd.DataFrame | None:
     if unknown:
         raise DataError(f"{path}: unknown column(s) {unknown}; allowed: {list(BEHAVIOUR_COLUMNS)}")
     check_ids(df, path, ("user_id", "item_id", "action"))
-    check_numeric(df, path, "timestamp", integer=True, minimum=0)
+    check_timestamps(df, path)
     return df
 
 
-def read_side_table(directory: Path, stem: str, key: str) -> pd.DataFrame:
+def read_side_table(directory: Path, stem: str, key: str, reserved: tuple[str, ...] = ()) -> pd.DataFrame:
+    """A users/items table: one row per `key`; numeric columns may have gaps (NaN) but no infinities."""
     table = read_table(directory, stem, required=False)
     if table is None:
         return pd.DataFrame({key: pd.Series([], dtype=str)})
     df, path = table
     _check_columns(df, path, (key,), None)
+    clash = [c for c in df.columns if c in reserved]
+    if clash:
+        raise DataError(f"{path}: column(s) {clash} are reserved (the builder creates them); rename them")
     check_ids(df, path, (key,))
     _check_duplicates(df, path, [key], f"one row per {key}")
+    for col in [c for c in df.columns if pd.api.types.is_numeric_dtype(df[c])]:
+        values = df[col].to_numpy(dtype=np.float64, na_value=np.nan)
+        infinite = np.isinf(values)
+        if infinite.any():
+            problem = f"{values[infinite][0]} is not a finite number; leave the value empty if it is unknown"
+            fail_rows(path, col, infinite, problem)
     return df
 
 
@@ -194,7 +235,7 @@ def read_logs(directory: Path) -> tuple[Logs, tuple[str, ...]]:
     else:
         actions = tuple(sorted(behaviours["action"].unique()))
     users = read_side_table(directory, "users", "user_id")
-    items = read_side_table(directory, "items", "item_id")
+    items = read_side_table(directory, "items", "item_id", RESERVED_ITEM_COLUMNS)
     return Logs(impressions=impressions, behaviours=behaviours, users=users, items=items), actions
 
 
@@ -363,9 +404,10 @@ def write_logs(
         extra=extra,
     )
     vocabs = Vocabularies(items=vocab, user_categorical=user_vocabs)
-    stats = write_dataset(Path(out), schema, vocabs, users, items, behaviours, splits)
-    stats["initial_order"] = {s: order_quality(splits[s]["labels"]) for s in ("val", "test")}
-    (Path(out) / "stats.json").write_text(json.dumps(stats, indent=2))
+    with staged(out) as staging:
+        stats = write_dataset(staging, schema, vocabs, users, items, behaviours, splits)
+        stats["initial_order"] = {s: order_quality(splits[s]["labels"]) for s in ("val", "test")}
+        (staging / "stats.json").write_text(json.dumps(stats, indent=2))
     if progress:
         tqdm.write(format_order_quality(stats["initial_order"]))
     return stats

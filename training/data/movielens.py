@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from training.data.generic import DERIVED_ACTIONS, Logs, check_numeric, fail_rows, write_logs
+from training.data.generic import DERIVED_ACTIONS, Logs, check_numeric, check_timestamps, fail_rows, write_logs
 from training.data.initial_ranker import InitialRanker
 from training.data.store import DataError
 
@@ -115,7 +115,7 @@ def read_movielens(source: Path, fmt: str) -> tuple[pd.DataFrame, pd.DataFrame, 
         check_numeric(ratings, path, col, integer=True, minimum=0)
     check_numeric(ratings, path, "rating", integer=True, minimum=1)
     fail_rows(path, "rating", ratings["rating"] > 5, "ratings must be 1..5")
-    check_numeric(ratings, path, "timestamp", integer=True, minimum=0)
+    check_timestamps(ratings, path)
 
     path = source / spec_u.name
     check_numeric(users, path, "user_id", integer=True, minimum=0)

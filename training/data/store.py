@@ -24,6 +24,10 @@ A data set is a directory:
 from __future__ import annotations
 
 import json
+import shutil
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -77,7 +81,6 @@ def write_dataset(
 ) -> dict:
     """Validate and write a data set; returns the summary (also saved as stats.json)."""
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     schema.validate()
     if len(items) != schema.n_items:
         raise DataError(f"items table has {len(items)} rows but schema.n_items={schema.n_items}")
@@ -88,6 +91,7 @@ def write_dataset(
         missing += [f"cand_{f.name}" for f in schema.candidate_numeric if f"cand_{f.name}" not in splits[name].columns]
         if missing:
             raise DataError(f"split {name!r} lacks column(s) {missing}")
+    out.mkdir(parents=True, exist_ok=True)
     schema.save(out / "schema.json")
     vocabs.save(out / "vocab.json")
     users.to_parquet(out / "users.parquet", index=False)
@@ -98,6 +102,35 @@ def write_dataset(
     stats = summarise(splits, n_users=len(users), n_items=schema.n_items)
     (out / "stats.json").write_text(json.dumps(stats, indent=2))
     return stats
+
+
+@contextmanager
+def staged(out: Path) -> Iterator[Path]:
+    """Yield an empty sibling directory to build into, moved to `out` only when the block completes.
+
+    A failed build so leaves `out` as it was (the old data set, or nothing), never a mix of old and
+    new files. `out` may be new, empty or an earlier data set; anything else is refused, not deleted.
+    """
+    out = Path(out).resolve()
+    if out.exists() and not (out / "schema.json").is_file() and (not out.is_dir() or any(out.iterdir())):
+        raise DataError(f"{out}: exists and is not a data set (no schema.json); choose a new or empty --out")
+    tag = uuid.uuid4().hex[:8]
+    new, old = out.with_name(f".{out.name}.new-{tag}"), out.with_name(f".{out.name}.old-{tag}")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    new.mkdir()
+    try:
+        yield new
+        if out.exists():
+            out.rename(old)
+        try:
+            new.rename(out)
+        except OSError:
+            if old.exists():
+                old.rename(out)
+            raise
+    finally:
+        shutil.rmtree(new, ignore_errors=True)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def summarise(splits: dict[str, pd.DataFrame], n_users: int, n_items: int) -> dict:
@@ -137,9 +170,19 @@ def load_vocabs(data_dir: Path, schema: FeatureSchema) -> Vocabularies:
     return Vocabularies.load(Path(data_dir) / "vocab.json", schema)
 
 
+def read_parquet(path: Path, columns: list[str] | None = None) -> pd.DataFrame:
+    """A data-set table; a missing or unreadable file (truncated copy, disk error) is a DataError naming it."""
+    if not Path(path).is_file():
+        raise DataError(f"{path}: not found; rebuild the data set with `psad data build`")
+    try:
+        return pd.read_parquet(path, columns=columns)
+    except (OSError, pa.ArrowException) as exc:
+        raise DataError(f"{path}: cannot be read ({exc}); rebuild the data set with `psad data build`") from None
+
+
 def load_items(data_dir: Path, schema: FeatureSchema) -> tuple[np.ndarray, np.ndarray]:
     """Item side tables by item index: categorical int64 [n_items, n_cat], numeric float32 [n_items, n_num]."""
-    df = pd.read_parquet(Path(data_dir) / "items.parquet")
+    df = read_parquet(Path(data_dir) / "items.parquet")
     if len(df) != schema.n_items or not (df["item_index"].to_numpy() == np.arange(schema.n_items)).all():
         raise DataError(f"{data_dir}/items.parquet: item_index must be 0..{schema.n_items - 1} in order")
     cat = df[[f.name for f in schema.item_categorical]].to_numpy(dtype=np.int64).reshape(len(df), -1)
@@ -148,7 +191,7 @@ def load_items(data_dir: Path, schema: FeatureSchema) -> tuple[np.ndarray, np.nd
 
 
 def load_users(data_dir: Path, schema: FeatureSchema) -> pd.DataFrame:
-    return pd.read_parquet(Path(data_dir) / "users.parquet").set_index("user_id")
+    return read_parquet(Path(data_dir) / "users.parquet").set_index("user_id")
 
 
 def load_split(data_dir: Path, split: str, schema: FeatureSchema | None = None) -> ListData:
@@ -158,9 +201,7 @@ def load_split(data_dir: Path, split: str, schema: FeatureSchema | None = None) 
     data_dir = Path(data_dir)
     schema = schema or load_schema(data_dir)
     path = data_dir / f"{split}.parquet"
-    if not path.is_file():
-        raise DataError(f"{path}: split file not found; rebuild the data set")
-    df = pd.read_parquet(path)
+    df = read_parquet(path)
     users = load_users(data_dir, schema)
     ucat_cols = [f.name for f in schema.user_categorical]
     unum_cols = [f.name for f in schema.user_numeric]
@@ -178,7 +219,7 @@ def load_split(data_dir: Path, split: str, schema: FeatureSchema | None = None) 
             hist_ts=np.asarray(ht, dtype=np.int64),
             hist_actions=np.asarray(ha, dtype=np.int64),
         )
-        for i, (hi, ht, ha) in enumerate(zip(df["hist_items"], df["hist_ts"], df["hist_actions"]))
+        for i, (hi, ht, ha) in enumerate(zip(df["hist_items"], df["hist_ts"], df["hist_actions"], strict=True))
     ]
     cand_items = [np.asarray(x, dtype=np.int64) for x in df["items"]]
     num_cols = [df[f"cand_{f.name}"] for f in schema.candidate_numeric]

@@ -20,7 +20,7 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
-from training.data.store import SPLITS, DataError, ListData, write_dataset
+from training.data.store import SPLITS, DataError, ListData, staged, write_dataset
 from training.metrics import valid_first
 from training.schema import CategoricalFeature, FeatureSchema, NumericFeature, Vocab, Vocabularies, read_json
 
@@ -459,6 +459,7 @@ def build_synthetic(
     )
     split_of = np.select([train, ts < cut[1]], [0, 1], 2)
     splits = {name: lists_df[split_of == i].reset_index(drop=True) for i, name in enumerate(SPLITS)}
-    stats = write_dataset(out, schema, vocabs, users_df, items_df, behaviours_df, splits)
-    model.save(out, world.arrays(), cfg)
+    with staged(out) as staging:
+        stats = write_dataset(staging, schema, vocabs, users_df, items_df, behaviours_df, splits)
+        model.save(staging, world.arrays(), cfg)
     return stats
