@@ -104,8 +104,8 @@ def run_bench(
     devices, notes = ["cpu"], []
     if torch.cuda.is_available():
         devices.append("cuda")
+    maker = BatchMaker(load_bundle(bundle_dir, device="cpu", warmup=False).schema, seed=0)  # verifies first
     module = load_torch_model(bundle_dir).serving_module().eval()
-    maker = BatchMaker(load_bundle(bundle_dir, device="cpu", warmup=False).schema, seed=0)
     shapes = [(b, n, h) for b in batches for n in lists for h in histories]
     cells = []
     bar = tqdm(total=len(devices) * len(shapes), desc="bench model", disable=not progress)
@@ -285,32 +285,53 @@ def bench_model_command(
     command += ["--threads", str(threads), "--batches", batches, "--lists", lists, "--histories", histories]
     command += ["--seconds", str(seconds), "--iters", str(iters)] + ["--spinning"] * spinning + ["--profile"] * profile
     command += ["--out", str(out)] if out else []
-    with tempfile.TemporaryDirectory() as tmp:
-        if run is not None:
-            from export.bundle import export_run
+    if out is not None:
+        _check_out(out)
+    from export.bundle import ExportError, export_run
+    from export.parity import ParityError
+    from export.runtime import BundleError
 
-            bundle = export_run(run, Path(tmp), name="bench", version=1, progress=True)
-        assert bundle is not None
-        cells, notes = run_bench(bundle, threads, *sizes, seconds, iters, spinning, progress=True)
-        report = [
-            "## Model: ONNX Runtime vs PyTorch eager",
-            "",
-            f"Command: `{shlex.join(command)}`",
-            "",
-            *environment(bundle, threads, spinning),
-            *(f"- {note}" for note in notes),
-            "",
-            format_table(cells),
-            "",
-            "Targets:",
-            "",
-            *check_targets(cells, threads),
-        ]
-        if profile:
-            report += ["", profile_ort(bundle, threads)]
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            if run is not None:
+                bundle = export_run(run, Path(tmp), name="bench", version=1, progress=True)
+            assert bundle is not None
+            cells, notes = run_bench(bundle, threads, *sizes, seconds, iters, spinning, progress=True)
+            report = [
+                "## Model: ONNX Runtime vs PyTorch eager",
+                "",
+                f"Command: `{shlex.join(command)}`",
+                "",
+                *environment(bundle, threads, spinning),
+                *(f"- {note}" for note in notes),
+                "",
+                format_table(cells),
+                "",
+                "Targets:",
+                "",
+                *check_targets(cells, threads),
+            ]
+            if profile:
+                report += ["", profile_ort(bundle, threads)]
+    except (BundleError, ExportError, ParityError) as exc:
+        raise fail(exc) from None
     text = "\n".join(report) + "\n"
     typer.echo(text)
     if out is not None:
-        out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(text)
         typer.echo(f"wrote {out}")
+
+
+def fail(message: object) -> typer.Exit:
+    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
+    return typer.Exit(2)
+
+
+def _check_out(out: Path) -> None:
+    """Refuse an unusable --out before the benchmark runs, not after it."""
+    if out.is_dir():
+        raise fail(f"--out {out} is a directory; give the report's file path, e.g. {out / 'bench-model.md'}")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise fail(f"--out {out}: cannot create its directory ({exc})") from None

@@ -45,7 +45,6 @@ from export.runtime import (
     MANIFEST_FILE,
     MODEL_FILE,
     BundleError,
-    latest_version,
     sha256,
 )
 from training.checkpoint import BEST_FILES, MODELS, RunError, load_run, load_weights, read_config
@@ -140,8 +139,11 @@ def export_run(
 
 
 def next_version(repo_dir: Path, name: str) -> int:
-    """One past the highest complete version of `name` (1 for a new model)."""
-    return (latest_version(repo_dir, name) or 0) + 1
+    """One past the highest numbered entry of `name`, complete or not (1 for a new model): an
+    incomplete version directory (a copy in progress, a stray mkdir) is skipped, never reused."""
+    model_dir = Path(repo_dir) / name
+    numbered = [int(p.name) for p in model_dir.iterdir() if p.name.isdigit()] if model_dir.is_dir() else []
+    return max(numbered, default=0) + 1
 
 
 def best_validation(run_dir: Path) -> dict[str, Any]:

@@ -1,10 +1,12 @@
 """The one loader the service uses: verifies a model bundle and scores batches with ONNX Runtime.
 
 load_bundle() refuses anything it cannot vouch for (a missing, truncated or altered file, a
-manifest that is not JSON, another schema version, inputs that differ from the schema's) with a
-BundleError naming the file and the problem. It picks the execution provider, then reports the
-one actually active: onnxruntime-gpu falls back to CPU with only a log line, so the provider a
-bundle reports is read back from the session, and a fallback is logged as a warning.
+manifest that is not JSON, another schema version, inputs that differ from the schema's, a
+manifest naming another model or version than its directory, a graph that does not run on the
+schema's inputs) with a BundleError naming the file and the problem. It picks the execution
+provider, then reports the one actually active: onnxruntime-gpu falls back to CPU with only a log
+line, so the provider a bundle reports is read back from the session, and a fallback is logged
+as a warning.
 
 Threads: a serving process runs one session per worker process, so intra-op threads default to
 1 (pass more for large batches), inter-op threads to 1 with sequential execution, and idle pool
@@ -142,15 +144,32 @@ def load_bundle(
         level = logging.WARNING if device == "cuda" or CUDA in ort.get_available_providers() else logging.INFO
         log.log(level, "bundle %s: asked for device=%s, running on %s", bundle.path, device, bundle.provider)
     if warmup:
-        _warm_up(bundle)
+        try:
+            _warm_up(bundle)
+        except Exception as exc:  # ONNX Runtime raises its own types; a graph that disagrees with schema.json
+            raise BundleError(
+                f"{path / model_file}: the warm-up run on inputs built from schema.json failed "
+                f"({_ort_error(exc)}); the graph does not fit the schema, re-export the bundle"
+            ) from None
     return bundle
 
 
 def verify_bundle(path: Path) -> tuple[dict[str, Any], FeatureSchema, Vocabularies]:
-    """Every check that needs no session: manifest, sha256 of each file, schema version, input specs."""
+    """Every check that needs no session: manifest, its name/version against the directory, sha256 of
+    each file, schema version, input specs."""
     if not path.is_dir():
         raise BundleError(f"{path}: bundle directory not found; export one with `psad export`")
     manifest = _read_manifest(path / MANIFEST_FILE)
+    # The service finds versions by directory name and knows what it serves by the manifest: a copy
+    # into another version directory would be reloaded forever.
+    place = path.absolute()
+    if [place.parent.name, place.name] != [manifest["name"], str(manifest["version"])]:
+        raise BundleError(
+            f"{path / MANIFEST_FILE}: says {manifest['name']}/{manifest['version']} but the bundle is in "
+            f"{place.parent.name}/{place.name} (a copied bundle keeps its manifest): serve it from "
+            f"<repo>/{manifest['name']}/{manifest['version']}, or re-export the run as this version "
+            "with `psad export --name NAME --version N`"
+        )
     files = manifest["files"]
     for name in REQUIRED_FILES:
         if name not in files:
@@ -204,7 +223,7 @@ def _read_manifest(file: Path) -> dict[str, Any]:
             "re-export the model with this release"
         )
     for key, kind in (("name", str), ("version", int)):
-        if not isinstance(manifest.get(key), kind):
+        if not isinstance(manifest.get(key), kind) or isinstance(manifest.get(key), bool):
             raise BundleError(f"{file}: '{key}' must be a {kind.__name__}; re-export the bundle")
     return manifest
 
@@ -241,7 +260,12 @@ def _session(model: Path, device: str, threads: int, spinning: bool):
     try:
         return ort.InferenceSession(str(model), options, providers=providers)
     except Exception as exc:  # onnxruntime raises its own exception types for unreadable graphs
-        raise BundleError(f"{model}: ONNX Runtime cannot load it ({type(exc).__name__}: {exc})") from None
+        raise BundleError(f"{model}: ONNX Runtime cannot load it ({_ort_error(exc)})") from None
+
+
+def _ort_error(exc: Exception) -> str:
+    """ONNX Runtime's message on one line (it spans several), for one-line errors and log fields."""
+    return f"{type(exc).__name__}: {' '.join(str(exc).split())}"
 
 
 def _warm_up(bundle: Bundle) -> None:

@@ -72,9 +72,9 @@ class ModelStore:
                 return ReloadResult("unchanged", current)
             try:
                 bundle = await asyncio.to_thread(self._load, version)
-            except (BundleError, ValueError, OSError) as exc:
+            except Exception as exc:  # whatever the cause, refuse it once: polling must not retry it forever
                 self._refused.add(version)
-                return self._refuse(current, str(exc))
+                return self._refuse(current, str(exc) if isinstance(exc, BundleError) else repr(exc))
             self._swap(bundle)
             metrics.RELOADS.labels("loaded").inc()
             log.info("model loaded", extra={"model": bundle.name, "version": bundle.version, "previous": current})

@@ -9,11 +9,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from typer.testing import CliRunner
 
 from export.bundle import ExportError, export_run, next_version
 from export.parity import FP32, SHAPES, BatchMaker, ParityError, check_parity, require_parity
 from export.runtime import latest_version, load_bundle, sha256
 from training.checkpoint import load_run
+from training.cli import app
 from training.data.store import load_split
 from training.schema import INPUT_NAMES, OOV, SCHEMA_VERSION, FeatureSchema, model_inputs
 
@@ -129,15 +131,17 @@ def test_latest_version_counts_only_complete_versions(tmp_path: Path, tiny_bundl
     (tmp_path / "psad" / "7").mkdir()  # no manifest: incomplete
     (tmp_path / "psad" / ".8.tmp-abc").mkdir()  # an export in progress
     (tmp_path / "psad" / "notes").mkdir()
-    assert latest_version(tmp_path, "psad") == 3 and next_version(tmp_path, "psad") == 4
+    assert latest_version(tmp_path, "psad") == 3  # what the service serves
+    assert next_version(tmp_path, "psad") == 8  # what export takes: past the incomplete 7, not onto it
 
 
 @pytest.mark.slow
 def test_auto_version_and_fp16_export(tmp_path: Path, tiny_bundle: Path, tiny_run: Path) -> None:
-    """Omitting the version takes the next one; --fp16 adds a parity-checked float16 graph."""
+    """Omitting the version takes the next free one; --fp16 adds a parity-checked float16 graph."""
     shutil.copytree(tiny_bundle, tmp_path / "psad" / "1")
+    (tmp_path / "psad" / "2").mkdir()  # an incomplete version directory is skipped
     bundle = export_run(tiny_run, tmp_path, name="psad", fp16=True)
-    assert bundle == tmp_path / "psad" / "2"
+    assert bundle == tmp_path / "psad" / "3"
     assert not [p for p in (tmp_path / "psad").iterdir() if p.name.startswith(".")]  # temp dir renamed away
     manifest = json.loads((bundle / "manifest.json").read_text())
     assert manifest["models"] == {"fp32": "model.onnx", "fp16": "model_fp16.onnx"}
@@ -147,3 +151,19 @@ def test_auto_version_and_fp16_export(tmp_path: Path, tiny_bundle: Path, tiny_ru
     inputs = BatchMaker(fp32.schema, seed=3).make(4, 10, 5)
     mask = inputs["cand_mask"]
     np.testing.assert_allclose(fp16.score(inputs)[mask], fp32.score(inputs)[mask], atol=1e-2, rtol=0)
+
+
+def test_bench_model_reports_bad_arguments_in_one_line(tiny_bundle: Path, tmp_path: Path) -> None:
+    """Each refused before any timing, as `error: ...` with exit code 2, not a traceback."""
+    damaged = shutil.copytree(tiny_bundle, tmp_path / "psad" / "1")
+    (damaged / "vocab.json").write_text("{}")
+    cases = [
+        (["--bundle", str(tmp_path / "nope")], "nope: bundle directory not found"),
+        (["--bundle", str(damaged)], "vocab.json: sha256 mismatch"),
+        (["--run", str(tmp_path / "no-run")], "run directory not found"),
+        (["--bundle", str(tiny_bundle), "--out", str(tmp_path)], f"--out {tmp_path} is a directory"),
+    ]
+    for args, message in cases:
+        done = CliRunner().invoke(app, ["bench", "model", *args, "--lists", "10", "--histories", "0"])
+        assert done.exit_code == 2 and done.output.startswith("error: "), done.output
+        assert message in done.output and len(done.output.splitlines()) == 1

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import logging
 import shutil
@@ -79,6 +81,24 @@ def manifest_missing(bundle: Path) -> None:
     (bundle / "manifest.json").unlink()
 
 
+def manifest_version_bool(bundle: Path) -> None:
+    _edit_manifest(bundle, lambda m: m.update(version=True))
+
+
+def graph_disagrees_with_schema(bundle: Path) -> None:
+    """schema.json gains a candidate feature the graph does not take; the manifest agrees with it."""
+    schema = json.loads((bundle / "schema.json").read_text())
+    schema["candidate_numeric"].append({"name": "extra", "mean": 0.0, "std": 1.0})
+    (bundle / "schema.json").write_text(json.dumps(schema))
+    _rehash(bundle, "schema.json")
+
+    def edit(m: dict) -> None:
+        m["schema"] = schema
+        next(i for i in m["inputs"] if i["name"] == "cand_num")["dims"][2] = str(len(schema["candidate_numeric"]))
+
+    _edit_manifest(bundle, edit)
+
+
 @pytest.mark.parametrize(
     ("damage", "message"),
     [
@@ -91,6 +111,8 @@ def manifest_missing(bundle: Path) -> None:
         (manifest_tampered_inputs, r"manifest\.json: inputs .* differ from the schema's model inputs"),
         (manifest_tampered_hash, r"vocab\.json: sha256 mismatch"),
         (manifest_missing, r"manifest\.json: missing"),
+        (manifest_version_bool, r"manifest\.json: 'version' must be a int"),
+        (graph_disagrees_with_schema, r"model\.onnx: the warm-up run .* failed \(InvalidArgument: .*cand_num"),
     ],
     ids=lambda x: getattr(x, "__name__", ""),
 )
@@ -98,6 +120,52 @@ def test_damaged_bundles_are_refused(bundle_copy: Path, damage: Callable[[Path],
     damage(bundle_copy)
     with pytest.raises(BundleError, match=message):
         load_bundle(bundle_copy, device="cpu")
+
+
+@pytest.mark.parametrize("place", ["psad/7", "other/1"])
+def test_a_bundle_outside_its_name_and_version_directory_is_refused(
+    tiny_bundle: Path, tmp_path: Path, place: str
+) -> None:
+    """The service finds versions by directory and reports the manifest's: they must agree."""
+    copy = shutil.copytree(tiny_bundle, tmp_path / place)
+    with pytest.raises(BundleError, match=rf"manifest\.json: says psad/1 but the bundle is in {place} "):
+        load_bundle(copy, device="cpu")
+
+
+@pytest.mark.parametrize("cause", ["graph", "crash"])
+def test_a_version_that_fails_to_load_is_refused_once_while_polling(
+    bundle_copy: Path, monkeypatch: pytest.MonkeyPatch, cause: str
+) -> None:
+    """A bad graph, or any other failure of the loader: refused and counted once, not retried every poll."""
+    from prometheus_client import REGISTRY
+
+    from service import model_store
+    from service.settings import Settings
+
+    attempts: list[str] = []
+
+    def load(path: Path, **kwargs) -> object:
+        attempts.append(path.name)
+        if cause == "crash" and path.name == "2":
+            raise RuntimeError("CUDA out of memory")
+        return load_bundle(path, **kwargs)
+
+    monkeypatch.setattr(model_store, "load_bundle", load)
+    store = model_store.ModelStore(Settings(model_repo=bundle_copy.parent.parent, device="cpu"))
+    refused = {"result": "refused"}
+    before = REGISTRY.get_sample_value("psad_model_reload_total", refused) or 0
+
+    async def serve_and_poll() -> None:
+        await store.start()
+        bad = shutil.copytree(bundle_copy, bundle_copy.parent / "2")
+        _edit_manifest(bad, lambda m: m.update(version=2))
+        graph_disagrees_with_schema(bad)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(store.poll(0.01), 0.5)
+
+    asyncio.run(serve_and_poll())
+    assert attempts == ["1", "2"] and store.current is not None and store.current.version == 1
+    assert REGISTRY.get_sample_value("psad_model_reload_total", refused) == before + 1
 
 
 def test_intact_copy_verifies(bundle_copy: Path) -> None:
