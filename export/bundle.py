@@ -44,6 +44,7 @@ from export.runtime import (
     FP16_FILE,
     MANIFEST_FILE,
     MODEL_FILE,
+    NAME_PATTERN,
     BundleError,
     sha256,
 )
@@ -54,7 +55,6 @@ from training.schema import INPUT_NAMES, MODEL_OUTPUT, FeatureSchema, SchemaErro
 
 OPSET = 18
 EXAMPLE_SHAPE = (2, 3, 5)  # batch, list, history: >= 2 and distinct, so no axis is frozen or merged
-NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 ONNX_DTYPES = {"int64": 7, "float32": 1, "bool": 9}  # onnx.TensorProto element types
 
 
@@ -72,7 +72,7 @@ def export_run(
 ) -> Path:
     """Export `run_dir` to `repo_dir/name/version` (next free version when None); returns that directory."""
     run_dir, repo_dir = Path(run_dir), Path(repo_dir)
-    if not NAME_PATTERN.match(name):
+    if not re.match(NAME_PATTERN, name):
         raise ExportError(f"--name {name!r}: use letters, digits, '_', '.', '-' (it becomes a directory name)")
     model_dir = repo_dir / name
     if version is None:

@@ -36,6 +36,7 @@ from training.schema import (
 )
 
 FORMAT_VERSION = 1
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"  # a model name: one path component, no leading dot
 MODEL_FILE = "model.onnx"
 FP16_FILE = "model_fp16.onnx"
 MANIFEST_FILE = "manifest.json"

@@ -92,7 +92,13 @@ def serve_command(
     redis_url: str | None = REDIS_URL,
 ) -> None:
     """Serve POST /rerank, /rerank/batch, /events and GET /metrics, /livez, /readyz."""
+    from export.runtime import verify_bundle
+    from service.model_store import ModelStore
+
     settings = apply_overrides(model_repo=model_repo, model_name=model_name, redis_url=redis_url, processes=workers)
+    with domain_errors():  # a missing or altered bundle: one line here, not a traceback from every worker
+        store = ModelStore(settings)
+        verify_bundle(store.path(store.target_version()))
     run_server(host, port, workers, settings.log_level)
 
 

@@ -50,9 +50,11 @@ class ModelStore:
             )
         return version
 
+    def path(self, version: int) -> Path:
+        return self.repo / self.settings.model_name / str(version)
+
     def _load(self, version: int) -> Bundle:
-        path = self.repo / self.settings.model_name / str(version)
-        return load_bundle(path, device=self.settings.device, threads=self.settings.threads)
+        return load_bundle(self.path(version), device=self.settings.device, threads=self.settings.threads)
 
     async def start(self) -> Bundle:
         """Load the first model; a failure here stops startup (nothing to serve)."""

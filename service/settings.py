@@ -16,6 +16,8 @@ from typing import Literal
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from export.runtime import NAME_PATTERN
+
 ENV_PREFIX = "PSAD_"
 # PSAD_* variables read by other tools, not by the service: the test suite's MovieLens path,
 # docker-compose's worker count (it becomes `psad serve --workers`), the locust load test's knobs.
@@ -47,7 +49,7 @@ class Settings(BaseSettings):
 
     # Model repository: bundles live at <model_repo>/<model_name>/<version>/.
     model_repo: Path = Path("models")
-    model_name: str = Field("psad", min_length=1)
+    model_name: str = Field("psad", pattern=NAME_PATTERN)  # what `psad export --name` accepts
     model_version: str = "latest"  # "latest" or a version number; "latest" also follows new versions
     device: Literal["auto", "cpu", "cuda"] = "auto"
     threads: int = Field(1, ge=1)  # ONNX Runtime intra-op threads per model call

@@ -312,6 +312,7 @@ def test_health_and_metrics(client, data):
         ("key_prefix", "a{b", "PSAD_KEY_PREFIX"),
         ("model_version", "v2", "PSAD_MODEL_VERSION"),
         ("processes", 0, "PSAD_PROCESSES"),
+        ("model_name", "../elsewhere", "PSAD_MODEL_NAME"),
         ("inference_workers", 0, "PSAD_INFERENCE_WORKERS"),
     ],
 )

@@ -140,14 +140,29 @@ def test_serve_becomes_ready_and_stops_on_sigterm(tiny_bundle: Path, redis_serve
 
 
 @pytest.mark.parametrize("workers", [1, 2])
-def test_serve_exits_when_no_model_loads(redis_server, workers: int, tmp_path: Path):
-    """Nothing to serve: the server stops with an error instead of restarting workers forever."""
-    (tmp_path / "empty").mkdir()
-    proc, _, log = start_serve(tmp_path / "empty" / "psad" / "1", redis_server.url, workers, tmp_path)
+def test_serve_exits_when_no_model_loads(tiny_bundle: Path, redis_server, workers: int, tmp_path: Path):
+    """Nothing to serve: the server stops with an error instead of restarting workers forever. The
+    bundle passes the checks made before the workers start (its files match its manifest), but its
+    graph does not run on its schema's inputs, which only loading it shows."""
+    from tests.test_runtime import graph_disagrees_with_schema
+
+    bundle = tmp_path / "repo" / tiny_bundle.parent.name / tiny_bundle.name
+    shutil.copytree(tiny_bundle, bundle)
+    graph_disagrees_with_schema(bundle)
+    proc, _, log = start_serve(bundle, redis_server.url, workers, tmp_path)
     rc = proc.wait(timeout=90)
     assert rc not in (0, None), log.read_text()
+    assert "the graph does not fit the schema" in log.read_text()
     if workers > 1:
         assert "failed at startup" in log.read_text()
+
+
+def test_serve_names_a_missing_model_in_one_line(redis_server, tmp_path: Path):
+    (tmp_path / "empty").mkdir()
+    proc, _, log = start_serve(tmp_path / "empty" / "psad" / "1", redis_server.url, 2, tmp_path)
+    assert proc.wait(timeout=60) == 1
+    assert log.read_text().startswith("error: ") and "no model version found" in log.read_text()
+    assert "Traceback" not in log.read_text()
 
 
 def test_serve_refuses_a_port_in_use(redis_server, tmp_path: Path):
