@@ -9,12 +9,13 @@ models; limits that come from settings (max_candidates, max_id_length, max_futur
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Sequence
 from typing import Annotated, Any
 
 from fastapi.exceptions import RequestValidationError
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 from service.settings import Settings
 
@@ -53,13 +54,20 @@ class Context(_Strict):
 # A request id is echoed in the X-Request-ID header: visible ASCII only (no spaces, no control
 # characters, nothing HTTP cannot carry in a header).
 REQUEST_ID_PATTERN = r"^[!-~]+$"
+_REQUEST_ID = re.compile(REQUEST_ID_PATTERN)
+
+
+def _header_safe(value: str) -> str:
+    if not _REQUEST_ID.match(value):
+        raise ValueError("use visible ASCII only (no spaces, accents or control characters): it is echoed in a header")
+    return value
 
 
 class RerankRequest(_Strict):
-    request_id: str | None = Field(
+    request_id: Annotated[str, AfterValidator(_header_safe)] | None = Field(
         None,
         min_length=1,
-        pattern=REQUEST_ID_PATTERN,
+        json_schema_extra={"pattern": REQUEST_ID_PATTERN},
         description="Visible ASCII, echoed back in the body and the X-Request-ID header; generated when absent.",
     )
     user_id: str = Field(min_length=1)
