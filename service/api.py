@@ -53,12 +53,11 @@ class Context(_Strict):
 
 # A request id is echoed in the X-Request-ID header: visible ASCII only (no spaces, no control
 # characters, nothing HTTP cannot carry in a header).
-REQUEST_ID_PATTERN = r"^[!-~]+$"
-_REQUEST_ID = re.compile(REQUEST_ID_PATTERN)
+HEADER_SAFE_ID = re.compile(r"^[!-~]+$")
 
 
 def _header_safe(value: str) -> str:
-    if not _REQUEST_ID.match(value):
+    if not HEADER_SAFE_ID.match(value):
         raise ValueError("use visible ASCII only (no spaces, accents or control characters): it is echoed in a header")
     return value
 
@@ -67,7 +66,7 @@ class RerankRequest(_Strict):
     request_id: Annotated[str, AfterValidator(_header_safe)] | None = Field(
         None,
         min_length=1,
-        json_schema_extra={"pattern": REQUEST_ID_PATTERN},
+        json_schema_extra={"pattern": HEADER_SAFE_ID.pattern},
         description="Visible ASCII, echoed back in the body and the X-Request-ID header; generated when absent.",
     )
     user_id: str = Field(min_length=1)

@@ -6,7 +6,6 @@ import asyncio
 import inspect
 import itertools
 import json
-import re
 import secrets
 import time
 import uuid
@@ -28,6 +27,9 @@ from service.app import Service
 from service.profiles import STORE_ERRORS, AppendFailed
 
 EVENTS_RETRY_AFTER_S = 1
+EVENTS_RETRY = (
+    f"retry after {EVENTS_RETRY_AFTER_S} s (an event with an event_id is stored once however often it is sent)"
+)
 
 
 class JSON(JSONResponse):
@@ -196,14 +198,11 @@ def new_request_id() -> str:
     return f"{_ID_PREFIX}{next(_id_counter):016x}"
 
 
-_HEADER_SAFE_ID = re.compile(api.REQUEST_ID_PATTERN)
-
-
 def _request_id(given: str | None, header: str | None, limit: int) -> str:
     """The body's id, else the X-Request-ID header's when it is usable as one, else a new id."""
     if given is not None:
         return given
-    if header and len(header) <= limit and _HEADER_SAFE_ID.match(header):
+    if header and len(header) <= limit and api.HEADER_SAFE_ID.match(header):
         return header
     return new_request_id()
 
@@ -239,7 +238,8 @@ async def rerank_batch(body: api.BatchRerankRequest, svc: Svc) -> JSON:
 
 @router.post("/events", response_model=api.EventsAccepted, responses=api.EVENTS_ANSWERS)
 async def events(body: EventsBody, svc: Svc) -> JSON:
-    """Append behaviours. 503 + Retry-After when the profile store is down: nothing was stored."""
+    """Append behaviours. 503 + Retry-After when the profile store is down or refuses some users' appends;
+    the detail says what was stored."""
     batch = isinstance(body, api.EventBatch)
     items = body.events if batch else [body]
     bundle = svc.models.current
@@ -247,7 +247,6 @@ async def events(body: EventsBody, svc: Svc) -> JSON:
     now = int(time.time())
     rows = [(e.user_id, e.item_id, e.action, now if e.timestamp is None else e.timestamp, e.event_id) for e in items]
     cap = svc.settings.history_len or bundle.schema.max_history
-    retry = f"retry after {EVENTS_RETRY_AFTER_S} s (an event with an event_id is stored once however often it is sent)"
     try:
         await asyncio.wait_for(svc.profiles.append(rows, cap), svc.settings.events_timeout_ms / 1000)
     except AppendFailed as exc:
@@ -255,14 +254,13 @@ async def events(body: EventsBody, svc: Svc) -> JSON:
         users = ", ".join(f"{uid!r}: {error}" for uid, error in list(exc.failed.items())[:5])
         detail = (
             f"events of {len(exc.failed)} user(s) were NOT stored ({users}); those of the other "
-            f"{exc.stored_users} user(s) were; {retry}"
+            f"{exc.stored_users} user(s) were; {EVENTS_RETRY}"
         )
         return JSON({"detail": detail}, status_code=503, headers={"Retry-After": str(EVENTS_RETRY_AFTER_S)})
     except (asyncio.TimeoutError, *STORE_ERRORS) as exc:
         svc.log.warning("events not stored", extra={"events": len(rows), "error": repr(exc)})
-        detail = (
-            f"profile store unavailable ({type(exc).__name__}): the {len(rows)} event(s) may not be stored; {retry}"
-        )
+        detail = f"profile store unavailable ({type(exc).__name__}): the {len(rows)} event(s) may not be stored"
+        detail += f"; {EVENTS_RETRY}"
         return JSON({"detail": detail}, status_code=503, headers={"Retry-After": str(EVENTS_RETRY_AFTER_S)})
     return JSON({"accepted": len(rows)})
 
