@@ -28,6 +28,8 @@ from typing import Annotated, Any
 import numpy as np
 import typer
 
+from training.commands import fail
+
 TARGET_SHAPE = (1, 100, 50)  # batch, list, history
 TARGET_P50_MS = 0.5
 TARGET_SPEEDUP = 3.0
@@ -320,11 +322,6 @@ def bench_model_command(
     if out is not None:
         out.write_text(text)
         typer.echo(f"wrote {out}")
-
-
-def fail(message: object) -> typer.Exit:
-    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
-    return typer.Exit(2)
 
 
 def _check_out(out: Path) -> None:

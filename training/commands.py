@@ -13,8 +13,9 @@ DISTILL = ("listwise", "rd", "none")
 SPLITS = ("train", "val", "test")
 
 
-def fail(exc: Exception) -> typer.Exit:
-    typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
+def fail(problem: object) -> typer.Exit:
+    """A bad input or run, said in one `error:` line (it names the file and the fix): exit code 2."""
+    typer.secho(f"error: {problem}", fg=typer.colors.RED, err=True)
     return typer.Exit(2)
 
 
