@@ -165,12 +165,13 @@ def test_serve_names_a_missing_model_in_one_line(redis_server, tmp_path: Path):
     assert "Traceback" not in log.read_text()
 
 
-def test_serve_refuses_a_port_in_use(redis_server, tmp_path: Path):
+def test_serve_refuses_a_port_in_use(tiny_bundle: Path, redis_server, tmp_path: Path):
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
         busy.listen()
         port = busy.getsockname()[1]
         cmd = [sys.executable, "-m", "service.cli", "serve", "--port", str(port), "--workers", "2"]
+        cmd += ["--model-repo", str(tiny_bundle.parents[1])]  # a model to serve: the port is the only problem
         done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=60)
     assert done.returncode == 1
     assert f"cannot listen on 127.0.0.1:{port}" in done.stderr
