@@ -207,21 +207,20 @@ class Workload:
 
 def plan_workload(data: Path, history: int, max_history_setting: int) -> tuple[Workload, dict[str, int]]:
     """Bench users and items, and how many behaviours each user still needs (posted via /events)."""
-    import pandas as pd
 
-    from training.data.store import check_schema_files, load_schema
+    from training.data.store import check_schema_files, load_schema, read_parquet
 
     check_schema_files(data)
     schema = load_schema(data)
     cap = max_history_setting or schema.max_history
     effective = min(history, cap)
-    counts = pd.read_parquet(data / "behaviours.parquet", columns=["user_id"])["user_id"].value_counts()
+    counts = read_parquet(data / "behaviours.parquet", columns=["user_id"])["user_id"].value_counts()
     counts = counts.clip(upper=cap)
     rich = counts[counts >= effective]
     chosen = rich if len(rich) >= MIN_USERS else counts.iloc[:MIN_USERS]
     chosen = chosen.iloc[:BENCH_USERS]
     missing = {str(u): int(effective - c) for u, c in chosen.items() if c < effective}
-    items = pd.read_parquet(data / "items.parquet", columns=["item_id"])["item_id"]
+    items = read_parquet(data / "items.parquet", columns=["item_id"])["item_id"]
     item_ids = [str(i) for i in items[items != ""]]
     workload = Workload([str(u) for u in chosen.index], item_ids, schema.actions, effective, len(missing), cap)
     return workload, missing

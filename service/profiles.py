@@ -36,7 +36,7 @@ from redis.asyncio.cluster import RedisCluster
 from tqdm import tqdm
 
 from service.resp import RespClient, within
-from training.data.store import load_schema, load_vocabs
+from training.data.store import load_schema, load_vocabs, read_parquet
 from training.features import EncodedProfile
 from training.schema import OOV, FeatureSchema, Vocabularies
 
@@ -294,8 +294,8 @@ def bulk_load(
     schema = load_schema(data_dir)
     vocabs = load_vocabs(data_dir, schema)
     cap = history_len if history_len is not None else schema.max_history
-    users = pd.read_parquet(data_dir / "users.parquet")
-    behaviours = pd.read_parquet(data_dir / "behaviours.parquet", columns=["user_id", "item_id", "timestamp", "action"])
+    users = read_parquet(data_dir / "users.parquet")
+    behaviours = read_parquet(data_dir / "behaviours.parquet", columns=["user_id", "item_id", "timestamp", "action"])
     client = redis.cluster.RedisCluster.from_url(redis_url) if cluster else redis.Redis.from_url(redis_url)
     client.ping()
     script = client.register_script(APPEND_LUA)

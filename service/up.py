@@ -324,11 +324,11 @@ def profiles_step(cfg: UpConfig, settings: Settings, url: str) -> Step:
 
 def demo_request(data_dir: Path, n: int = CURL_CANDIDATES) -> dict[str, Any]:
     """A real request: the user with the longest history and real item ids with descending scores."""
-    import pandas as pd
+    from training.data.store import read_parquet
 
-    behaviours = pd.read_parquet(data_dir / "behaviours.parquet", columns=["user_id"])
+    behaviours = read_parquet(data_dir / "behaviours.parquet", columns=["user_id"])
     user = str(behaviours["user_id"].value_counts().index[0])
-    items = pd.read_parquet(data_dir / "items.parquet", columns=["item_id"])["item_id"]
+    items = read_parquet(data_dir / "items.parquet", columns=["item_id"])["item_id"]
     ids = [str(i) for i in items[items != ""].iloc[:n]]
     candidates = [{"item_id": i, "score": round(1.0 - k / len(ids), 3)} for k, i in enumerate(ids)]
     return {"user_id": user, "candidates": candidates, "top_k": min(5, len(ids))}

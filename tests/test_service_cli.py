@@ -77,6 +77,16 @@ def test_profiles_load_names_a_missing_data_set(tmp_path: Path, redis_server, cl
     assert "schema.json missing" in result.output
 
 
+def test_profiles_load_names_a_corrupt_table(tiny_data: Path, tmp_path: Path, redis_server, clean_env) -> None:
+    data = tmp_path / "data"
+    shutil.copytree(tiny_data, data)
+    table = data / "behaviours.parquet"
+    table.write_bytes(table.read_bytes()[:100])  # a truncated copy
+    result = psad_profiles("load", "--data", str(data), "--redis-url", redis_server.url)
+    assert result.exit_code == 1
+    assert "behaviours.parquet: cannot be read" in result.output and "Traceback" not in result.output
+
+
 def get(url: str) -> tuple[int, bytes]:
     try:
         with urllib.request.urlopen(url, timeout=2) as resp:

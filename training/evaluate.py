@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from training.checkpoint import MODELS, load_run, read_config
-from training.data.store import DataError, ListData, check_schema_files, load_schema, load_split
+from training.data.store import DataError, ListData, check_schema_files, load_schema, load_split, read_parquet
 from training.metrics import paired_bootstrap, per_list_metrics, ranking_from_scores
 from training.models.registry import GENERATOR_ARCHS
 from training.schema import FeatureSchema, SchemaError
@@ -103,8 +103,8 @@ def click_model(data_dir: Path) -> Any:
 def activity_groups(data_dir: Path, data: ListData) -> tuple[np.ndarray, dict[str, float]]:
     """Group index (0 light, 1 medium, 2 heavy) per list, and the tercile boundaries."""
     data_dir = Path(data_dir)
-    train = pd.read_parquet(data_dir / "train.parquet", columns=["user_id", "timestamp"])
-    behaviours = pd.read_parquet(data_dir / "behaviours.parquet", columns=["user_id", "timestamp"])
+    train = read_parquet(data_dir / "train.parquet", columns=["user_id", "timestamp"])
+    behaviours = read_parquet(data_dir / "behaviours.parquet", columns=["user_id", "timestamp"])
     counts = behaviours.loc[behaviours["timestamp"] <= train["timestamp"].max(), "user_id"].value_counts()
     train_users = counts.reindex(train["user_id"].unique(), fill_value=0).to_numpy()
     q1, q2 = (float(q) for q in np.quantile(train_users, [1 / 3, 2 / 3]))
