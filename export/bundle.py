@@ -48,7 +48,15 @@ from export.runtime import (
     BundleError,
     sha256,
 )
-from training.checkpoint import BEST_FILES, MODELS, RunError, load_run, load_weights, read_config
+from training.checkpoint import (
+    BEST_FILES,
+    MODELS,
+    RunError,
+    check_data_matches_run,
+    load_run,
+    load_weights,
+    read_config,
+)
 from training.data.store import DataError, load_split, load_vocabs
 from training.models.registry import GENERATOR_ARCHS, build_model
 from training.schema import INPUT_NAMES, MODEL_OUTPUT, FeatureSchema, SchemaError, TensorSpec, model_inputs
@@ -91,6 +99,8 @@ def export_run(
         if shadow == "teacher":
             load_run(run_dir, shadow)  # the weights shipped for shadow evaluation exist and fit the model
         _, data_dir = read_config(run_dir)
+        fix = "the data set was rebuilt or replaced since training; export needs its vocabularies: retrain on it"
+        check_data_matches_run(data_dir, run_dir, schema, fix)
         vocabs = load_vocabs(data_dir, schema)
         validation = best_validation(run_dir)
     except (RunError, DataError, SchemaError) as exc:

@@ -125,6 +125,20 @@ def test_export_rejects_bad_names_and_runs(tmp_path: Path, tiny_run: Path) -> No
     assert not (tmp_path / "psad").exists()
 
 
+def test_export_refuses_a_data_set_rebuilt_since_training(tmp_path: Path, tiny_run: Path) -> None:
+    data, run = tmp_path / "data", tmp_path / "run"
+    config = json.loads((tiny_run / "config.json").read_text())
+    shutil.copytree(config["data_dir"], data)
+    shutil.copytree(tiny_run, run)
+    (run / "config.json").write_text(json.dumps({**config, "data_dir": str(data)}))
+    schema = json.loads((data / "schema.json").read_text())
+    schema["max_history"] += 1  # as a rebuild with other settings would leave it
+    (data / "schema.json").write_text(json.dumps(schema))
+    with pytest.raises(ExportError, match=r"schema\.json differs from .*: the data set was rebuilt"):
+        export_run(run, tmp_path / "repo")
+    assert not (tmp_path / "repo" / "psad").exists()
+
+
 def test_latest_version_counts_only_complete_versions(tmp_path: Path, tiny_bundle: Path) -> None:
     assert latest_version(tmp_path, "psad") is None and next_version(tmp_path, "psad") == 1
     shutil.copytree(tiny_bundle, tmp_path / "psad" / "3")

@@ -30,6 +30,7 @@ from safetensors.torch import load_file, load_model, save_file, save_model
 from torch import nn
 
 from training.config import ConfigError, TrainConfig
+from training.data.store import load_schema
 from training.models.registry import build_model
 from training.schema import FeatureSchema, SchemaError
 
@@ -81,6 +82,13 @@ def save_run_files(
     tmp = out_dir / "items.tmp"
     save_file({"item_cat": item_cat.contiguous(), "item_num": item_num.contiguous()}, str(tmp))
     os.replace(tmp, out_dir / "items.safetensors")
+
+
+def check_data_matches_run(data_dir: Path, run_dir: Path, schema: FeatureSchema, fix: str) -> None:
+    """The data set still encodes items and features as when the run trained: a rebuilt or other data
+    set would shift item indices and feature encodings without any error. `fix`: what to do instead."""
+    if load_schema(data_dir).to_dict() != schema.to_dict():
+        raise SchemaError(f"{data_dir}/schema.json differs from {run_dir}/schema.json: {fix}")
 
 
 def read_config(run_dir: Path) -> tuple[TrainConfig, Path]:

@@ -28,11 +28,11 @@ import pandas as pd
 import torch
 from torch import nn
 
-from training.checkpoint import MODELS, load_run, read_config
-from training.data.store import DataError, ListData, check_schema_files, load_schema, load_split, read_parquet
+from training.checkpoint import MODELS, check_data_matches_run, load_run, read_config
+from training.data.store import DataError, ListData, check_schema_files, load_split, read_parquet
 from training.metrics import paired_bootstrap, per_list_metrics, ranking_from_scores
 from training.models.registry import GENERATOR_ARCHS
-from training.schema import FeatureSchema, SchemaError
+from training.schema import FeatureSchema
 
 GROUPS = ("light", "medium", "heavy")
 COMPARED = ("ndcg@10", "utility")  # metrics whose gain over the initial order gets an interval
@@ -122,11 +122,8 @@ def evaluate_run(run_dir: Path, split: str = "test", data_dir: Path | None = Non
     model, config, schema = load_run(run_dir)
     data_dir = Path(data_dir) if data_dir is not None else read_config(run_dir)[1]
     check_schema_files(data_dir)
-    if load_schema(data_dir).to_dict() != schema.to_dict():
-        raise SchemaError(
-            f"{data_dir}/schema.json differs from {run_dir}/schema.json: evaluate on the data set the run was "
-            "trained on (item and feature encodings must match), or pass the right --data"
-        )
+    fix = "evaluate on the data set the run was trained on (item and feature encodings must match): pass --data"
+    check_data_matches_run(data_dir, run_dir, schema, fix)
     data = load_lists(data_dir, split, schema, config.max_list)
     if len(data) == 0:
         raise DataError(f"{data_dir}/{split}.parquet has no lists to evaluate")
