@@ -16,6 +16,7 @@ from typing import Any
 import tomllib
 
 from training.models.config import ModelConfig
+from training.schema import ANNOTATED_TYPES, typed
 
 DEVICES = ("auto", "cpu", "cuda")
 
@@ -84,7 +85,10 @@ class TrainConfig:
         unknown = sorted(set(train) - set(fields))
         if unknown:
             raise ConfigError(f"{source}: unknown key(s) train.{unknown}; allowed: {sorted(fields)}")
-        values = {name: _typed(f"{source}: train.{name}", train[name], fields[name].type) for name in train}
+        values = {
+            name: typed(train[name], ANNOTATED_TYPES[fields[name].type], f"{source}: train.{name}", ConfigError)
+            for name in train
+        }
         try:
             model = ModelConfig.from_dict(raw.get("model", {}))
         except (ValueError, TypeError) as exc:
@@ -112,16 +116,3 @@ class TrainConfig:
         """Tiny dimensions and two epochs: trains on the test fixtures' data in a few seconds."""
         model = ModelConfig(d_model=16, n_heads=2, teacher_layers=1, student_hidden=16, dropout=0.0, block_size=2)
         return cls(model=model, epochs=2, batch_size=64, lr=3e-3, patience=0, threads=1, eval_batch_size=256)
-
-
-def _typed(key: str, value: Any, annotation: str) -> Any:
-    """Check a TOML value against the field's annotation ("int", "float" or "str")."""
-    if annotation == "int" and (isinstance(value, bool) or not isinstance(value, int)):
-        raise ConfigError(f"{key} must be an integer, got {value!r}")
-    if annotation == "float":
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            raise ConfigError(f"{key} must be a number, got {value!r}")
-        return float(value)
-    if annotation == "str" and not isinstance(value, str):
-        raise ConfigError(f"{key} must be a string, got {value!r}")
-    return value

@@ -55,28 +55,28 @@ class NumericFeature:
 
 
 _JSON_TYPES = {int: "an integer", float: "a number", str: "a string", list: "a list", dict: "an object"}
-_ANNOTATED = {"int": int, "float": float, "str": str}  # dataclass field types, as postponed annotations
+ANNOTATED_TYPES = {"int": int, "float": float, "str": str}  # dataclass field types, as postponed annotations
 
 
-def _typed(value: Any, kind: type, what: str) -> Any:
-    """`value` if it has JSON type `kind`, else a SchemaError naming `what`.
+def typed(value: Any, kind: type, what: str, error: type[ValueError] = SchemaError) -> Any:
+    """`value` if it has JSON/TOML type `kind`, else `error` naming `what`.
 
     Checked on load so that a hand-edited file fails there, not with a TypeError deep in training.
-    An integer counts as a number; a boolean counts as neither.
+    An integer counts as a number (and becomes a float); a boolean counts as neither.
     """
     accepted = (int, float) if kind is float else kind
     if isinstance(value, bool) or not isinstance(value, accepted):
-        raise SchemaError(f"{what} must be {_JSON_TYPES[kind]}, got {reprlib.repr(value)}")
+        raise error(f"{what} must be {_JSON_TYPES[kind]}, got {reprlib.repr(value)}")
     return float(value) if kind is float else value
 
 
 def _field(raw: dict, name: str, kind: type, where: str, default: Any = MISSING) -> Any:
-    """raw[name] checked by `_typed`; `default` when absent, a SchemaError when absent and required."""
+    """raw[name] checked by `typed`; `default` when absent, a SchemaError when absent and required."""
     if name not in raw:
         if default is MISSING:
             raise SchemaError(f"{where}: missing required field {name!r}")
         return default
-    return _typed(raw[name], kind, f"{where}.{name}")
+    return typed(raw[name], kind, f"{where}.{name}")
 
 
 def _features(raw: dict, group: str, kind: type[CategoricalFeature] | type[NumericFeature]) -> tuple:
@@ -84,12 +84,12 @@ def _features(raw: dict, group: str, kind: type[CategoricalFeature] | type[Numer
     feats = []
     for i, entry in enumerate(_field(raw, group, list, "schema", [])):
         where = f"schema.{group}[{i}]"
-        entry = _typed(entry, dict, where)
+        entry = typed(entry, dict, where)
         unknown = sorted(set(entry) - set(kind.__dataclass_fields__))
         if unknown:
             raise SchemaError(f"{where}: unknown field(s) {unknown}")
         feats.append(
-            kind(**{f.name: _field(entry, f.name, _ANNOTATED[f.type], where, f.default) for f in fields(kind)})
+            kind(**{f.name: _field(entry, f.name, ANNOTATED_TYPES[f.type], where, f.default) for f in fields(kind)})
         )
     return tuple(feats)
 
@@ -155,7 +155,7 @@ class FeatureSchema:
         actions = _field(raw, "actions", list, "schema")
         schema = cls(
             n_items=_field(raw, "n_items", int, "schema"),
-            actions=tuple(_typed(a, str, f"schema.actions[{i}]") for i, a in enumerate(actions)),
+            actions=tuple(typed(a, str, f"schema.actions[{i}]") for i, a in enumerate(actions)),
             max_history=_field(raw, "max_history", int, "schema"),
             max_list=_field(raw, "max_list", int, "schema"),
             user_categorical=_features(raw, "user_categorical", CategoricalFeature),
@@ -254,13 +254,13 @@ class Vocabularies:
     @classmethod
     def load(cls, path: Path, schema: FeatureSchema) -> Vocabularies:
         where = f"{path}: vocab"
-        raw = _typed(read_json(path, missing="vocabulary file not found"), dict, where)
+        raw = typed(read_json(path, missing="vocabulary file not found"), dict, where)
         if raw.get("version") != SCHEMA_VERSION:
             raise SchemaError(f"{path}: version {raw.get('version')!r}, expected {SCHEMA_VERSION}")
         user = _field(raw, "user_categorical", dict, where, {})
         vocabs = cls(
             items=Vocab(_field(raw, "items", list, where)),
-            user_categorical={k: Vocab(_typed(v, list, f"{where}.user_categorical.{k}")) for k, v in user.items()},
+            user_categorical={k: Vocab(typed(v, list, f"{where}.user_categorical.{k}")) for k, v in user.items()},
         )
         if len(vocabs.items) != schema.n_items:
             raise SchemaError(f"{path}: {len(vocabs.items)} item rows but schema.n_items={schema.n_items}")
