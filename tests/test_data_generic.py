@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -30,6 +31,12 @@ def impressions(graded: bool = False) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def leave_last_out(df: pd.DataFrame) -> pd.DataFrame:
+    """A user's own split: each user's last request -> test, the one before -> val, the rest -> train."""
+    order = df.groupby("user_id")["timestamp"].rank(method="dense", ascending=False)
+    return df.assign(split=np.select([order == 1, order == 2], ["test", "val"], "train"))
+
+
 def write_csv_example(directory: Path) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     impressions().to_csv(directory / "impressions.csv", index=False)
@@ -51,7 +58,7 @@ def test_csv_example_builds_and_round_trips(tmp_path: Path) -> None:
         "category"
     ]
     assert [f.name for f in schema.candidate_numeric] == ["rank_score", "f_price_rank"]
-    assert schema.actions == ("view", "click") and schema.label == "click" and schema.max_list == SHOWN
+    assert schema.actions == ("click",) and schema.label == "click" and schema.max_list == SHOWN
     assert sum(s["lists"] for s in stats["splits"].values()) == N_REQUESTS
     assert set(stats["initial_order"]) == {"val", "test"}
     source = impressions()
@@ -71,13 +78,86 @@ def test_csv_example_builds_and_round_trips(tmp_path: Path) -> None:
             assert (np.asarray(hist_ts) < ts).all() and len(hist_ts) <= 10
 
 
-def test_split_is_by_request_time(tmp_path: Path) -> None:
+def test_split_is_by_request_time_and_its_cuts_are_recorded(tmp_path: Path) -> None:
     out = tmp_path / "data"
-    build_generic(write_csv_example(tmp_path / "src"), out, max_history=10, progress=False)
+    stats = build_generic(write_csv_example(tmp_path / "src"), out, max_history=10, progress=False)
     parts = {s: pd.read_parquet(out / f"{s}.parquet") for s in SPLITS}
     assert [len(parts[s]) for s in SPLITS] == [32, 4, 4]
-    assert parts["train"]["timestamp"].max() < parts["val"]["timestamp"].min()
-    assert parts["val"]["timestamp"].max() < parts["test"]["timestamp"].min()
+    cuts = [T0 + 3600 * 32, T0 + 3600 * 36]  # the first val and the first test request
+    assert parts["train"]["timestamp"].max() < cuts[0] == parts["val"]["timestamp"].min()
+    assert parts["val"]["timestamp"].max() < cuts[1] == parts["test"]["timestamp"].min()
+    assert load_schema(out).extra["split"] == {"method": "time", "cuts": cuts}
+    assert stats["split"] == json.loads((out / "stats.json").read_text())["split"] == {"method": "time", "cuts": cuts}
+
+
+def splits(out: Path) -> dict[str, pd.DataFrame]:
+    return {s: pd.read_parquet(out / f"{s}.parquet") for s in SPLITS}
+
+
+def test_a_split_column_is_the_split_and_histories_stay_strictly_earlier(tmp_path: Path) -> None:
+    src, out = tmp_path / "src", tmp_path / "data"
+    src.mkdir()
+    source = leave_last_out(impressions())
+    source.to_csv(src / "impressions.csv", index=False)
+    stats = build_generic(src, out, max_history=3, progress=False)
+    parts = splits(out)
+    for name in SPLITS:  # each list lands in the split its rows name, whatever its time
+        expected = source[source["split"] == name].groupby("request_id")["timestamp"].first().sort_values()
+        assert parts[name]["timestamp"].tolist() == expected.tolist()
+    assert [len(parts[s]) for s in SPLITS] == [28, 6, 6]  # the time split would give 32 / 4 / 4
+    assert load_schema(out).extra["split"] == stats["split"] == {"method": "column"}
+    clicks = source[source["label"] > 0]
+    for df in parts.values():
+        for user, ts, hist_ts in zip(df["user_id"], df["timestamp"], df["hist_ts"], strict=True):
+            earlier = np.sort(clicks.loc[(clicks["user_id"] == user) & (clicks["timestamp"] < ts), "timestamp"])
+            assert np.array_equal(hist_ts, earlier[-3:])  # the last H clicks before the list, any split's
+    test_u0 = parts["test"].set_index("user_id").loc["u0"]
+    assert len(test_u0["hist_ts"]) == 3 and (np.asarray(test_u0["hist_ts"]) < test_u0["timestamp"]).all()
+
+
+def test_history_from_impressions_defaults_to_clicks(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """A label-0 row may be a sampled negative the user never saw: by default it is no behaviour."""
+    src = write_csv_example(tmp_path / "src")
+    shown = impressions()
+    built = {}
+    for mode in (None, "clicks", "all"):
+        out = tmp_path / f"data-{mode}"
+        build_generic(src, out, max_history=10, history_from=mode, progress=False)
+        built[mode] = (load_schema(out), pd.read_parquet(out / "behaviours.parquet"), capsys.readouterr().err)
+    schema, behaviours, err = built[None]
+    assert schema.actions == ("click",) and schema.extra["history_from"] == "impressions:clicks" and err == ""
+    assert len(behaviours) == (shown["label"] > 0).sum() and set(behaviours["action"]) == {"click"}
+    pd.testing.assert_frame_equal(built["clicks"][1], behaviours)
+    schema, behaviours, err = built["all"]
+    assert schema.actions == ("view", "click") and schema.extra["history_from"] == "impressions:all"
+    assert len(behaviours) == len(shown) and (behaviours["action"] == "view").sum() == (shown["label"] == 0).sum()
+    n_views = f"{(shown['label'] == 0).sum():,}"
+    assert err.startswith("warning: ") and f"{n_views} shown-but-not-clicked rows become `view`" in err
+    assert len(err.strip().splitlines()) == 1
+
+
+def test_logs_without_any_click_build_with_empty_histories(tmp_path: Path) -> None:
+    src, out = tmp_path / "src", tmp_path / "data"
+    src.mkdir()
+    impressions().assign(label=0).to_csv(src / "impressions.csv", index=False)
+    stats = build_generic(src, out, max_history=10, progress=False)
+    assert all(s["mean_history_length"] == 0 and s["click_rate"] == 0 for s in stats["splits"].values())
+    assert len(pd.read_parquet(out / "behaviours.parquet")) == 0
+
+
+def test_cli_history_flag_and_split_line(tmp_path: Path) -> None:
+    src = write_csv_example(tmp_path / "src")
+    done = CliRunner().invoke(
+        app, ["build", "generic", str(src), "--out", str(tmp_path / "out"), "--history-from-impressions", "all"]
+    )
+    assert done.exit_code == 0, done.output
+    assert "warning: " in done.output and "shown-but-not-clicked" in done.output
+    assert "split: time; train < 2023-11-16 06:13:20 UTC <= val < 2023-11-16 10:13:20 UTC <= test" in done.output
+    done = CliRunner().invoke(
+        app, ["build", "generic", str(src), "--out", str(tmp_path / "out"), "--history-from-impressions", "views"]
+    )
+    assert done.exit_code == 2 and done.output.startswith("error: ") and "got 'views'" in done.output
+    assert len(done.output.strip().splitlines()) == 1
 
 
 def test_parquet_example_with_behaviours_and_graded_labels(tmp_path: Path) -> None:
@@ -161,13 +241,23 @@ def _csv(directory: Path, df: pd.DataFrame, name: str = "impressions.csv", **kw)
     df.to_csv(directory / name, index=False, **kw)
 
 
-def _set(row: int, column: str, value):
+def _set(row: int, column: str, value, base=impressions):
     def corrupt(d: Path) -> None:
-        df = impressions().astype({column: object})
+        df = base().astype({column: object})
         df.loc[row - 1, column] = value
         _csv(d, df)
 
     return corrupt
+
+
+def _split(row: int, value):
+    return _set(row, "split", value, lambda: leave_last_out(impressions()))
+
+
+def _behaviours(d: Path) -> None:
+    _csv(
+        d, pd.DataFrame({"user_id": ["u1"], "item_id": ["i1"], "timestamp": [T0], "action": ["buy"]}), "behaviours.csv"
+    )
 
 
 BAD_INPUTS = {
@@ -187,7 +277,7 @@ BAD_INPUTS = {
     "missing column": (lambda d: _csv(d, impressions().drop(columns="label")), "missing required column(s) ['label']"),
     "duplicate position": (_set(2, "position", 0), "row 2, column 'request_id+position': duplicate"),
     "duplicate item": (_set(2, "item_id", "i0"), "row 2, column 'request_id+item_id': duplicate"),
-    "request with two users": (_set(2, "user_id", "u5"), "column 'user_id': differs between rows of the same request"),
+    "request with two users": (_set(2, "user_id", "u5"), "row 2, column 'user_id': differs between rows of the same"),
     "both formats": (lambda d: impressions().to_parquet(d / "impressions.parquet"), "keep exactly one"),
     "duplicate user row": (
         lambda d: _csv(d, pd.DataFrame({"user_id": ["u1", "u1"], "age": [1, 2]}), "users.csv"),
@@ -207,6 +297,23 @@ BAD_INPUTS = {
     ),
     "too few distinct times": (lambda d: _csv(d, impressions().assign(timestamp=T0)), "would be empty"),
     "only one-item lists": (lambda d: _csv(d, impressions().query("position == 0")), "no list of >= 2 items"),
+    "unknown split": (
+        _split(7, "validation"),
+        "impressions.csv: row 7, column 'split': 'validation' is not a split; allowed: ['train', 'val', 'test']",
+    ),
+    "empty split": (_split(3, np.nan), "row 3, column 'split': empty value; every row needs one (allowed: ['train'"),
+    "split varies in a request": (
+        _split(2, "test"),
+        "row 2, column 'split': differs between rows of the same request_id; a request has one split",
+    ),
+    "a split without rows": (
+        lambda d: _csv(d, leave_last_out(impressions()).replace({"split": {"val": "train"}})),
+        "impressions.csv: column 'split' has no row for ['val']; every split needs requests",
+    ),
+    "a split without a list of 2": (
+        lambda d: _csv(d, leave_last_out(impressions()).query("split != 'test' or position == 0")),
+        "split 'test' has no list of >= 2 items",
+    ),
 }  # fmt: skip
 
 
@@ -217,5 +324,23 @@ def test_bad_inputs_are_rejected_with_a_message(case: str, tmp_path: Path) -> No
     corrupt(src)
     with pytest.raises(DataError) as err:
         build_generic(src, tmp_path / "out", max_history=10, progress=False)
+    assert message in str(err.value)
+    assert not (tmp_path / "out").exists()
+
+
+BAD_HISTORY_FLAGS = {
+    "unknown mode": ("views", None, "--history-from-impressions must be one of ['clicks', 'all'], got 'views'"),
+    "flag with a behaviours file": ("all", _behaviours, "applies only without a behaviours file"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_HISTORY_FLAGS))
+def test_bad_history_flags_are_rejected(case: str, tmp_path: Path) -> None:
+    mode, corrupt, message = BAD_HISTORY_FLAGS[case]
+    src = write_csv_example(tmp_path / "src")
+    if corrupt:
+        corrupt(src)
+    with pytest.raises(DataError) as err:
+        build_generic(src, tmp_path / "out", max_history=10, history_from=mode, progress=False)
     assert message in str(err.value)
     assert not (tmp_path / "out").exists()

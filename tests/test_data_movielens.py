@@ -1,15 +1,16 @@
-"""MovieLens builders: a tiny hand-made set in both file formats, and the real ML-100K when present."""
+"""MovieLens builders: a tiny hand-made set in both file formats, and the real ML-100K / ML-1M when present."""
 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 
-from tests.conftest import ML100K
+from tests.conftest import ML100K, REPO
 from training.data.movielens import ML1M_GENRES, ML100K_GENRES, build_movielens, core_filter
 from training.data.store import SPLITS, DataError, load_schema, load_split
 from training.metrics import ndcg_at_k
@@ -18,6 +19,9 @@ from training.schema import OOV, FeatureSchema, SchemaError
 BASE_DAY = 11_323  # 2001-01-01, a day boundary
 DAY = 86_400
 GENRES = ("Comedy", "Drama", "Children's")
+UNRATED_USERS = (100, 101, 102)  # in the users file, without ratings: a ratings file may hold some users only
+ML1M = Path(os.environ.get("PSAD_ML1M", REPO.parent / "shared" / "data" / "ml-1m-half"))
+ML1M_HALF_LISTS = {"train": 10_738, "val": 1_194, "test": 2_400}  # docs/data.md#movielens
 
 
 def tiny_ratings() -> list[tuple[int, int, int, int]]:
@@ -36,7 +40,7 @@ def tiny_ratings() -> list[tuple[int, int, int, int]]:
 def write_movielens(directory: Path, fmt: str, ratings: list[tuple] | None = None) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     ratings = tiny_ratings() if ratings is None else ratings
-    users = sorted({r[0] for r in ratings})
+    users = sorted({r[0] for r in ratings} | set(UNRATED_USERS))
     items = sorted({r[1] for r in ratings})
     title = {i: ("Amélie" if i == 1 else f"Movie {i}") + f" ({1960 + 10 * (i % 5)})" for i in items}
     if fmt == "ml1m":
@@ -86,7 +90,14 @@ def ml100k(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build(ML100K, tmp_path_factory.mktemp("ml100k") / "data", "ml100k")
 
 
-@pytest.fixture(params=["tiny_ml1m", "tiny_ml100k", "ml100k"])
+@pytest.fixture(scope="module")
+def ml1m(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    if not (ML1M / "ratings.dat").is_file():
+        pytest.skip(f"MovieLens-1M not found at {ML1M} (set PSAD_ML1M); licence forbids shipping it")
+    return build(ML1M, tmp_path_factory.mktemp("ml1m") / "data", "ml1m")
+
+
+@pytest.fixture(params=["tiny_ml1m", "tiny_ml100k", "ml100k", "ml1m"])
 def built(request: pytest.FixtureRequest) -> Path:
     return request.getfixturevalue(request.param)
 
@@ -162,24 +173,42 @@ def test_splits_disjoint_in_time_and_ids_seen_in_train(built: Path) -> None:
     assert parts["train"]["timestamp"].max() < parts["val"]["timestamp"].min()
     assert parts["val"]["timestamp"].max() < parts["test"]["timestamp"].min()
     behaviours = pd.read_parquet(built / "behaviours.parquet")
-    train_period = behaviours[behaviours["timestamp"] < schema.extra["split_cuts"][0]]
+    cuts = schema.extra["split"]["cuts"]
+    assert schema.extra["split"] == {"method": "time", "cuts": cuts} and all(c % DAY == 0 for c in cuts)
+    assert json.loads((built / "stats.json").read_text())["split"] == schema.extra["split"]
+    assert parts["train"]["timestamp"].max() < cuts[0] <= parts["val"]["timestamp"].min()
+    assert parts["val"]["timestamp"].max() < cuts[1] <= parts["test"]["timestamp"].min()
+    train_period = behaviours[behaviours["timestamp"] < cuts[0]]
     for name in ("val", "test"):
         assert set(parts[name]["user_id"]) <= set(train_period["user_id"])
         items = np.concatenate(parts[name]["items"].to_numpy())
         assert items.min() > OOV  # every candidate item is in the training vocabulary
 
 
-def test_initial_order_beats_random_on_ml100k(ml100k: Path) -> None:
-    stats = json.loads((ml100k / "stats.json").read_text())
+@pytest.mark.parametrize("real", ["ml100k", "ml1m"])
+def test_initial_order_beats_random(real: str, request: pytest.FixtureRequest) -> None:
+    data_dir = request.getfixturevalue(real)
+    stats = json.loads((data_dir / "stats.json").read_text())
     rng = np.random.default_rng(0)
     for name in ("val", "test"):
-        data = load_split(ml100k, name)
+        data = load_split(data_dir, name)
         mask = data.inputs["cand_mask"]
         stored = np.broadcast_to(np.arange(mask.shape[1]), mask.shape)
         ndcg = ndcg_at_k(stored, data.labels, mask, 10).mean()
         random = np.mean([ndcg_at_k(rng.permuted(stored, axis=1), data.labels, mask, 10).mean() for _ in range(20)])
         assert ndcg > random + 0.03
         assert stats["initial_order"][name]["ndcg@10"] == pytest.approx(ndcg)
+
+
+def test_ml1m_half_holds_the_rated_users_only(ml1m: Path) -> None:
+    """ratings.dat of users 1-2,999 with users.dat of all 6,040: the others are absent, not empty lists."""
+    stats = json.loads((ml1m / "stats.json").read_text())
+    assert {s: stats["splits"][s]["lists"] for s in SPLITS} == ML1M_HALF_LISTS
+    assert (stats["users"], stats["items"]) == (2_774, 2_794)
+    users = pd.read_parquet(ml1m / "users.parquet")["user_id"].astype(int)
+    assert len(users) == stats["users"] and users.max() < 3_000
+    for df in splits(ml1m).values():
+        assert set(df["user_id"]) <= set(users.astype(str)) and df["items"].map(len).min() >= 2
 
 
 def test_schema_version_is_checked(tiny: Path, tmp_path: Path) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -12,10 +13,11 @@ from typer.testing import CliRunner
 
 from training.data.cli import app
 from training.data.store import SPLITS, DataError, ListData, load_items, load_schema, load_split, load_vocabs
-from training.data.synthetic import ClickModel, build_synthetic
+from training.data.synthetic import DEFAULT_LOGGING_POLICY, DEFAULT_TEMPERATURE, ClickModel, build_synthetic
 from training.metrics import ranking_from_scores
 
 SMALL = {"lists": 60, "users": 10, "items": 40, "list_length": 5, "max_history": 5}
+LOGGED = {"lists": 600, "users": 40, "items": 100, "list_length": 10, "max_history": 5, "seed": 5}
 
 
 def one_list(attraction: list[float], category: list[int], valid: list[bool] | None = None) -> ListData:
@@ -60,7 +62,10 @@ def test_round_trip_through_the_store(tiny_data: Path) -> None:
         assert data.labels.shape == (len(data), 10)
         assert set(np.unique(data.labels)) <= {0.0, 1.0}
         assert data.inputs["cand_mask"].all()
-        assert set(data.extras) == {"attraction", "category"}
+        assert set(data.extras) == {"attraction", "category", "shown_position"}
+        np.testing.assert_array_equal(
+            np.sort(data.extras["shown_position"], axis=1), np.arange(10.0)[None].repeat(len(data), 0)
+        )
         assert ((data.extras["category"] >= 0) & (data.extras["category"] < 20)).all()
         items = data.inputs["cand_items"]
         assert ((items >= 2) & (items < schema.n_items)).all()
@@ -188,6 +193,16 @@ def test_initial_order_beats_random_and_diversity_beats_relevance_sort(tiny_data
         ({"list_length": 1}, "--list-length must be >= 2"),
         ({"max_history": -1}, "--max-history must be >= 0"),
         ({"seed": -3}, "--seed must be >= 0"),
+        (
+            {"logging_policy": "random"},
+            r"--logging-policy must be one of initial\|shuffle\|plackett-luce, got 'random'",
+        ),
+        ({"logging_policy": "plackett-luce", "temperature": 0.0}, "--temperature must be a finite number > 0"),
+        ({"temperature": float("nan")}, "--temperature must be a finite number > 0"),
+        (
+            {"logging_policy": "shuffle", "temperature": 2.0},
+            "--temperature applies only to --logging-policy plackett-luce",
+        ),
     ],
 )
 def test_bad_arguments_are_rejected(tmp_path: Path, overrides: dict, message: str) -> None:
@@ -197,9 +212,83 @@ def test_bad_arguments_are_rejected(tmp_path: Path, overrides: dict, message: st
     assert not (tmp_path / "x").exists()
 
 
-def test_seed_is_checked_by_the_command_line(tmp_path: Path) -> None:
-    done = CliRunner().invoke(app, ["build", "synthetic", "--out", str(tmp_path / "x"), "--seed", "-1"])
-    assert done.exit_code == 2 and "--seed" in done.output and not (tmp_path / "x").exists()
+@pytest.mark.parametrize(
+    ("args", "flag"),
+    [
+        (["--seed", "-1"], "--seed"),
+        (["--logging-policy", "top"], "--logging-policy"),
+        (["--temperature", "-1"], "--temperature"),
+    ],
+)
+def test_flags_are_checked_by_the_command_line(tmp_path: Path, args: list[str], flag: str) -> None:
+    done = CliRunner().invoke(app, ["build", "synthetic", "--out", str(tmp_path / "x"), "--lists", "30", *args])
+    assert done.exit_code == 2 and flag in done.output and not (tmp_path / "x").exists()
+
+
+def log_likelihood(model: ClickModel, data: ListData, perm: np.ndarray) -> float:
+    """log P(logged clicks | the lists were shown in order ``perm``)."""
+    p = model.click_probabilities(data.extras["attraction"], data.extras["category"], data.inputs["cand_mask"], perm)
+    return float(np.where(data.labels > 0, np.log(p), np.log1p(-p)).sum())
+
+
+def test_under_shuffle_clicks_follow_the_stored_shown_order(tmp_path: Path) -> None:
+    build_synthetic(tmp_path / "shuffle", **LOGGED, logging_policy="shuffle", progress=False)
+    build_synthetic(tmp_path / "initial", **LOGGED, logging_policy="initial", progress=False)
+    model = ClickModel.load(tmp_path / "shuffle")
+    shuffled, initial = load_split(tmp_path / "shuffle", "train"), load_split(tmp_path / "initial", "train")
+    position = shuffled.extras["shown_position"]
+    n, length = position.shape
+    identity = np.arange(length)[None].repeat(n, 0)
+    np.testing.assert_array_equal(np.sort(position, axis=1), identity)  # a permutation per list
+    assert (position[:, 0] != 0).mean() > 0.8  # the ranking stage's top is rarely shown first
+    for key in ("cand_items", "cand_num"):  # the same lists as under `initial`, stored in the same order
+        np.testing.assert_array_equal(shuffled.inputs[key], initial.inputs[key])
+    np.testing.assert_array_equal(shuffled.extras["attraction"], initial.extras["attraction"])
+
+    shown = np.argsort(position, axis=1)
+    # the clicks are far likelier under the stored shown order than under the stored (initial) order
+    # or under the inverse permutation (a shown_position written as rank -> index by mistake)
+    assert log_likelihood(model, shuffled, shown) > log_likelihood(model, shuffled, identity) + 30
+    assert log_likelihood(model, shuffled, shown) > log_likelihood(model, shuffled, position.astype(np.int64)) + 30
+    # and by position: clicks follow the shown position (position bias), not the stored index
+    by_shown = np.array([shuffled.labels[position == r].mean() for r in (0, length - 1)])
+    assert by_shown[0] > by_shown[1] + 0.05
+
+
+def test_plackett_luce_explores_more_with_temperature_and_tiny_temperature_is_the_initial_order(tmp_path: Path) -> None:
+    def build(name: str, policy: str, temperature: float | None = None) -> tuple[pd.DataFrame, ListData]:
+        build_synthetic(tmp_path / name, **LOGGED, logging_policy=policy, temperature=temperature, progress=False)
+        return pd.read_parquet(tmp_path / name / "train.parquet"), load_split(tmp_path / name, "train")
+
+    (initial, initial_data), (frozen, frozen_data) = build("initial", "initial"), build("frozen", "plackett-luce", 1e-9)
+    length = LOGGED["list_length"]
+    for data in (initial_data, frozen_data):
+        np.testing.assert_array_equal(data.extras["shown_position"], np.arange(length)[None].repeat(len(data), 0))
+    pd.testing.assert_frame_equal(initial, frozen)  # labels included: drawn under the same order with the same draws
+
+    def displacement(data: ListData) -> float:
+        return float(np.abs(data.extras["shown_position"] - np.arange(length)).mean())
+
+    moved = [displacement(build(f"t{t}", "plackett-luce", t)[1]) for t in (0.5, 2.0)]
+    assert 0 < moved[0] < moved[1] < displacement(build("shuffle", "shuffle")[1])
+
+
+def test_the_logging_policy_is_recorded(tmp_path: Path) -> None:
+    for policy, temperature, recorded in [
+        ("plackett-luce", 0.5, 0.5),
+        ("shuffle", None, None),
+        (None, None, DEFAULT_TEMPERATURE if DEFAULT_LOGGING_POLICY == "plackett-luce" else None),
+    ]:
+        out = tmp_path / str(policy)
+        stats = build_synthetic(out, **SMALL, seed=0, logging_policy=policy, temperature=temperature, progress=False)
+        expected = {"logging_policy": policy or DEFAULT_LOGGING_POLICY, "temperature": recorded}
+        for record in (
+            stats,
+            json.loads((out / "stats.json").read_text()),
+            json.loads((out / "simulator.json").read_text()),
+            load_schema(out).extra,
+        ):
+            assert {k: record[k] for k in expected} == expected
 
 
 def test_a_rebuild_replaces_the_data_set_whole_or_not_at_all(tmp_path: Path, monkeypatch) -> None:

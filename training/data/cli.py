@@ -52,12 +52,14 @@ def ml100k(
 
 @build.command("ml1m")
 def ml1m(
-    source: Path = typer.Argument(..., help="Directory with ratings.dat, users.dat, movies.dat."),
+    source: Path = typer.Argument(
+        ..., help="Directory with ratings.dat, users.dat, movies.dat (ratings of some users only is fine)."
+    ),
     out: Path = OUT,
     max_history: int = HISTORY,
     seed: int = typer.Option(0, min=0, help="Seed of the initial ranker."),
 ) -> None:
-    """MovieLens-1M ('::'-separated files), same recipe as ml100k."""
+    """MovieLens-1M ('::'-separated files), same recipe as ml100k (see docs/data.md#movielens)."""
     _movielens("ml1m", source, out, max_history, seed)
 
 
@@ -66,11 +68,33 @@ def generic(
     source: Path = typer.Argument(..., help="Directory with impressions.{parquet,csv} and optional side tables."),
     out: Path = OUT,
     max_history: int = HISTORY,
+    history_from: str = typer.Option(
+        None,
+        "--history-from-impressions",
+        help="Without a behaviours file, which impression rows become history: clicks (default; safe with "
+        "sampled negatives) | all (every shown item, unclicked ones as `view`).",
+    ),
 ) -> None:
     """Your own impression logs in the documented layout (docs/data.md#generic)."""
     from training.data.generic import build_generic
 
-    _run(lambda: build_generic(source, out, max_history=max_history))
+    _run(lambda: build_generic(source, out, max_history=max_history, history_from=history_from))
+
+
+@build.command("trivago")
+def trivago(
+    source: Path = typer.Argument(
+        Path("../shared/data/trivago-100k/trivago_val_100k.parquet"),
+        help="The challenge's train.csv, or a .parquet file with its columns.",
+    ),
+    out: Path = OUT,
+    max_history: int = HISTORY,
+    memory_limit: str = typer.Option("1GB", "--memory-limit", help="DuckDB's memory cap; beyond it, it spills to disk."),
+) -> None:
+    """RecSys Challenge 2019 (trivago) session log: one list per clickout (docs/data.md#trivago)."""
+    from training.data.trivago import build_trivago
+
+    _run(lambda: build_trivago(source, out, max_history=max_history, memory_limit=memory_limit))
 
 
 @build.command("synthetic")
@@ -82,12 +106,29 @@ def synthetic(
     list_length: int = typer.Option(20, min=2, max=1000, help="Candidates per list."),
     max_history: int = HISTORY,
     seed: int = typer.Option(0, min=0, help="Simulator seed."),
+    logging_policy: str = typer.Option(
+        None,
+        "--logging-policy",
+        help="Order each list was shown in, clicks drawn under it: initial|shuffle|plackett-luce "
+        "(unset: plackett-luce; docs/simulator.md#logging-policy).",
+    ),
+    temperature: float = typer.Option(
+        None, "--temperature", help="plackett-luce only: softmax temperature on rank scores, > 0 (unset: 1)."
+    ),
 ) -> None:
     """Click simulator with known ground truth (expected utility of any permutation)."""
     from training.data.synthetic import build_synthetic
 
     _run(
         lambda: build_synthetic(
-            out, lists=lists, users=users, items=items, list_length=list_length, max_history=max_history, seed=seed
+            out,
+            lists=lists,
+            users=users,
+            items=items,
+            list_length=list_length,
+            max_history=max_history,
+            seed=seed,
+            logging_policy=logging_policy,
+            temperature=temperature,
         )
     )

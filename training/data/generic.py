@@ -3,13 +3,15 @@
 Two jobs, both shared by every real-data builder:
 - `read_logs` reads and validates a directory in the generic layout into `Logs`;
 - `write_logs` turns `Logs` plus a split per impression row into a data set: vocabularies,
-  encoded side tables, one row per displayed list with its leakage-free history.
+  encoded side tables, one row per displayed list with its leakage-free history, and the
+  split's provenance (`extra["split"]`: method and cut times) in schema.json and stats.json.
 MovieLens (training/data/movielens.py) converts its files into `Logs` and reuses `write_logs`.
 """
 
 from __future__ import annotations
 
 import json
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,10 +24,11 @@ from training.data.store import SPLITS, DataError, staged, write_dataset
 from training.schema import N_RESERVED, CategoricalFeature, FeatureSchema, NumericFeature, Vocab, Vocabularies
 
 IMPRESSION_REQUIRED = ("request_id", "user_id", "timestamp", "item_id", "position", "label")
-IMPRESSION_OPTIONAL = ("rank_score",)
+IMPRESSION_OPTIONAL = ("rank_score", "split")
 BEHAVIOUR_COLUMNS = ("user_id", "item_id", "timestamp", "action")
 ID_COLUMNS = ("request_id", "user_id", "item_id")
 DERIVED_ACTIONS = ("view", "click")  # behaviours derived from impressions: label > 0 -> click
+HISTORY_FROM = ("clicks", "all")  # impression rows that become history without a behaviours file; first = default
 SPLIT_FRACTIONS = (0.8, 0.9)  # train | val | test boundaries, by request time
 MIN_LIST = 2  # a list of one item has nothing to rerank
 MAX_UNIX_SECONDS = 10**11  # year 5138: a larger timestamp is in milliseconds or finer, not seconds
@@ -47,21 +50,37 @@ class Logs:
     items: pd.DataFrame
 
 
-def build_generic(source: Path, out: Path, *, max_history: int, progress: bool = True) -> dict:
-    """Build a data set from your own impression logs; split 80/10/10 by request time."""
-    logs, actions = read_logs(Path(source))
-    split = split_by_time(logs.impressions["timestamp"], SPLIT_FRACTIONS, what=f"{source}/impressions")
-    train_items = logs.impressions.loc[split == "train", "item_id"]
+def build_generic(
+    source: Path, out: Path, *, max_history: int, history_from: str | None = None, progress: bool = True
+) -> dict:
+    """Build a data set from your own impression logs.
+
+    The split is the impressions' `split` column when there is one, else 80/10/10 by request
+    time. `history_from` (clicks | all) says which impression rows become history when there is
+    no behaviours file; None means the default, clicks.
+    """
+    logs, actions, history = read_logs(Path(source), history_from)
+    imp = logs.impressions
+    if "split" in imp.columns:
+        split, provenance = imp["split"], {"method": "column"}
+    else:
+        split, cuts = split_by_time(imp["timestamp"], SPLIT_FRACTIONS, what=f"{source}/impressions")
+        provenance = time_split(cuts)
     return write_logs(
         out,
         logs,
         split,
-        item_ids=sorted(train_items.unique()),
+        item_ids=sorted(imp.loc[split == "train", "item_id"].unique()),
         actions=actions,
         max_history=max_history,
-        extra={"source": "generic", "path": str(source)},
+        extra={"source": "generic", "path": str(source), "split": provenance, "history_from": history},
         progress=progress,
     )
+
+
+def time_split(cuts: list[int]) -> dict:
+    """Provenance of a time split: train < cuts[0] <= val < cuts[1] <= test (unix s)."""
+    return {"method": "time", "cuts": [int(c) for c in cuts]}
 
 
 # --- reading and validation -------------------------------------------------------------------
@@ -97,9 +116,15 @@ def read_table(directory: Path, stem: str, *, required: bool) -> tuple[pd.DataFr
 
 
 def fail_rows(path: Path, column: str, mask: pd.Series | np.ndarray, problem: str) -> None:
-    mask = np.asarray(mask)
-    if mask.any():
-        row = int(np.flatnonzero(mask)[0]) + 1
+    """A DataError at the first row where `mask` holds; rows count from 1.
+
+    A Series mask's index is taken as each row's 0-based number in the file, so a builder that
+    reads in batches keeps the absolute row there (a fresh RangeIndex gives the position).
+    """
+    hits = np.flatnonzero(np.asarray(mask))
+    if len(hits):
+        first = mask.index[hits[0]] if isinstance(mask, pd.Series) else hits[0]
+        row = int(first) + 1
         raise DataError(f"{path}: row {row}, column {column!r}: {problem}")
 
 
@@ -169,6 +194,19 @@ def _check_duplicates(df: pd.DataFrame, path: Path, keys: list[str], why: str) -
     fail_rows(path, "+".join(keys), df.duplicated(keys), f"duplicate {tuple(keys)}; {why}")
 
 
+def check_split(df: pd.DataFrame, path: Path) -> None:
+    """The user's own split: every row names one of SPLITS, and every split gets rows."""
+    allowed = f"allowed: {list(SPLITS)}"
+    fail_rows(path, "split", df["split"].isna(), f"empty value; every row needs one ({allowed})")
+    df["split"] = df["split"].astype(str).str.strip()
+    unknown = ~df["split"].isin(SPLITS)
+    if unknown.any():
+        fail_rows(path, "split", unknown, f"{df.loc[unknown, 'split'].iloc[0]!r} is not a split; {allowed}")
+    empty = [s for s in SPLITS if not (df["split"] == s).any()]
+    if empty:
+        raise DataError(f"{path}: column 'split' has no row for {empty}; every split needs requests ({allowed})")
+
+
 def read_impressions(directory: Path) -> pd.DataFrame:
     df, path = read_table(directory, "impressions", required=True)
     _check_columns(df, path, IMPRESSION_REQUIRED, IMPRESSION_REQUIRED + IMPRESSION_OPTIONAL)
@@ -178,10 +216,12 @@ def read_impressions(directory: Path) -> pd.DataFrame:
     check_numeric(df, path, "label", minimum=0)
     for col in [c for c in df.columns if c == "rank_score" or str(c).startswith("f_")]:
         check_numeric(df, path, col)
+    if "split" in df.columns:
+        check_split(df, path)
     _check_duplicates(df, path, ["request_id", "position"], "each shown position appears once per request")
     _check_duplicates(df, path, ["request_id", "item_id"], "an item is shown at most once per request")
-    for col in ("user_id", "timestamp"):
-        varies = df.groupby("request_id")[col].transform("nunique") > 1
+    for col in [c for c in ("user_id", "timestamp", "split") if c in df.columns]:
+        varies = df[col] != df.groupby("request_id")[col].transform("first")  # the row that departs from the first
         fail_rows(path, col, varies, f"differs between rows of the same request_id; a request has one {col}")
     if "rank_score" not in df.columns:
         df["rank_score"] = -df["position"].astype(np.float64)  # the shown order is the ranking stage's order
@@ -223,24 +263,58 @@ def read_side_table(directory: Path, stem: str, key: str, reserved: tuple[str, .
     return df
 
 
-def read_logs(directory: Path) -> tuple[Logs, tuple[str, ...]]:
-    """Read and validate the generic layout; returns the logs and the behaviour types."""
+def read_logs(directory: Path, history_from: str | None = None) -> tuple[Logs, tuple[str, ...], str]:
+    """Read and validate the generic layout.
+
+    Returns the logs, the behaviour types and where histories come from ("behaviours" or
+    "impressions:<history_from>"); `history_from` applies only without a behaviours file.
+    """
+    if history_from is not None and history_from not in HISTORY_FROM:
+        raise DataError(f"--history-from-impressions must be one of {list(HISTORY_FROM)}, got {history_from!r}")
     impressions = read_impressions(directory)
     behaviours = read_behaviours(directory)
     if behaviours is None:
-        behaviours = impressions[["user_id", "item_id", "timestamp"]].assign(
-            action=np.where(impressions["label"] > 0, "click", "view")
+        history_from = history_from or HISTORY_FROM[0]
+        behaviours, actions = impression_behaviours(impressions, history_from, what=f"{directory}/impressions")
+        history = f"impressions:{history_from}"
+    elif history_from is not None:
+        raise DataError(
+            f"{directory}: --history-from-impressions applies only without a behaviours file, and "
+            "behaviours exist (histories come from them); drop the flag or the file"
         )
-        actions = DERIVED_ACTIONS
     else:
-        actions = tuple(sorted(behaviours["action"].unique()))
+        actions, history = tuple(sorted(behaviours["action"].unique())), "behaviours"
     users = read_side_table(directory, "users", "user_id")
     items = read_side_table(directory, "items", "item_id", RESERVED_ITEM_COLUMNS)
-    return Logs(impressions=impressions, behaviours=behaviours, users=users, items=items), actions
+    return Logs(impressions=impressions, behaviours=behaviours, users=users, items=items), actions, history
 
 
-def split_by_time(timestamps: pd.Series, fractions: tuple[float, float], *, what: str) -> pd.Series:
-    """train | val | test by time: cuts at the timestamps below which ~80% / ~90% of rows fall."""
+def impression_behaviours(
+    impressions: pd.DataFrame, history_from: str, *, what: str
+) -> tuple[pd.DataFrame, tuple[str, ...]]:
+    """Behaviours from impressions at the request's time: label > 0 -> click; with "all", label 0 -> view.
+
+    "clicks" is the default because a row with label 0 may be a sampled negative the user never
+    saw: as a `view` in later histories it would be invented behaviour, and the service (which
+    gets only real events) would never see its like. "all" suits logs whose every row was really
+    displayed; it prints a warning, since it cannot tell the two apart.
+    """
+    rows = impressions[["user_id", "item_id", "timestamp"]]
+    clicked = (impressions["label"] > 0).to_numpy()
+    if history_from == "clicks":
+        return rows[clicked].assign(action="click"), ("click",)
+    if not clicked.all():
+        print(
+            f"warning: {what}: {int((~clicked).sum()):,} shown-but-not-clicked rows become `view` behaviours "
+            "in later histories (--history-from-impressions all); if some are sampled negatives the user "
+            "never saw, use --history-from-impressions clicks",
+            file=sys.stderr,
+        )
+    return rows.assign(action=np.where(clicked, "click", "view")), DERIVED_ACTIONS
+
+
+def split_by_time(timestamps: pd.Series, fractions: tuple[float, float], *, what: str) -> tuple[pd.Series, list[int]]:
+    """train | val | test by time, and the cuts: the timestamps below which ~80% / ~90% of rows fall."""
     ts = timestamps.to_numpy(dtype=np.int64)
     cuts = [int(np.quantile(ts, f, method="higher")) for f in fractions]
     split = np.select([ts < cuts[0], ts < cuts[1]], ["train", "val"], "test")
@@ -251,7 +325,7 @@ def split_by_time(timestamps: pd.Series, fractions: tuple[float, float], *, what
             f"{what}: split(s) {empty} would be empty (rows per split {counts}); the timestamps span too few "
             "distinct times to split 80/10/10 — add more logs"
         )
-    return pd.Series(split, index=timestamps.index)
+    return pd.Series(split, index=timestamps.index), cuts
 
 
 # --- writing ------------------------------------------------------------------------------------
@@ -290,7 +364,9 @@ def _encode_side(
 
 
 def _histories(behaviours: pd.DataFrame, vocab: Vocab, actions: tuple[str, ...]) -> dict[str, tuple]:
-    """Per user: (timestamps, item indices, action indices), sorted by time."""
+    """Per user: (timestamps, item indices, action indices), sorted by time; none when there are no behaviours."""
+    if len(behaviours) == 0:
+        return {}
     schema_actions = FeatureSchema(n_items=3, actions=actions, max_history=0, max_list=1)
     items = np.asarray(vocab.indices(behaviours["item_id"].tolist()), dtype=np.int64)
     acts = behaviours["action"].map(schema_actions.action_index).to_numpy(dtype=np.int64)
@@ -358,7 +434,9 @@ def write_logs(
     """Write `logs` as a data set; `split` gives each impression row's split, `item_ids` the item vocabulary.
 
     Lists shorter than 2 are dropped. The summary gains `initial_order`: NDCG@10 of the stored
-    (ranking-stage) order vs a random order on val and test, so users see what rerankers must beat.
+    (ranking-stage) order vs a random order on val and test, so users see what rerankers must beat;
+    and `split`, a copy of `extra["split"]` (how the split was made), so the provenance is beside
+    the figures it explains.
     """
     imp = logs.impressions
     vocab = Vocab(item_ids)
@@ -407,10 +485,21 @@ def write_logs(
     with staged(out) as staging:
         stats = write_dataset(staging, schema, vocabs, users, items, behaviours, splits)
         stats["initial_order"] = {s: order_quality(splits[s]["labels"]) for s in ("val", "test")}
+        if "split" in extra:
+            stats["split"] = extra["split"]
         (staging / "stats.json").write_text(json.dumps(stats, indent=2))
     if progress:
         tqdm.write(format_order_quality(stats["initial_order"]))
+        if "split" in stats:
+            tqdm.write(format_split(stats["split"]))
     return stats
+
+
+def format_split(split: dict) -> str:
+    if split["method"] != "time":
+        return "split: the impressions' `split` column"
+    val, test = (pd.Timestamp(c, unit="s").strftime("%Y-%m-%d %H:%M:%S") for c in split["cuts"])
+    return f"split: time; train < {val} UTC <= val < {test} UTC <= test"
 
 
 def format_order_quality(quality: dict) -> str:

@@ -21,7 +21,16 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from training.data.generic import DERIVED_ACTIONS, Logs, check_numeric, check_timestamps, fail_rows, write_logs
+from training.data.generic import (
+    DERIVED_ACTIONS,
+    SPLIT_FRACTIONS,
+    Logs,
+    check_numeric,
+    check_timestamps,
+    fail_rows,
+    time_split,
+    write_logs,
+)
 from training.data.initial_ranker import InitialRanker
 from training.data.store import DataError
 
@@ -29,7 +38,6 @@ DAY = 86_400
 CLICK_RATING = 4
 CORE = 5
 LIST_RUN = 20
-SPLIT_FRACTIONS = (0.8, 0.9)
 RANKER_FRACTION = 0.5  # share of training interactions (day boundary) the initial ranker is fit on
 ML1M_GENRES = (
     "Action", "Adventure", "Animation", "Children's", "Comedy", "Crime", "Documentary", "Drama", "Fantasy",
@@ -101,6 +109,8 @@ def read_movielens(source: Path, fmt: str) -> tuple[pd.DataFrame, pd.DataFrame, 
     """Ratings (user_id, item_id, rating, timestamp), users (age, gender, occupation), items (genres, decade).
 
     Ids stay integers here (fast filtering); they become strings when handed to `write_logs`.
+    Users and items without ratings are legitimate (a ratings file may hold some users only):
+    they stay out of the data set, which keeps only ids that interacted.
     """
     if fmt not in FORMATS:
         raise DataError(f"fmt must be one of {sorted(FORMATS)}, got {fmt!r}")
@@ -247,7 +257,7 @@ def build_movielens(source: Path, out: Path, *, fmt: str, max_history: int, seed
         "source": fmt,
         "recipe": f"rating>={CLICK_RATING} click; {CORE}-core on clicks; day split {SPLIT_FRACTIONS}; "
         f"runs of <= {LIST_RUN} interactions; ordered by the initial ranker",
-        "split_cuts": cuts,
+        "split": time_split(cuts),
         "ranker_cut": ranker_cut,
         "ranker": {**asdict(ranker.config), "seed": seed, "fit_interactions": int(fit.sum())},
     }

@@ -4,7 +4,7 @@ A data set is a directory:
 
     schema.json        FeatureSchema (versioned)
     vocab.json         Vocabularies: item ids and categorical user-feature values
-    stats.json         the summary printed at build time
+    stats.json         the summary printed at build time (per split: lists, users, time range, ...)
     users.parquet      user_id (str), <user categorical> (int64, encoded), <user numeric> (float32)
     items.parquet      item_index (int64, 0..n_items-1 in order), item_id (str, "" for reserved rows),
                        <item categorical> (int64), <item numeric> (float32)
@@ -18,7 +18,9 @@ A data set is a directory:
                        hist_items / hist_ts / hist_actions (list<int64>): the user's last
                        max_history behaviours strictly before `timestamp`, oldest first;
                        builders may add list columns of their own (the simulator adds
-                       `attraction`), carried through as `extras`.
+                       `attraction` and `shown_position`), carried through as `extras`.
+Builders that stream (trivago) write the splits in chunks through `SplitWriter`; the others
+hand whole frames to `write_dataset`, which uses the same writer.
 """
 
 from __future__ import annotations
@@ -29,11 +31,13 @@ import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from training.features import EncodedProfile, assemble
@@ -79,28 +83,110 @@ def write_dataset(
     behaviours: pd.DataFrame,
     splits: dict[str, pd.DataFrame],
 ) -> dict:
-    """Validate and write a data set; returns the summary (also saved as stats.json)."""
+    """Validate and write a data set held in memory; returns the summary (also saved as stats.json)."""
     out = Path(out)
+    write_side_tables(out, schema, vocabs, users, items)
+    behaviours.to_parquet(out / "behaviours.parquet", index=False)
+    summaries = {}
+    for name in SPLITS:
+        with SplitWriter(out, name, schema) as writer:
+            if name in splits:
+                writer.write(splits[name])
+        summaries[name] = writer.summary
+    return write_stats(out, summaries, n_users=len(users), n_items=schema.n_items)
+
+
+def write_side_tables(
+    out: Path, schema: FeatureSchema, vocabs: Vocabularies, users: pd.DataFrame, items: pd.DataFrame
+) -> None:
+    """schema.json, vocab.json, users.parquet and items.parquet, checked against each other."""
     schema.validate()
     if len(items) != schema.n_items:
         raise DataError(f"items table has {len(items)} rows but schema.n_items={schema.n_items}")
-    for name in SPLITS:
-        if name not in splits or len(splits[name]) == 0:
-            raise DataError(f"split {name!r} is empty: the source has too little data after filtering")
-        missing = [c for c in LIST_COLUMNS if c not in splits[name].columns]
-        missing += [f"cand_{f.name}" for f in schema.candidate_numeric if f"cand_{f.name}" not in splits[name].columns]
-        if missing:
-            raise DataError(f"split {name!r} lacks column(s) {missing}")
     out.mkdir(parents=True, exist_ok=True)
     schema.save(out / "schema.json")
     vocabs.save(out / "vocab.json")
     users.to_parquet(out / "users.parquet", index=False)
     items.to_parquet(out / "items.parquet", index=False)
-    behaviours.to_parquet(out / "behaviours.parquet", index=False)
-    for name in SPLITS:
-        pq.write_table(pa.Table.from_pandas(splits[name], preserve_index=False), out / f"{name}.parquet")
-    stats = summarise(splits, n_users=len(users), n_items=schema.n_items)
-    (out / "stats.json").write_text(json.dumps(stats, indent=2))
+
+
+@dataclass
+class SplitSummary:
+    """Running totals of one split: the build summary without holding the split in memory."""
+
+    lists: int = 0
+    users: set[str] = field(default_factory=set)
+    candidates: int = 0
+    history: int = 0
+    clicked: int = 0
+    first_timestamp: int | None = None
+    last_timestamp: int | None = None
+
+    def add(self, table: pa.Table) -> None:
+        if table.num_rows == 0:
+            return
+        total = lambda column: int(pc.sum(pc.list_value_length(table[column])).as_py())  # noqa: E731
+        self.lists += table.num_rows
+        self.users.update(table["user_id"].to_pylist())
+        self.candidates += total("items")
+        self.history += total("hist_items")
+        self.clicked += int(pc.sum(pc.greater(pc.list_flatten(table["labels"]), 0)).as_py())
+        span = pc.min_max(table["timestamp"])
+        first, last = span["min"].as_py(), span["max"].as_py()
+        self.first_timestamp = first if self.first_timestamp is None else min(first, self.first_timestamp)
+        self.last_timestamp = last if self.last_timestamp is None else max(last, self.last_timestamp)
+
+    def to_dict(self) -> dict:
+        return {
+            "lists": self.lists,
+            "users": len(self.users),
+            "mean_list_length": self.candidates / self.lists if self.lists else 0.0,
+            "mean_history_length": self.history / self.lists if self.lists else 0.0,
+            "click_rate": self.clicked / self.candidates if self.candidates else 0.0,
+            "first_timestamp": self.first_timestamp,
+            "last_timestamp": self.last_timestamp,
+        }
+
+
+class SplitWriter:
+    """Writes one split's lists to `{split}.parquet` in chunks, so a builder can stream them.
+
+    Every chunk is checked for the columns the format needs and cast to the first chunk's types;
+    a split left empty is refused on close, as the format needs all three.
+    """
+
+    def __init__(self, out: Path, split: str, schema: FeatureSchema):
+        self.path = Path(out) / f"{split}.parquet"
+        self.split = split
+        self.required = [*LIST_COLUMNS, *(f"cand_{f.name}" for f in schema.candidate_numeric)]
+        self.summary = SplitSummary()
+        self._writer: pq.ParquetWriter | None = None
+
+    def write(self, lists: pd.DataFrame | pa.Table) -> None:
+        table = pa.Table.from_pandas(lists, preserve_index=False) if isinstance(lists, pd.DataFrame) else lists
+        missing = [c for c in self.required if c not in table.column_names]
+        if missing:
+            raise DataError(f"split {self.split!r} lacks column(s) {missing}")
+        if table.num_rows == 0:
+            return
+        if self._writer is None:
+            self._writer = pq.ParquetWriter(self.path, table.schema)
+        self._writer.write_table(table.cast(self._writer.schema))
+        self.summary.add(table)
+
+    def __enter__(self) -> SplitWriter:
+        return self
+
+    def __exit__(self, exc_type: object, *_: object) -> None:
+        if self._writer is not None:
+            self._writer.close()
+        if exc_type is None and self.summary.lists == 0:
+            raise DataError(f"split {self.split!r} is empty: the source has too little data after filtering")
+
+
+def write_stats(out: Path, summaries: dict[str, SplitSummary], n_users: int, n_items: int) -> dict:
+    stats = {"users": n_users, "items": n_items - 2, "splits": {s: summaries[s].to_dict() for s in SPLITS}}
+    (Path(out) / "stats.json").write_text(json.dumps(stats, indent=2))
     return stats
 
 
@@ -133,30 +219,23 @@ def staged(out: Path) -> Iterator[Path]:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def summarise(splits: dict[str, pd.DataFrame], n_users: int, n_items: int) -> dict:
-    per_split = {}
-    for name, df in splits.items():
-        lengths = df["items"].map(len)
-        clicks = np.concatenate([np.asarray(x, dtype=np.float32) for x in df["labels"]]) if len(df) else np.zeros(0)
-        per_split[name] = {
-            "lists": int(len(df)),
-            "users": int(df["user_id"].nunique()),
-            "mean_list_length": float(lengths.mean()) if len(df) else 0.0,
-            "mean_history_length": float(df["hist_items"].map(len).mean()) if len(df) else 0.0,
-            "click_rate": float((clicks > 0).mean()) if len(clicks) else 0.0,
-        }
-    return {"users": n_users, "items": n_items - 2, "splits": per_split}
-
-
 def format_summary(stats: dict) -> str:
     rows = [f"users {stats['users']:,}   items {stats['items']:,}"]
-    rows.append(f"{'split':<6} {'lists':>9} {'users':>7} {'mean L':>7} {'mean H':>7} {'click rate':>10}")
+    rows.append(
+        f"{'split':<6} {'lists':>9} {'users':>7} {'mean L':>7} {'mean H':>7} {'click rate':>10}  "
+        f"{'from (UTC)':<16}  {'to (UTC)':<16}"
+    )
     for name, s in stats["splits"].items():
         rows.append(
             f"{name:<6} {s['lists']:>9,} {s['users']:>7,} {s['mean_list_length']:>7.2f} "
-            f"{s['mean_history_length']:>7.2f} {s['click_rate']:>10.4f}"
+            f"{s['mean_history_length']:>7.2f} {s['click_rate']:>10.4f}  "
+            f"{_utc(s.get('first_timestamp')):<16}  {_utc(s.get('last_timestamp')):<16}"
         )
     return "\n".join(rows)
+
+
+def _utc(ts: int | None) -> str:
+    return "-" if ts is None else datetime.fromtimestamp(ts, timezone.utc).strftime("%Y-%m-%d %H:%M")
 
 
 def load_schema(data_dir: Path) -> FeatureSchema:

@@ -3,8 +3,10 @@
 Users with drifting interests browse items (the behaviour log); the ranking stage retrieves a
 mix of relevant and random candidates and orders them by a noisy, stale relevance score; clicks
 on the displayed order follow a position-bias model with item-to-item effects (same category:
-redundancy, complementary categories: a boost). Because clicks are independent given the order,
-the expected number of clicks of ANY permutation is exact and cheap: ``ClickModel.expected_utility``.
+redundancy, complementary categories: a boost). A logging policy picks the order each list was
+shown in (``LoggingPolicy``), so the logs hold clicks under many orders. Because clicks are
+independent given the order, the expected number of clicks of ANY permutation is exact and cheap:
+``ClickModel.expected_utility``.
 
 Everything is vectorised numpy generated in chunks, with a cost independent of the catalogue size
 (about 15 s of CPU per 200k lists of 20), so millions of lists are practical.
@@ -31,6 +33,9 @@ DAY = 86_400
 CHUNK_CELLS = 1 << 20  # rows x width per chunk: bounds memory
 FEED = 32  # items a user sees when browsing; a behaviour picks one of them
 RETRIEVAL_POOL = 100  # random items the retrieval stage scores for the relevant candidates
+LOGGING_POLICIES = ("initial", "shuffle", "plackett-luce")
+DEFAULT_LOGGING_POLICY = "plackett-luce"  # docs/simulator.md#logging-policy says why
+DEFAULT_TEMPERATURE = 1.0
 
 
 @dataclass(frozen=True)
@@ -145,8 +150,10 @@ class ClickModel:
             raise DataError(f"list data lacks simulator column(s) {missing}: only synthetic data sets carry them")
         return data.extras["attraction"], data.extras["category"], data.inputs["cand_mask"]
 
-    def save(self, data_dir: Path, world: dict[str, np.ndarray], config: SimulatorConfig) -> None:
-        meta = {"version": SIMULATOR_VERSION, "click_model": asdict(self), "world": asdict(config)}
+    def save(
+        self, data_dir: Path, world: dict[str, np.ndarray], config: SimulatorConfig, policy: LoggingPolicy
+    ) -> None:
+        meta = {"version": SIMULATOR_VERSION, "click_model": asdict(self), "world": asdict(config), **policy.describe()}
         (Path(data_dir) / "simulator.json").write_text(json.dumps(meta, indent=2))
         np.savez_compressed(Path(data_dir) / "simulator.npz", interaction=self.interaction(), **world)
 
@@ -166,6 +173,55 @@ class ClickModel:
             return cls(**meta["click_model"])
         except (KeyError, TypeError, ValueError) as exc:
             raise DataError(f"{path}: malformed simulator parameters ({exc}); rebuild the data set") from None
+
+
+@dataclass(frozen=True)
+class LoggingPolicy:
+    """Which order each logged list was shown in; clicks are drawn under it.
+
+    initial: the ranking stage's order. shuffle: uniformly random. plackett-luce: sampled without
+    replacement from softmax(rank_score / temperature), so exploration stays near the ranking stage's
+    order at low temperature. Orders come from their own random stream, so for one seed every policy
+    logs the same lists (and ``initial`` the same data as before policies existed).
+    """
+
+    name: str | None = None  # None: DEFAULT_LOGGING_POLICY
+    temperature: float | None = None  # plackett-luce only; None: DEFAULT_TEMPERATURE
+
+    def __post_init__(self) -> None:
+        if self.name is None:
+            object.__setattr__(self, "name", DEFAULT_LOGGING_POLICY)
+        if self.name not in LOGGING_POLICIES:
+            raise DataError(
+                f"synthetic: --logging-policy must be one of {'|'.join(LOGGING_POLICIES)}, got {self.name!r}"
+            )
+        if self.name != "plackett-luce":
+            if self.temperature is not None:
+                raise DataError(
+                    f"synthetic: --temperature applies only to --logging-policy plackett-luce, not {self.name!r}; "
+                    "drop --temperature or use plackett-luce"
+                )
+            return
+        temperature = DEFAULT_TEMPERATURE if self.temperature is None else float(self.temperature)
+        if not (np.isfinite(temperature) and temperature > 0):
+            raise DataError(f"synthetic: --temperature must be a finite number > 0, got {self.temperature}")
+        object.__setattr__(self, "temperature", temperature)
+
+    def orders(self, rank_score: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        """perm [n, L] (int64): perm[b, r] = stored index of the candidate shown at rank r of list b.
+
+        ``rank_score`` must be in stored (descending) order, so that ``initial`` is the identity.
+        """
+        n, length = rank_score.shape
+        if self.name == "initial":
+            return np.broadcast_to(np.arange(length), (n, length))
+        if self.name == "shuffle":
+            return np.argsort(rng.random((n, length)), axis=1)
+        return np.argsort(-(rank_score / self.temperature + _gumbel(rng, (n, length))), axis=1, kind="stable")
+
+    def describe(self) -> dict:
+        """Provenance for stats.json, simulator.json and the schema's extra: how the data set was logged."""
+        return {"logging_policy": self.name, "temperature": self.temperature}
 
 
 @dataclass(frozen=True)
@@ -315,13 +371,23 @@ def _behaviours(world: World, n_per_user: float, rng: np.random.Generator, progr
     return user, ts, item, click
 
 
-def _lists(world: World, model: ClickModel, n: int, length: int, rng: np.random.Generator, progress: bool):
-    """Lists in time order: candidates (ranking-stage order), rank scores, attractions, clicks.
+def _lists(
+    world: World,
+    model: ClickModel,
+    policy: LoggingPolicy,
+    n: int,
+    length: int,
+    rngs: tuple[np.random.Generator, np.random.Generator],
+    progress: bool,
+):
+    """Lists in time order: candidates (ranking-stage order), rank scores, attractions, the position each
+    candidate was shown at (drawn by ``policy`` from the second generator) and the clicks under that order.
 
     Retrieval: a pool of distinct random items; the n_rel most relevant of its first `pool` items
     (Gumbel top-k on the current relevance) plus its last length - n_rel items (random ones).
     """
     cfg = world.cfg
+    rng, order_rng = rngs
     items = len(world.item_vec)
     user = rng.choice(len(world.user_activity), size=n, p=world.user_activity / world.user_activity.sum())
     ts = np.sort(rng.integers(START, START + int(cfg.span_days * DAY), size=n))
@@ -332,6 +398,7 @@ def _lists(world: World, model: ClickModel, n: int, length: int, rng: np.random.
     attraction = np.empty((n, length), dtype=np.float32)
     rank_score = np.empty((n, length), dtype=np.float32)
     clicks = np.empty((n, length), dtype=np.float32)
+    shown_position = np.empty((n, length), dtype=np.float32)
     for s in _chunks(n, pool + n_rand, "lists", progress):
         drawn = _distinct(rng, s.stop - s.start, pool + n_rand, items)
         rel = world.relevance(user[s], ts[s], drawn)
@@ -343,12 +410,15 @@ def _lists(world: World, model: ClickModel, n: int, length: int, rng: np.random.
         score += cfg.rank_noise * rng.standard_normal(score.shape)
         order = np.argsort(-score, axis=1, kind="stable")
         cand[s] = np.take_along_axis(chosen, order, axis=1)
-        rank_score[s] = np.take_along_axis(score, order, axis=1)
+        score = np.take_along_axis(score, order, axis=1)
+        rank_score[s] = score
         attraction[s] = cfg.bias + np.take_along_axis(rel, np.take_along_axis(picked, order, axis=1), axis=1)
+        perm = policy.orders(score, order_rng)
+        ranks = np.broadcast_to(np.arange(length, dtype=np.float32), perm.shape)
+        np.put_along_axis(shown_position[s], perm, ranks, axis=1)
         shown = np.ones((len(rel), length), dtype=bool)
-        identity = np.broadcast_to(np.arange(length), shown.shape)
-        clicks[s] = model.sample_clicks(attraction[s], world.item_category[cand[s]], shown, identity, rng)
-    return user, ts, cand, rank_score, attraction, clicks
+        clicks[s] = model.sample_clicks(attraction[s], world.item_category[cand[s]], shown, perm, rng)
+    return user, ts, cand, rank_score, attraction, shown_position, clicks
 
 
 def _history_windows(b_user, b_ts, user, ts, max_history: int) -> tuple[np.ndarray, np.ndarray]:
@@ -386,17 +456,26 @@ def build_synthetic(
     list_length: int,
     max_history: int,
     seed: int,
+    logging_policy: str | None = None,
+    temperature: float | None = None,
     progress: bool = True,
     config: SimulatorConfig | None = None,
 ) -> dict:
-    """Simulate a data set with known click model; returns write_dataset's stats (see docs/simulator.md)."""
+    """Simulate a data set with known click model; returns write_dataset's stats (see docs/simulator.md).
+
+    ``logging_policy`` and ``temperature`` (None: the defaults) are ``LoggingPolicy``'s.
+    """
     _check_arguments(lists, users, items, list_length, max_history, seed)
+    policy = LoggingPolicy(logging_policy, temperature)
     cfg = config or SimulatorConfig()
     model = ClickModel()
     rng = np.random.default_rng(seed)
+    rngs = (rng, rng.spawn(1)[0])  # spawning draws nothing from rng: its stream is as without policies
     world = World(cfg, model.n_categories, users, items, rng)
     b_user, b_ts, b_item, b_click = _behaviours(world, cfg.behaviours_per_user * max(max_history, 10), rng, progress)
-    user, ts, cand, rank_score, attraction, clicks = _lists(world, model, lists, list_length, rng, progress)
+    user, ts, cand, rank_score, attraction, shown_position, clicks = _lists(
+        world, model, policy, lists, list_length, rngs, progress
+    )
 
     user_ids, item_ids = _ids("u", users), _ids("i", items)
     popularity = np.log1p(np.bincount(b_item[b_ts < START], minlength=items)).astype(np.float32)
@@ -414,7 +493,7 @@ def build_synthetic(
         item_numeric=(_numeric("quality", world.item_quality_obs), _numeric("popularity", popularity)),
         candidate_numeric=(_numeric("rank_score", rank_score[train]),),
         label="click",
-        extra={"source": "synthetic", "seed": seed, "click_model": "simulator.json"},
+        extra={"source": "synthetic", "seed": seed, "click_model": "simulator.json", **policy.describe()},
     )
     vocabs = Vocabularies(
         items=Vocab(list(item_ids)),
@@ -455,11 +534,16 @@ def build_synthetic(
             "hist_actions": _ragged(action_index[b_click.astype(np.int64)], start, end),
             "attraction": list(attraction),
             "category": list(world.item_category[cand].astype(np.float32)),
+            "shown_position": list(shown_position),
         }
     )
     split_of = np.select([train, ts < cut[1]], [0, 1], 2)
     splits = {name: lists_df[split_of == i].reset_index(drop=True) for i, name in enumerate(SPLITS)}
     with staged(out) as staging:
-        stats = write_dataset(staging, schema, vocabs, users_df, items_df, behaviours_df, splits)
-        model.save(staging, world.arrays(), cfg)
+        stats = {
+            **write_dataset(staging, schema, vocabs, users_df, items_df, behaviours_df, splits),
+            **policy.describe(),
+        }
+        (staging / "stats.json").write_text(json.dumps(stats, indent=2))
+        model.save(staging, world.arrays(), cfg, policy)
     return stats
