@@ -1,5 +1,6 @@
-"""Baselines (DNN, PRM, DLCM): padding never changes a real candidate's score, training lowers
-the loss, and the serving module scores exactly like rank_scores."""
+"""Baselines (DNN, PRM, DLCM, SetRank): padding never changes a real candidate's score, training
+lowers the loss, the serving module scores exactly like rank_scores, and SetRank ignores the
+initial order."""
 
 from __future__ import annotations
 
@@ -106,3 +107,22 @@ def test_empty_history_and_single_candidate_stay_finite(setup) -> None:
     for arch in ARCHS:
         with torch.no_grad():
             assert torch.isfinite(make(arch, setup).rank_scores(inputs)).all(), arch
+
+
+def permuted(inputs: dict[str, torch.Tensor], order: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The same lists with their candidates shown in `order` (one permutation of the list axis)."""
+    return {k: (v[:, order] if k.startswith("cand_") else v) for k, v in inputs.items()}
+
+
+def test_setrank_is_permutation_invariant_and_prm_is_not(setup) -> None:
+    inputs, _ = batch(setup, slice(20, 28))
+    order = torch.randperm(inputs["cand_items"].shape[1], generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        for arch in ("setrank", "prm"):
+            model = make(arch, setup)
+            base, moved = model.rank_scores(inputs), model.rank_scores(permuted(inputs, order))
+            if arch == "setrank":  # permuting the candidates permutes the scores
+                torch.testing.assert_close(moved, base[:, order], atol=1e-5, rtol=1e-5)
+            else:  # the same set in another initial order scores differently: PRM reads the positions
+                assert (moved - base[:, order]).abs().max() > 1e-3
+    assert not any("positions" in name for name, _ in make("setrank", setup).named_parameters())

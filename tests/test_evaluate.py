@@ -13,18 +13,39 @@ from typer.testing import CliRunner
 
 from training.commands import app
 from training.config import TrainConfig
-from training.evaluate import GROUPS, evaluate_run, format_table
+from training.data.store import ListData
+from training.evaluate import GROUPS, evaluate_run, fixed_rankings, format_table
 from training.schema import FeatureSchema, SchemaError
 from training.train import train
 
-METRICS = {"ndcg@1", "ndcg@3", "ndcg@5", "ndcg@10", "map@5", "map@10", "clicks@5", "clicks@10", "utility"}
+METRICS = {"ndcg@1", "ndcg@3", "ndcg@5", "ndcg@10", "map@5", "map@10", "clicks@5", "clicks@10", "mrr", "utility"}
+RANKERS = ["initial", "history", "student", "teacher"]
+
+
+def test_fixed_rankings_on_a_hand_made_split() -> None:
+    a, b, c, d = 5, 6, 7, 8  # item indices; 0 is padding, 1 OOV
+    hist = np.array([[a, b, a], [0, 0, 0], [1, d, 0]])
+    cand = np.array([[c, b, a, d], [c, b, a, d], [1, c, d, 0]])
+    inputs = {
+        "hist_items": hist,
+        "hist_mask": hist != 0,
+        "hist_age": np.array([[9.0, 5.0, 1.0], [0.0, 0.0, 0.0], [2.0, 4.0, 0.0]], dtype=np.float32),
+        "cand_items": cand,
+        "cand_mask": np.array([[True] * 4, [True] * 4, [True, True, True, False]]),
+    }
+    data = ListData(inputs=inputs, labels=np.zeros((3, 4), np.float32), list_ids=np.arange(3), user_ids=np.arange(3))
+    perms = fixed_rankings(data)
+    assert list(perms) == ["initial", "history"]
+    np.testing.assert_array_equal(perms["initial"], np.tile(np.arange(4), (3, 1)))
+    # a, b, c, d; no history keeps the initial order; the OOV interaction promotes no OOV candidate
+    np.testing.assert_array_equal(perms["history"], [[2, 1, 0, 3], [0, 1, 2, 3], [2, 0, 1, 3]])
 
 
 def test_evaluate_run_reports_every_ranker_metric_and_group(tiny_run: Path) -> None:
     result = evaluate_run(tiny_run, "test")
-    assert result["rankers"] == ["initial", "student", "teacher"]
+    assert result["rankers"] == RANKERS
     for rows in [result["overall"], *result["groups"].values()]:
-        assert set(rows) == {"initial", "student", "teacher"}
+        assert set(rows) == set(RANKERS)
         for values in rows.values():
             assert set(values) == METRICS
             assert all(0.0 <= values[f"ndcg@{k}"] <= 1.0 for k in (1, 3, 5, 10))
@@ -34,12 +55,14 @@ def test_evaluate_run_reports_every_ranker_metric_and_group(tiny_run: Path) -> N
     assert sum(activity["lists"].values()) == result["lists"]
     assert activity["light_max"] <= activity["medium_max"]
     assert set(result["groups"]) == {g for g, n in activity["lists"].items() if n > 0}
-    for ranker in ("student", "teacher"):
-        gain = result["vs_initial"][ranker]["ndcg@10"]
-        expected = result["overall"][ranker]["ndcg@10"] - result["overall"]["initial"]["ndcg@10"]
-        assert gain["gain"] == pytest.approx(expected)
-        assert gain["low"] <= gain["gain"] <= gain["high"]
-        assert set(result["vs_initial"][ranker]) == {"ndcg@10", "utility"}
+    assert list(result["vs_initial"]) == RANKERS[1:]
+    for ranker in RANKERS[1:]:
+        for metric in ("ndcg@10", "mrr"):
+            gain = result["vs_initial"][ranker][metric]
+            expected = result["overall"][ranker][metric] - result["overall"]["initial"][metric]
+            assert gain["gain"] == pytest.approx(expected)
+            assert gain["low"] <= gain["gain"] <= gain["high"]
+        assert set(result["vs_initial"][ranker]) == {"ndcg@10", "mrr", "utility"}
     assert "paired bootstrap 95% interval" in format_table(result)
     overall_ndcg = result["overall"]["student"]["ndcg@10"]
     weighted = sum(result["groups"][g]["student"]["ndcg@10"] * activity["lists"][g] for g in result["groups"])
@@ -54,7 +77,7 @@ def test_evaluate_command_prints_a_table_and_writes_json(tiny_run: Path, tmp_pat
     result = json.loads((run / "eval_val.json").read_text())
     assert result["split"] == "val" and "overall" in result and "groups" in result
     assert format_table(result).splitlines()[1] in done.output
-    assert "overall  student" in done.output
+    assert "overall  student" in done.output and "overall  history" in done.output
 
     custom = tmp_path / "out" / "m.json"
     done = CliRunner().invoke(app, ["evaluate", "--run", str(run), "--split", "test", "--json", str(custom)])

@@ -1,15 +1,17 @@
-"""Offline evaluation of a run: the student, the teacher and the initial order on one split.
+"""Offline evaluation of a run: the student, the teacher and the fixed orders on one split.
 
 Rows ("rankers"):
   initial  the ranking stage's order (identity permutation): the baseline to beat;
+  history  the candidates in the user's history first, most recent first, then the initial order
+           (metrics.history_first): what a reranker that reads the history must beat;
   student  sort by rank_scores (what serving runs), with the run's student weights;
   teacher  teacher_decode (generators only; kept offline for shadow evaluation), with the run's
            teacher weights (each model is evaluated at its own best validation epoch).
-Metrics: NDCG@{1,3,5,10}, MAP@{5,10}, CLICKS@{5,10} (training/metrics.py), plus the expected
+Metrics: NDCG@{1,3,5,10}, MAP@{5,10}, CLICKS@{5,10}, MRR (training/metrics.py), plus the expected
 utility under the click simulator when the data set is synthetic.
 
-Versus the initial order: each model's mean gain in NDCG@10 (and utility) over the initial order
-on the same lists, with a paired bootstrap 95% interval. On a small split (ml100k's 99 test
+Versus the initial order: each ranker's mean gain in NDCG@10, MRR (and utility) over the initial
+order on the same lists, with a paired bootstrap 95% interval. On a small split (ml100k's 99 test
 lists) the interval is wider than the gains, and says so: a gain whose interval spans 0 is noise.
 
 User-activity groups: a user's activity is the number of behaviours they logged up to the last
@@ -30,12 +32,13 @@ from torch import nn
 
 from training.checkpoint import MODELS, check_data_matches_run, load_run, read_config
 from training.data.store import DataError, ListData, check_schema_files, load_split, read_parquet
-from training.metrics import paired_bootstrap, per_list_metrics, ranking_from_scores
+from training.metrics import history_first, paired_bootstrap, per_list_metrics, ranking_from_scores, verdict
 from training.models.registry import GENERATOR_ARCHS
 from training.schema import FeatureSchema
 
 GROUPS = ("light", "medium", "heavy")
-COMPARED = ("ndcg@10", "utility")  # metrics whose gain over the initial order gets an interval
+FIXED_RANKERS = ("initial", "history")  # the orders of fixed_rankings: nothing trained
+COMPARED = ("ndcg@10", "mrr", "utility")  # metrics whose gain over the initial order gets an interval
 
 
 def load_lists(data_dir: Path, split: str, schema: FeatureSchema, max_list: int) -> ListData:
@@ -57,17 +60,25 @@ def to_tensors(inputs: dict[str, np.ndarray], device: torch.device) -> dict[str,
     return {k: torch.from_numpy(np.ascontiguousarray(v)).to(device) for k, v in inputs.items()}
 
 
+def fixed_rankings(data: ListData) -> dict[str, np.ndarray]:
+    """Permutations [N, L] of the rankers computed from the inputs alone (nothing trained, so
+    seed-independent): "initial" (identity) and "history" (metrics.history_first)."""
+    n, length = data.inputs["cand_mask"].shape
+    perms = {"initial": np.tile(np.arange(length, dtype=np.int64), (n, 1)), "history": history_first(data.inputs)}
+    return {name: perms[name] for name in FIXED_RANKERS}
+
+
 @torch.no_grad()
 def rank_lists(
     model: nn.Module, data: ListData, device: torch.device, batch_size: int, rankers: tuple[str, ...] = MODELS
 ) -> dict[str, np.ndarray]:
-    """Permutations [N, L] per ranker: initial, then those of `rankers` the model has (student, and
-    teacher for generators)."""
+    """Permutations [N, L] per ranker: the fixed ones (initial, history), then those of `rankers`
+    the model has (student, and teacher for generators)."""
     was_training = model.training
     model.eval()
     mask = data.inputs["cand_mask"]
     n, length = mask.shape
-    perms = {"initial": np.tile(np.arange(length, dtype=np.int64), (n, 1))}
+    perms = fixed_rankings(data)
     student = "student" in rankers
     teacher = "teacher" in rankers and hasattr(model, "teacher_decode")
     perms.update({r: np.empty((n, length), np.int64) for r, on in (("student", student), ("teacher", teacher)) if on})
@@ -150,7 +161,7 @@ def evaluate_run(run_dir: Path, split: str = "test", data_dir: Path | None = Non
 
 def versus_initial(metrics: dict[str, dict[str, np.ndarray]]) -> dict[str, dict[str, dict[str, float]]]:
     """{ranker: {metric: {"gain", "low", "high"}}}: mean gain over the initial order on the same
-    lists and its paired bootstrap 95% interval, for NDCG@10 and (simulated data) utility."""
+    lists and its paired bootstrap 95% interval, for NDCG@10, MRR and (simulated data) utility."""
     base = metrics["initial"]
     out: dict[str, dict[str, dict[str, float]]] = {}
     for ranker, m in metrics.items():
@@ -182,7 +193,7 @@ def format_table(result: dict) -> str:
     lines.append("gain over the initial order on the same lists, paired bootstrap 95% interval:")
     for ranker, gains in result["vs_initial"].items():
         for name, g in gains.items():
-            verdict = "above" if g["low"] > 0 else "below" if g["high"] < 0 else "not distinguishable from"
             interval = f"[{g['low']:+.4f}, {g['high']:+.4f}]"
-            lines.append(f"  {ranker:<8} {name:<8} {g['gain']:+.4f}  {interval}  {verdict} the initial order")
+            said = verdict(g["low"], g["high"], "the initial order")
+            lines.append(f"  {ranker:<8} {name:<8} {g['gain']:+.4f}  {interval}  {said}")
     return "\n".join(lines)

@@ -10,11 +10,21 @@ Definitions (LibRerank's, see docs/simulator.md):
 - MAP@k: average precision with binary relevance (rel > 0), normalised by min(k, #relevant);
   0 when the list has no relevant candidate.
 - CLICKS@k: the number of relevant (rel > 0) candidates in the top k.
+- MRR: 1 / (1 + rank of the first relevant (rel > 0) candidate), over the whole list; 0 when the
+  list has no relevant candidate (as trec_eval's recip_rank), like MAP, so every ranker is
+  averaged over the same lists and such a list never changes a paired difference.
+
+Besides sorting by scores, one fixed ranker lives here, as it must run wherever the inputs do:
+history_first, the user's own history replayed (the baseline a history-reading reranker must beat).
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import numpy as np
+
+from training.schema import OOV
 
 STANDARD_KS = {"ndcg": (1, 3, 5, 10), "map": (5, 10), "clicks": (5, 10)}
 
@@ -68,6 +78,46 @@ def ranking_from_scores(scores: np.ndarray, mask: np.ndarray) -> np.ndarray:
     return valid_first(by_score, mask)
 
 
+def history_first(inputs: Mapping[str, np.ndarray]) -> np.ndarray:
+    """The candidates the user interacted with before, most recent interaction first, then the
+    others in the ranking stage's order: a permutation [N, L], valid candidates first.
+
+    Reads hist_items, hist_mask, hist_age, cand_items and cand_mask (features.assemble's arrays).
+    Recency is the smallest age, the later history slot on equal ages (histories are oldest first).
+    Padding and OOV history items match nothing: an unknown item in the history says nothing about
+    which unknown candidate it was, and matching them would promote every unknown candidate."""
+    hist, hist_mask, age = (np.asarray(inputs[k]) for k in ("hist_items", "hist_mask", "hist_age"))
+    cand, cand_mask = np.asarray(inputs["cand_items"]), np.asarray(inputs["cand_mask"], dtype=bool)
+    if hist.ndim != 2 or hist.shape != hist_mask.shape or hist.shape != age.shape:
+        raise ValueError(
+            f"hist_items, hist_mask and hist_age must all be [N, H]; got {hist.shape}, "
+            f"{hist_mask.shape} and {age.shape}"
+        )
+    if cand.ndim != 2 or cand.shape != cand_mask.shape or len(cand) != len(hist):
+        raise ValueError(
+            f"cand_items and cand_mask must be [N, L] with N = {len(hist)}; got {cand.shape} and {cand_mask.shape}"
+        )
+    n, h = hist.shape
+    usable = np.asarray(hist_mask, dtype=bool) & (hist > OOV)
+    bad = usable & ~(np.isfinite(age) & (age >= 0))
+    if bad.any():
+        b, j = np.argwhere(bad)[0]
+        raise ValueError(f"hist_age[{b}, {j}] = {age[b, j]}: ages must be finite and >= 0 (days before the list)")
+    # recency[b, j]: 0 for the most recent usable slot of list b; h (never) for padding and OOV
+    newest_first = h - 1 - np.argsort(np.where(usable, age, np.inf)[:, ::-1], axis=1, kind="stable")
+    recency = np.empty((n, h), dtype=np.int64)
+    np.put_along_axis(recency, newest_first, np.arange(h), axis=1)
+    recency = np.where(usable, recency, h)
+    best = np.empty(cand.shape, dtype=np.int64)
+    step = max(1, 2**22 // max(1, cand.shape[1] * h))  # bounded [rows, L, H] match arrays
+    for start in range(0, n, step):
+        rows = slice(start, start + step)
+        match = cand[rows, :, None] == hist[rows, None, :]
+        best[rows] = np.where(match, recency[rows, None, :], h).min(axis=2, initial=h)
+    order = np.argsort(np.where(cand_mask, best, h), axis=1, kind="stable")  # never-seen keep their order
+    return valid_first(order, cand_mask)
+
+
 def _ranked_labels(perm: np.ndarray, labels: np.ndarray, mask: np.ndarray) -> np.ndarray:
     """Labels in display order, padded candidates zeroed and placed last: float64 [B, L]."""
     labels, mask = _check_batch(labels, mask)
@@ -108,16 +158,25 @@ def clicks_at_k(perm: np.ndarray, labels: np.ndarray, mask: np.ndarray, k: int) 
     return (_ranked_labels(perm, labels, mask)[:, :k] > 0).sum(axis=1).astype(np.float64)
 
 
+def mrr(perm: np.ndarray, labels: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """Reciprocal rank of the first relevant (rel > 0) candidate per list, 0 without one: float64 [B]."""
+    relevant = _ranked_labels(perm, labels, mask) > 0
+    first = np.argmax(relevant, axis=1)
+    return np.where(relevant.any(axis=1), 1.0 / (first + 1.0), 0.0)
+
+
 _METRICS = {"ndcg": ndcg_at_k, "map": map_at_k, "clicks": clicks_at_k}
+_WHOLE_LIST_METRICS = {"mrr": mrr}
 
 
 def per_list_metrics(perm: np.ndarray, labels: np.ndarray, mask: np.ndarray) -> dict[str, np.ndarray]:
-    """The standard metrics per list ({"ndcg@1": [B], ...}), for per-group breakdowns."""
-    return {f"{name}@{k}": _METRICS[name](perm, labels, mask, k) for name, ks in STANDARD_KS.items() for k in ks}
+    """The standard metrics per list ({"ndcg@1": [B], ..., "mrr": [B]}), for per-group breakdowns."""
+    out = {f"{name}@{k}": _METRICS[name](perm, labels, mask, k) for name, ks in STANDARD_KS.items() for k in ks}
+    return out | {name: metric(perm, labels, mask) for name, metric in _WHOLE_LIST_METRICS.items()}
 
 
 def ranking_metrics(perm: np.ndarray, labels: np.ndarray, mask: np.ndarray) -> dict[str, float]:
-    """Means of the standard metrics over the batch: ndcg@{1,3,5,10}, map@{5,10}, clicks@{5,10}."""
+    """Means of the standard metrics over the batch: ndcg@{1,3,5,10}, map@{5,10}, clicks@{5,10}, mrr."""
     if len(perm) == 0:
         raise ValueError("ranking_metrics: the batch is empty (no lists to evaluate)")
     return {name: float(values.mean()) for name, values in per_list_metrics(perm, labels, mask).items()}
@@ -141,3 +200,8 @@ def paired_bootstrap(
     tail = (1.0 - level) / 2 * 100
     low, high = np.percentile(means, [tail, 100 - tail])
     return float(low), float(high)
+
+
+def verdict(low: float, high: float, other: str) -> str:
+    """What a paired interval of (a ranker - `other`) says: only an interval that excludes 0 separates them."""
+    return f"above {other}" if low > 0 else f"below {other}" if high < 0 else f"not distinguishable from {other}"

@@ -1,12 +1,14 @@
-"""Baseline rerankers that PSAD is compared with: DNN (pointwise), PRM (transformer), DLCM (GRU).
+"""Baseline rerankers that PSAD is compared with: DNN (pointwise), PRM (transformer), DLCM (GRU),
+SetRank (permutation-invariant self-attention).
 
 Same inputs as PSAD, so the comparison is about the architecture, not the features:
 every baseline embeds candidates with the shared ItemEmbedding (item id, item side tables,
 candidate numerics such as the ranking stage's score), adds a learned embedding of the
-candidate's initial position, and builds a personal vector u from the shared UserEmbedding plus
-a mean-pooled history (the history items' embeddings averaged over hist_mask). That is the user
-information PSAD-S reads through UPN without its time decay, actions, attention read-out and
-gates; PRM's paper uses a pre-trained personalised vector, which the pooled history stands in for.
+candidate's initial position (all but SetRank), and builds a personal vector u from the shared
+UserEmbedding plus a mean-pooled history (the history items' embeddings averaged over hist_mask).
+That is the user information PSAD-S reads through UPN without its time decay, actions, attention
+read-out and gates; PRM's paper uses a pre-trained personalised vector, which the pooled history
+stands in for.
 hist_actions and hist_age are accepted (one serving signature for every model) but not read.
 
   dnn   pointwise MLP([x_i, u, x_i * u]), sigmoid cross-entropy on labels / max_label
@@ -16,6 +18,11 @@ hist_actions and hist_age are accepted (one serving signature for every model) b
         every output: v . (o_i * tanh(W s)) (DLCM's local ranking function); listwise softmax CE.
         The GRU always runs schema.max_list steps (the list is zero-padded to it): the ONNX exporter
         unrolls recurrences, and a fixed length keeps the list axis dynamic (L <= max_list).
+  setrank  PRM without the initial position (Pang et al., SIGIR 2020): self-attention blocks over the
+        candidate SET, so permuting the candidates permutes the scores; listwise softmax CE (SetRank's
+        attention rank loss with linear gains). The ranking-stage score still enters as a numeric.
+        Induced set attention (SetRank's IMSAB, m inducing points to cut the O(L^2) attention to
+        O(L m)) is left out: the plain self-attention stack (MSAB) keeps the model one PRM flag away.
 """
 
 from __future__ import annotations
@@ -32,9 +39,17 @@ from training.schema import INPUT_NAMES, FeatureSchema
 
 
 class PersonalCandidates(nn.Module):
-    """The baselines' shared input: candidate reps x [B,L,d] (with initial position) and u [B,d]."""
+    """The baselines' shared input: candidate reps x [B,L,d] (with the initial position when
+    `positional`) and u [B,d]."""
 
-    def __init__(self, cfg: ModelConfig, schema: FeatureSchema, item_cat: torch.Tensor, item_num: torch.Tensor):
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        schema: FeatureSchema,
+        item_cat: torch.Tensor,
+        item_num: torch.Tensor,
+        positional: bool = True,
+    ):
         super().__init__()
         d = cfg.d_model
         self.max_list = schema.max_list
@@ -42,25 +57,31 @@ class PersonalCandidates(nn.Module):
         self.user = UserEmbedding(cfg, schema)
         self.history = nn.Linear(d, d)
         self.user_norm = nn.LayerNorm(d)
-        self.positions = nn.Embedding(schema.max_list, d)
+        self.positions = nn.Embedding(schema.max_list, d) if positional else None
 
     def forward(self, user_cat, user_num, hist_items, hist_mask, cand_items, cand_num):
         weight = hist_mask.unsqueeze(-1).to(torch.float32)
         pooled = (self.items(hist_items) * weight).sum(1) / weight.sum(1).clamp(min=1.0)
         u = self.user_norm(self.user(user_cat, user_num) + self.history(pooled))
+        x = self.items(cand_items, cand_num)
+        if self.positions is None:
+            return x, u
         index = torch.arange(cand_items.shape[1], device=cand_items.device).clamp(max=self.max_list - 1)
-        return self.items(cand_items, cand_num) + self.positions(index)[None], u
+        return x + self.positions(index)[None], u
 
 
 class Baseline(nn.Module):
-    """A scorer: subclasses define `head(x, u, mask) -> raw scores [B,L]` and `label_loss`."""
+    """A scorer: subclasses define `head(x, u, mask) -> raw scores [B,L]` and `label_loss`, and
+    set `positional = False` to be blind to the initial order."""
+
+    positional = True
 
     def __init__(self, cfg: ModelConfig, schema: FeatureSchema, item_cat: torch.Tensor, item_num: torch.Tensor):
         super().__init__()
         cfg.validate()
         self.cfg = cfg
         self.max_label = schema.max_label
-        self.inputs = PersonalCandidates(cfg, schema, item_cat, item_num)
+        self.inputs = PersonalCandidates(cfg, schema, item_cat, item_num, self.positional)
 
     def head(self, x: torch.Tensor, u: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -154,4 +175,10 @@ class DLCM(Baseline):
         return self.v(outputs * torch.tanh(self.state(s))).squeeze(-1)
 
 
-BASELINES: dict[str, type[Baseline]] = {"dnn": DNN, "prm": PRM, "dlcm": DLCM}
+class SetRank(PRM):
+    """PRM's encoder over the candidates as a set: no initial position anywhere (see the module doc)."""
+
+    positional = False
+
+
+BASELINES: dict[str, type[Baseline]] = {"dnn": DNN, "prm": PRM, "dlcm": DLCM, "setrank": SetRank}

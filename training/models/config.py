@@ -10,14 +10,14 @@ import math
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
-ARCHS = ("psad", "dnn", "prm", "dlcm")
+ARCHS = ("psad", "dnn", "prm", "dlcm", "setrank")
 STUDENT_LOSSES = ("listwise", "bce")
 DISTILL_LOSSES = ("listwise", "rd", "none")
 
 
 @dataclass
 class ModelConfig:
-    arch: str = "psad"  # "psad" or a baseline: "dnn", "prm", "dlcm"
+    arch: str = "psad"  # "psad" or a baseline: "dnn", "prm", "dlcm", "setrank"
     d_model: int = 32  # width of every item, user and candidate representation
     n_heads: int = 2  # attention heads (UPN read-outs, teacher encoder)
     teacher_layers: int = 2  # transformer blocks in the teacher's candidate-set encoder
