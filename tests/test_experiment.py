@@ -1,4 +1,4 @@
-"""`psad experiment` in miniature: two models x two seeds on the tiny synthetic data set."""
+"""`psad experiment` in miniature: the two fixed orders and one model x two seeds on the tiny synthetic data set."""
 
 from __future__ import annotations
 
@@ -8,10 +8,19 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import predate_per_model_checkpoints
+from tests.test_training import toml_text
 from training.config import TrainConfig
-from training.experiment import SPECS, ExperimentError, make_plan, parse_models, run_experiment
+from training.experiment import (
+    SPECS,
+    ExperimentError,
+    make_plan,
+    parse_models,
+    report_dirs,
+    run_experiment,
+)
 
-MODELS = ["initial", "dnn"]
+MODELS = ["initial", "history-first", "dnn"]
+FIXED = ("initial", "history-first")
 
 
 class Killed(RuntimeError):
@@ -93,9 +102,12 @@ def test_json_schema(experiment) -> None:
             stat = m["metrics"][metric]
             assert len(stat["values"]) == 2 and stat["std"] >= 0, (name, metric)
         assert "utility" in m["metrics"]  # synthetic data: expected utility under the simulator
-    assert saved["models"]["initial"]["latency_ms"] == 0 and saved["models"]["initial"]["decode_steps"] == 0
+    for name in FIXED:  # nothing trained: not timed, seed-independent
+        fixed = saved["models"][name]
+        assert fixed["latency_ms"] == 0 and fixed["decode_steps"] == 0 and fixed["run"] is None
+        assert fixed["metrics"]["ndcg@10"]["std"] == 0
+    assert saved["models"]["history-first"]["ranker"] == "history"
     assert saved["models"]["dnn"]["latency_ms"] > 0 and saved["models"]["dnn"]["decode_steps"] == 1
-    assert saved["models"]["initial"]["metrics"]["ndcg@10"]["std"] == 0  # nothing trained: seed-independent
     assert {t["target"] for t in saved["targets"]} and all(t["passed"] in (True, False, None) for t in saved["targets"])
 
 
@@ -107,22 +119,93 @@ def test_table_has_a_row_per_model_and_mean_std_cells(experiment) -> None:
     rows = [line for line in lines[start + 2 :] if line.startswith("|")][: len(MODELS)]
     assert [r.split("|")[1].strip() for r in rows] == MODELS
     columns = [c.strip() for c in header.strip("|").split("|")]
-    assert {"ndcg@10", "map@5", "clicks@10", "ms/list", "steps"} <= set(columns)
+    assert {"ndcg@10", "map@5", "clicks@10", "mrr", "ms/list", "steps"} <= set(columns)
     for row in rows:
         cells = [c.strip() for c in row.strip("|").split("|")]
         assert len(cells) == len(columns)
         assert "±" in cells[columns.index("ndcg@10")]
     assert (out / "quality_vs_latency.png").stat().st_size > 0
+    groups = lines[lines.index(next(line for line in lines if line.startswith("## By user-activity group"))) :]
+    assert {"dnn", *FIXED} <= {r.split("|")[1].strip() for r in groups if r.startswith("| ") and "model" not in r}
+
+
+def test_a_finished_run_evaluated_before_a_metric_existed_is_reevaluated_not_retrained(experiment, tiny_data) -> None:
+    out, _, _ = experiment
+    path = out / "runs" / "dnn" / "seed0" / "result.json"
+    result = json.loads(path.read_text())
+    for ranker in result["evaluation"]["overall"].values():
+        del ranker["mrr"]
+    path.write_text(json.dumps(result))
+    report = run_experiment(tiny_data, out, seeds=2, models=MODELS, base_config=tiny_config(), progress=False)
+    assert report["trained_this_session"] == [] and report["reevaluated_this_session"] == ["dnn/seed0"]
+    assert "mrr" in json.loads(path.read_text())["evaluation"]["overall"]["student"]
+    assert len(report["models"]["dnn"]["metrics"]["mrr"]["values"]) == 2
 
 
 def test_plan_shares_runs_and_resolves_nar() -> None:
     plan = make_plan(list(SPECS), max_list=20, base_distill="listwise")
     assert plan.spec_run["psad-g"] == plan.spec_run["psad-s"]
-    assert plan.spec_run["initial"] is None
+    assert plan.spec_run["initial"] is None and plan.spec_run["history-first"] is None
     assert plan.runs[plan.spec_run["nar"]]["block_size"] == 20
-    assert len(plan.runs) == 8  # dnn, prm, dlcm, B=1, B=L, B=4 (listwise, rd, none)
+    assert plan.runs[plan.spec_run["setrank"]] == {"arch": "setrank"}
+    assert len(plan.runs) == 9  # dnn, prm, dlcm, setrank, B=1, B=L, B=4 (listwise, rd, none)
 
 
 def test_unknown_model_is_rejected_with_the_choices() -> None:
     with pytest.raises(ExperimentError, match="psad-s"):
         parse_models("initial,psad-x")
+
+
+@pytest.fixture(scope="module")
+def other_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from training.data.synthetic import build_synthetic
+
+    out = tmp_path_factory.mktemp("data") / "other"
+    build_synthetic(out, lists=300, users=40, items=60, list_length=8, max_history=10, seed=1, progress=False)
+    return out
+
+
+def test_several_data_sets_get_one_report_each_and_resume_each(tiny_data: Path, other_data: Path, tmp_path: Path):
+    from typer.testing import CliRunner
+
+    from training.cli import app
+
+    (tmp_path / "c.toml").write_text(toml_text(tiny_config()))
+    out = tmp_path / "reports"
+    args = ["experiment", "--data", str(tiny_data), "--data", str(other_data), "--seeds", "1", "--out", str(out)]
+    args += ["--models", "initial,dnn", "--config", str(tmp_path / "c.toml")]
+    for session in range(2):
+        done = CliRunner().invoke(app, args)
+        assert done.exit_code == 0, done.output
+        for data, length in ((tiny_data, 10), (other_data, 8)):
+            report = json.loads((out / data.name / "results.json").read_text())
+            assert report["data_dir"] == str(data.resolve()) and report["list_length"] == length
+            assert report["trained_this_session"] == ([] if session else ["dnn/seed0"])
+            assert (out / data.name / "runs" / "dnn" / "seed0" / "result.json").is_file()
+            assert f"# Reranking experiment: {data.name}" in done.output
+    assert sorted(p.name for p in out.iterdir()) == sorted([tiny_data.name, other_data.name])
+
+
+def test_report_directories_and_data_sets_sharing_a_name(tmp_path: Path) -> None:
+    assert report_dirs([tmp_path / "a"], None) == [Path("reports") / "a"]
+    assert report_dirs([tmp_path / "a"], tmp_path / "r") == [tmp_path / "r"]  # one data set: --out as before
+    assert report_dirs([tmp_path / "a", tmp_path / "b"], tmp_path / "r") == [tmp_path / "r" / "a", tmp_path / "r" / "b"]
+    with pytest.raises(ExperimentError, match=r"--data: several data sets named \['a'\]"):
+        report_dirs([tmp_path / "a", tmp_path / "x" / "a"], None)
+
+
+def wall_targets(data_dir: Path, out: Path, **kwargs) -> list[dict]:
+    report = run_experiment(data_dir, out, seeds=1, models=list(FIXED), progress=False, **kwargs)
+    return [t for t in report["targets"] if t["target"].startswith("whole experiment")]
+
+
+def test_the_time_target_is_ml100ks_unless_a_budget_is_passed(tiny_data: Path, tmp_path: Path) -> None:
+    assert wall_targets(tiny_data, tmp_path / "tiny") == []  # no budget was set for this data set
+    (tmp_path / "ml100k").symlink_to(tiny_data, target_is_directory=True)  # budgets go by data set name
+    (ml100k,) = wall_targets(tmp_path / "ml100k", tmp_path / "ml")
+    assert ml100k["target"] == "whole experiment under 30 min (set for ml100k on 2 cores)" and ml100k["passed"]
+    (passed,) = wall_targets(tiny_data, tmp_path / "budget", time_budget_s=90)
+    assert passed["target"] == "whole experiment under 1.5 min (--time-budget-min)" and passed["passed"]
+    assert "1.5 min (--time-budget-min) | pass" in (tmp_path / "budget" / "results.md").read_text()
+    with pytest.raises(ExperimentError, match="--time-budget-min must be > 0"):
+        wall_targets(tiny_data, tmp_path / "zero", time_budget_s=0)

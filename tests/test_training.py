@@ -310,3 +310,27 @@ def test_train_command_reports_bad_inputs_and_applies_overrides(tiny_data: Path,
     saved = json.loads((out / "config.json").read_text())
     assert saved["train"]["epochs"] == 1 and saved["train"]["seed"] == 7
     assert saved["model"]["distill"] == "rd" and saved["model"]["block_size"] == 3
+
+
+def test_train_command_arch_overrides_the_config_and_an_unknown_arch_names_the_choices(
+    tiny_data: Path, tmp_path: Path
+) -> None:
+    from typer.testing import CliRunner
+
+    from training.commands import app
+    from training.models.config import ARCHS
+
+    runner = CliRunner()
+    done = runner.invoke(app, ["train", "--data", str(tiny_data), "--arch", "gru"])
+    message = " ".join(done.output.replace("│", " ").split())  # rich wraps the error box
+    assert done.exit_code == 2 and "--arch" in message and "'gru'" in message
+    assert all(f"'{arch}'" in message for arch in ARCHS)
+
+    (tmp_path / "c.toml").write_text(toml_text(TrainConfig.small_for_tests()))  # model.arch = "psad"
+    out = tmp_path / "run"
+    args = ["train", "--data", str(tiny_data), "--config", str(tmp_path / "c.toml"), "--out", str(out)]
+    done = runner.invoke(app, [*args, "--epochs", "1", "--arch", "dnn"])
+    assert done.exit_code == 0, done.output
+    assert json.loads((out / "config.json").read_text())["model"]["arch"] == "dnn"
+    model, _, _ = load_run(out)
+    assert type(model).__name__ == "DNN" and not (out / "teacher.safetensors").exists()

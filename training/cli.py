@@ -11,6 +11,7 @@ import typer
 from export.cli import bench_model_command, export_command
 from service.cli import bench_service_command, profiles_app, serve_command, up_command
 from training.commands import evaluate_command, train_command
+from training.compare import compare_command
 from training.data.cli import app as data_app
 from training.experiment import experiment_command
 
@@ -18,6 +19,7 @@ app = typer.Typer(help="PSAD list reranking: data, training, export, serving.", 
 app.add_typer(data_app, name="data")
 app.command("train")(train_command)
 app.command("evaluate")(evaluate_command)
+app.command("compare")(compare_command)
 app.command("experiment")(experiment_command)
 app.command("export")(export_command)
 app.command("serve")(serve_command)

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import typer
 
-DISTILL = ("listwise", "rd", "none")
+from training.models.config import ARCHS, DISTILL_LOSSES
+
 SPLITS = ("train", "val", "test")
 
 
@@ -24,7 +25,8 @@ def train_command(
     config: Path = typer.Option(Path("configs/psad.toml"), "--config", help="TOML config (docs/training.md)."),
     out: Path = typer.Option(Path("runs/psad"), "--out", help="Run directory (checkpoints, history, curves)."),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its last epoch."),
-    distill: str = typer.Option(None, "--distill", help=f"Override model.distill: one of {'|'.join(DISTILL)}."),
+    arch: str = typer.Option(None, "--arch", help=f"Override model.arch: one of {'|'.join(ARCHS)}."),
+    distill: str = typer.Option(None, "--distill", help=f"Override model.distill: one of {'|'.join(DISTILL_LOSSES)}."),
     block_size: int = typer.Option(None, "--block-size", min=1, help="Override model.block_size (B >= 1)."),
     epochs: int = typer.Option(None, "--epochs", min=1, help="Override train.epochs."),
     seed: int = typer.Option(None, "--seed", min=0, help="Override train.seed."),
@@ -37,15 +39,16 @@ def train_command(
     from training.schema import SchemaError
     from training.train import train
 
-    if distill is not None and distill not in DISTILL:
-        raise typer.BadParameter(f"must be one of {list(DISTILL)}, got {distill!r}", param_hint="--distill")
+    for flag, value, choices in (("--arch", arch, ARCHS), ("--distill", distill, DISTILL_LOSSES)):
+        if value is not None and value not in choices:
+            raise typer.BadParameter(f"must be one of {list(choices)}, got {value!r}", param_hint=flag)
     try:
         cfg = TrainConfig.load(config)
         overrides = {"epochs": epochs, "seed": seed, "device": device}
         for key, value in overrides.items():
             if value is not None:
                 setattr(cfg, key, value)
-        for key, value in {"distill": distill, "block_size": block_size}.items():
+        for key, value in {"arch": arch, "distill": distill, "block_size": block_size}.items():
             if value is not None:
                 setattr(cfg.model, key, value)
         cfg.validate()
