@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from tests.conftest import predate_per_model_checkpoints
@@ -18,6 +19,7 @@ from training.experiment import (
     report_dirs,
     run_experiment,
 )
+from training.metrics import paired_bootstrap
 
 MODELS = ["initial", "history-first", "dnn"]
 FIXED = ("initial", "history-first")
@@ -127,6 +129,21 @@ def test_table_has_a_row_per_model_and_mean_std_cells(experiment) -> None:
     assert (out / "quality_vs_latency.png").stat().st_size > 0
     groups = lines[lines.index(next(line for line in lines if line.startswith("## By user-activity group"))) :]
     assert {"dnn", *FIXED} <= {r.split("|")[1].strip() for r in groups if r.startswith("| ") and "model" not in r}
+
+
+def test_gains_over_the_initial_order_are_paired_over_the_seed_averaged_lists(experiment) -> None:
+    out, report, _ = experiment
+    runs = [json.loads((out / "runs" / "dnn" / f"seed{s}" / "result.json").read_text()) for s in (0, 1)]
+    dnn = np.mean([r["evaluation"]["per_list"]["student"]["ndcg@10"] for r in runs], axis=0)
+    initial = np.asarray(runs[0]["evaluation"]["per_list"]["initial"]["ndcg@10"])
+    gain = report["paired"]["dnn - initial"]["ndcg@10"]
+    assert gain["diff"] == pytest.approx(float((dnn - initial).mean()))
+    assert (gain["low"], gain["high"]) == pytest.approx(paired_bootstrap(dnn - initial))
+    assert set(report["paired"]) == {"history-first - initial", "dnn - initial"}  # no psad-s in this experiment
+    assert {"ndcg@10", "mrr", "utility"} <= set(gain) | set(report["paired"]["dnn - initial"])
+    text = (out / "results.md").read_text()
+    assert "## Gain over the initial order (paired 95% intervals)" in text
+    assert f"| dnn - initial | {gain['diff']:+.4f} [{gain['low']:+.4f}, {gain['high']:+.4f}]" in text
 
 
 def test_a_finished_run_evaluated_before_a_metric_existed_is_reevaluated_not_retrained(experiment, tiny_data) -> None:

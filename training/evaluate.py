@@ -127,8 +127,13 @@ def summarise(metrics: dict[str, dict[str, np.ndarray]], rows: np.ndarray | slic
     return {ranker: {name: float(values[rows].mean()) for name, values in m.items()} for ranker, m in metrics.items()}
 
 
-def evaluate_run(run_dir: Path, split: str = "test", data_dir: Path | None = None, device: str = "cpu") -> dict:
-    """Metrics of a run on one split, overall and per user-activity group (a JSON-able dict)."""
+def evaluate_run(
+    run_dir: Path, split: str = "test", data_dir: Path | None = None, device: str = "cpu", per_list: bool = False
+) -> dict:
+    """Metrics of a run on one split, overall and per user-activity group (a JSON-able dict).
+
+    per_list: also each list's COMPARED metrics per ranker (`per_list`), so that several runs can
+    be paired on the same lists later (psad experiment)."""
     run_dir = Path(run_dir)
     model, config, schema = load_run(run_dir)
     data_dir = Path(data_dir) if data_dir is not None else read_config(run_dir)[1]
@@ -156,7 +161,14 @@ def evaluate_run(run_dir: Path, split: str = "test", data_dir: Path | None = Non
         "groups": {g: summarise(metrics, groups == i) for i, g in enumerate(GROUPS) if (groups == i).any()},
         "vs_initial": versus_initial(metrics),
     }
+    if per_list:
+        result["per_list"] = compared_per_list(metrics)
     return result
+
+
+def compared_per_list(metrics: dict[str, dict[str, np.ndarray]]) -> dict[str, dict[str, list[float]]]:
+    """{ranker: {metric: [value per list]}} for the COMPARED metrics: what pairing needs, JSON-able."""
+    return {ranker: {n: m[n].tolist() for n in COMPARED if n in m} for ranker, m in metrics.items()}
 
 
 def versus_initial(metrics: dict[str, dict[str, np.ndarray]]) -> dict[str, dict[str, dict[str, float]]]:

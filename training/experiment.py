@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import typer
 
 NAR = -1  # block_size placeholder: the data set's list length (every slot in one step)
@@ -163,7 +164,7 @@ def train_and_evaluate(data_dir: Path, config: Any, run_dir: Path, progress: boo
     train(data_dir, config, run_dir, resume=(run_dir / "state.safetensors").is_file(), progress=progress)
     history = json.loads((run_dir / "history.json").read_text())
     result = {
-        "evaluation": evaluate_run(run_dir, "test", data_dir),
+        "evaluation": evaluate_run(run_dir, "test", data_dir, per_list=True),
         "epochs": len(history),
         "train_seconds": sum(h["seconds"] for h in history),
         "session_seconds": time.perf_counter() - started,
@@ -175,6 +176,11 @@ def evaluated_metrics(evaluation: dict) -> set[str]:
     return set(next(iter(evaluation["overall"].values())))
 
 
+def outdated(evaluation: dict, current: set[str]) -> bool:
+    """An evaluation from before a metric was added, or without the per-list values pairing needs."""
+    return evaluated_metrics(evaluation) != current or "per_list" not in evaluation
+
+
 def fixed_metrics(data_dir: Path, schema: Any, max_list: int) -> dict:
     """The fixed orders on test (seed-independent), overall and per activity group: one
     evaluation shaped like evaluate_run's, with a ranker per order of fixed_rankings."""
@@ -182,6 +188,7 @@ def fixed_metrics(data_dir: Path, schema: Any, max_list: int) -> dict:
         GROUPS,
         activity_groups,
         click_model,
+        compared_per_list,
         fixed_rankings,
         list_metrics,
         load_lists,
@@ -194,7 +201,29 @@ def fixed_metrics(data_dir: Path, schema: Any, max_list: int) -> dict:
     return {
         "overall": summarise(metrics, slice(None)),
         "groups": {g: summarise(metrics, groups == i) for i, g in enumerate(GROUPS) if (groups == i).any()},
+        "per_list": compared_per_list(metrics),
     }
+
+
+def paired_differences(per_list: dict[str, dict[str, np.ndarray]], pairs: list[tuple[str, str]]) -> dict:
+    """{"a - b": {metric: {diff, low, high}}}: mean(a - b) over the same test lists and its paired
+    bootstrap 95% interval. Each model's per-list values are its seeds' mean, so the interval is over
+    lists (the seeds' spread is the ± of the main table)."""
+    from training.metrics import paired_bootstrap
+
+    out: dict[str, dict[str, dict[str, float]]] = {}
+    for a, b in pairs:
+        for metric in (m for m in per_list[a] if m in per_list[b]):
+            diff = per_list[a][metric] - per_list[b][metric]
+            low, high = paired_bootstrap(diff)
+            out.setdefault(f"{a} - {b}", {})[metric] = {"diff": float(diff.mean()), "low": low, "high": high}
+    return out
+
+
+def seed_means(evaluations: list[dict], ranker: str) -> dict[str, np.ndarray]:
+    """Per COMPARED metric, each test list's value averaged over the seeds' evaluations."""
+    names = evaluations[0]["per_list"][ranker]
+    return {n: np.mean([np.asarray(e["per_list"][ranker][n]) for e in evaluations], axis=0) for n in names}
 
 
 def measure_latency(run_dir: Path, ranker: str, data_dir: Path, length: int, history: int) -> tuple[float, int]:
@@ -318,8 +347,9 @@ def execute(setup: Setup, progress: bool = True, on_run_done: Callable[[str, int
         run_dir = setup.run_dir(run, seed)
         if (run_dir / "result.json").is_file():
             result = json.loads((run_dir / "result.json").read_text())
-            if evaluated_metrics(result["evaluation"]) != current:  # evaluated before a metric was added
-                result = save_result(run_dir, {**result, "evaluation": evaluate_run(run_dir, "test", setup.data_dir)})
+            if outdated(result["evaluation"], current):
+                evaluation = evaluate_run(run_dir, "test", setup.data_dir, per_list=True)
+                result = save_result(run_dir, {**result, "evaluation": evaluation})
                 reevaluated.append(f"{run}/seed{seed}")
             results[run, seed] = result
             continue
@@ -330,6 +360,7 @@ def execute(setup: Setup, progress: bool = True, on_run_done: Callable[[str, int
     bar.close()
 
     summary: dict[str, Any] = {}
+    per_list: dict[str, dict[str, np.ndarray]] = {}
     for name in tqdm(setup.models, desc="latency", disable=not progress):
         spec, run = SPECS[name], setup.plan.spec_run[name]
         if run is None:
@@ -341,6 +372,10 @@ def execute(setup: Setup, progress: bool = True, on_run_done: Callable[[str, int
                 setup.run_dir(run, 0), spec.ranker, setup.data_dir, setup.length, setup.schema.max_history
             )
         summary[name] = aggregate(spec, run, evaluations, latency, steps)
+        per_list[name] = seed_means(evaluations, spec.ranker)
+    others = [m for m in setup.models if m != "initial"]
+    pairs = [(m, "initial") for m in others if "initial" in per_list]
+    pairs += [("psad-s", m) for m in setup.models if m != "psad-s" and "psad-s" in per_list]
     wall = time.perf_counter() - started
     report = {
         "dataset": setup.data_dir.name,
@@ -357,6 +392,7 @@ def execute(setup: Setup, progress: bool = True, on_run_done: Callable[[str, int
         "wall_seconds": wall,
         "train_seconds_total": sum(r["train_seconds"] for r in results.values()),
         "models": summary,
+        "paired": paired_differences(per_list, pairs),
     }
     report["targets"] = targets(summary, wall, resumed=len(trained) < len(setup.jobs), budget=setup.budget)
     write_reports(report, setup.out)
@@ -520,6 +556,7 @@ def markdown(report: dict) -> str:
     for name, m in models.items():
         cells = " | ".join(cell(m["metrics"][k]) for k in metrics)
         lines.append(f"| {name} | {m['ranker']} | {cells} | {m['latency_ms']:.2f} | {m['decode_steps']} |")
+    lines += paired_markdown(report)
     lines += ["", "## Targets", "", "| target | result | detail |", "|---|---|---|"]
     for t in report["targets"]:
         result = {True: "pass", False: "MISS", None: "n/a"}[t["passed"]]
@@ -553,6 +590,37 @@ def markdown(report: dict) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def paired_markdown(report: dict) -> list[str]:
+    """The gains over the initial order, then PSAD-S against every other model, with paired intervals."""
+    paired = report.get("paired", {})
+    metrics = list(dict.fromkeys(m for diffs in paired.values() for m in diffs))
+
+    def table(title: str, keys: list[str]) -> list[str]:
+        lines = ["", title, "", "| difference | " + " | ".join(metrics) + " |", "|---|" + "---|" * len(metrics)]
+        for key in keys:
+            cells = [paired[key].get(m) for m in metrics]
+            lines.append(
+                f"| {key} | "
+                + " | ".join(f"{c['diff']:+.4f} [{c['low']:+.4f}, {c['high']:+.4f}]" if c else "" for c in cells)
+                + " |"
+            )
+        return lines
+
+    note = (
+        "Mean difference over the same test lists of each model's seed-averaged per-list metric, and its paired "
+        "bootstrap 95% interval over lists (training.metrics.paired_bootstrap): a difference is real only when its "
+        "interval excludes 0."
+    )
+    lines = []
+    vs_initial = [k for k in paired if k.endswith(" - initial")]
+    vs_psad = [k for k in paired if k.startswith("psad-s - ")]
+    if vs_initial:
+        lines += table("## Gain over the initial order (paired 95% intervals)", vs_initial)
+    if vs_psad:
+        lines += table("## PSAD-S against every other model (paired 95% intervals)", vs_psad)
+    return ["", note, *lines] if lines else []
 
 
 def plot(report: dict, path: Path) -> None:
