@@ -143,6 +143,9 @@ def test_gains_over_the_initial_order_are_paired_over_the_seed_averaged_lists(ex
     assert {"ndcg@10", "mrr", "utility"} <= set(gain) | set(report["paired"]["dnn - initial"])
     text = (out / "results.md").read_text()
     assert "## Gain over the initial order (paired 95% intervals)" in text
+    refs = report["simulator_references"]  # tiny_data is simulated: the truth-knowing orders are reported
+    assert refs["greedy oracle"] >= refs["attraction sort"] > report["models"]["initial"]["metrics"]["utility"]["mean"]
+    assert "| initial | " in text.split("## Against the simulator's references")[1]
     assert f"| dnn - initial | {gain['diff']:+.4f} [{gain['low']:+.4f}, {gain['high']:+.4f}]" in text
 
 

@@ -84,8 +84,9 @@ def pad(inputs: dict[str, torch.Tensor], extra_list: int, extra_history: int) ->
     return out
 
 
-def test_padding_never_changes_a_score():
-    model = make_model().eval()
+@pytest.mark.parametrize("history_match", [False, True])
+def test_padding_never_changes_a_score(history_match: bool):
+    model = make_model(history_match=history_match).eval()
     inputs = make_inputs([5, 3], [4, 0])
     with torch.no_grad():
         base = model.rank_scores(inputs)
@@ -251,6 +252,27 @@ def test_ablation_without_upn_trains_and_scores():
     assert not hasattr(model.upn, "cand_read")
 
 
+def test_history_match_counts_each_action_on_the_candidates_own_item_and_its_recency():
+    """Candidates 5, 7, 9 and a padded slot against a hand-made history (actions: 2 click, 3 buy)."""
+    match = make_model(history_match=True).upn.match
+    hist_items = torch.tensor([[7, 5, 7, 1, 9]])  # 1 = OOV: an unknown item is nobody's repeat
+    hist_actions = torch.tensor([[2, 3, 3, 2, 2]])
+    hist_age = torch.tensor([[3.0, 1.0, 0.5, 0.1, 0.2]])
+    hist_mask = torch.tensor([[True, True, True, True, False]])  # 9's behaviour is padding
+    cand_items = torch.tensor([[5, 7, 9, 1, 0]])
+    got = match.features(cand_items, hist_items, hist_actions, hist_age, hist_mask)[0]
+    expected = torch.zeros(5, SCHEMA.n_actions + 1)
+    expected[0, 3], expected[0, -1] = np.log1p(1), 1 / (1 + 1.0)  # 5: bought once, a day ago
+    expected[1, 2], expected[1, 3], expected[1, -1] = np.log1p(1), np.log1p(1), 1 / (1 + 0.5)  # 7: the later one
+    torch.testing.assert_close(got[:, :-1], expected[:, :-1])
+    torch.testing.assert_close(got[:, -1], expected[:, -1], atol=1e-8, rtol=1e-6)
+    empty = match.features(cand_items, *(t[:, :0] for t in (hist_items, hist_actions, hist_age, hist_mask)))
+    assert (
+        empty.shape == (1, 5, SCHEMA.n_actions + 1) and (empty[..., :-1] == 0).all() and (empty[..., -1] < 1e-8).all()
+    )
+    assert make_model().upn.match is None and make_model(use_upn=False, history_match=True).upn.match is None
+
+
 def test_item_tables_are_persistent_buffers():
     state = make_model().state_dict()
     assert state["upn.items.item_cat"].shape == (N_ITEMS, 1)
@@ -265,10 +287,11 @@ def test_item_table_shape_is_checked():
         PSAD(ModelConfig(**TINY), SCHEMA, torch.full((N_ITEMS, 1), 6), torch.zeros(N_ITEMS, 1))
 
 
-def test_onnx_export_matches_pytorch(tmp_path):
+@pytest.mark.parametrize("history_match", [False, True])
+def test_onnx_export_matches_pytorch(tmp_path, history_match: bool):
     """The serving module exports with dynamic batch/list/history axes and ONNX Runtime agrees
     with PyTorch at other shapes, including a single candidate and an empty history."""
-    model = make_model().eval()
+    model = make_model(history_match=history_match).eval()
     scorer = model.serving_module().eval()
     example = make_inputs([7, 5], [5, 3])
     path = tmp_path / "student.onnx"

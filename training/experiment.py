@@ -205,6 +205,22 @@ def fixed_metrics(data_dir: Path, schema: Any, max_list: int) -> dict:
     }
 
 
+def simulator_references(data_dir: Path, schema: Any, max_list: int) -> dict[str, float] | None:
+    """Expected clicks on test of two orders that know the simulator's truth, or None for real data:
+    the attraction sort (every item's true appeal, no list context) and the greedy oracle (with the
+    item-to-item effects). What lies between them is what only list context can earn."""
+    from training.evaluate import click_model, load_lists
+    from training.metrics import ranking_from_scores
+
+    model = click_model(data_dir)
+    if model is None:
+        return None
+    data = load_lists(data_dir, "test", schema, max_list)
+    attraction = ranking_from_scores(data.extras["attraction"], data.inputs["cand_mask"])
+    orders = {"attraction sort": attraction, "greedy oracle": model.greedy_permutation(data)}
+    return {name: float(np.mean(model.expected_utility(data, perm))) for name, perm in orders.items()}
+
+
 def paired_differences(per_list: dict[str, dict[str, np.ndarray]], pairs: list[tuple[str, str]]) -> dict:
     """{"a - b": {metric: {diff, low, high}}}: mean(a - b) over the same test lists and its paired
     bootstrap 95% interval. Each model's per-list values are its seeds' mean, so the interval is over
@@ -393,6 +409,7 @@ def execute(setup: Setup, progress: bool = True, on_run_done: Callable[[str, int
         "train_seconds_total": sum(r["train_seconds"] for r in results.values()),
         "models": summary,
         "paired": paired_differences(per_list, pairs),
+        "simulator_references": simulator_references(setup.data_dir, setup.schema, setup.base.max_list),
     }
     report["targets"] = targets(summary, wall, resumed=len(trained) < len(setup.jobs), budget=setup.budget)
     write_reports(report, setup.out)
@@ -556,6 +573,7 @@ def markdown(report: dict) -> str:
     for name, m in models.items():
         cells = " | ".join(cell(m["metrics"][k]) for k in metrics)
         lines.append(f"| {name} | {m['ranker']} | {cells} | {m['latency_ms']:.2f} | {m['decode_steps']} |")
+    lines += references_markdown(report)
     lines += paired_markdown(report)
     lines += ["", "## Targets", "", "| target | result | detail |", "|---|---|---|"]
     for t in report["targets"]:
@@ -590,6 +608,29 @@ def markdown(report: dict) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def references_markdown(report: dict) -> list[str]:
+    """Simulated data: each model's expected clicks as a share of the gap from the attraction sort to
+    the greedy oracle (0 = no list context used, 1 = the oracle's)."""
+    refs = report.get("simulator_references")
+    if not refs:
+        return []
+    low, high = refs["attraction sort"], refs["greedy oracle"]
+    lines = [
+        "",
+        "## Against the simulator's references",
+        "",
+        f"Orders that know the truth, expected clicks on test: attraction sort {low:.4f}, greedy oracle {high:.4f}. "
+        "Share of the gap = (model - attraction sort) / (greedy oracle - attraction sort).",
+        "",
+        "| model | expected clicks | share of the gap |",
+        "|---|---|---|",
+    ]
+    for name, m in report["models"].items():
+        utility = m["metrics"]["utility"]["mean"]
+        lines.append(f"| {name} | {utility:.4f} | {(utility - low) / (high - low):+.1%} |")
+    return lines
 
 
 def paired_markdown(report: dict) -> list[str]:

@@ -35,6 +35,7 @@ class ModelConfig:
     rd_mu: float = 0.1  # RD: slope of the dynamic weight
     rd_warmup_steps: int = 200  # RD: optimiser steps before the dynamic weight switches on
     use_upn: bool = True  # False = ablation: user features only, no history, gates or personalised positions
+    history_match: bool = False  # UPN also tests each candidate against the history by item identity (upn.py)
     position_encoding: bool = True  # encode each candidate's initial position (the ranking stage's order)
     time_decay_init: float = 0.5  # initial decay per log1p(age in days) of the history attention
 

@@ -4,13 +4,18 @@
   read-out      r_i = time-aware attention of candidate i over the history
   gate          g = 2 sigmoid(W_g u)                   (personalised gate, starts at 1)
   position      p_i = P[i] * 2 sigmoid(W_p u)           (user-conditioned initial-position code)
-  candidate     x_i = LN(c_i * g + r_i + p_i)
+  repeats       m_i = W_m [log1p(n_ia) per action a, 1 / (1 + days since the last)]   (history_match)
+  candidate     x_i = LN(c_i * g + r_i + m_i + p_i)
 
 Time-aware attention subtracts softplus(w_h) * log1p(age in days) from each head's logits: a
 learned decay of old behaviours (interest dynamics). Both read-outs share one key/value
 projection of the history (one memory, two readers with their own queries and decays). A
 learned "no history" memory slot is always visible, so an empty or zero-length history reads
 out that slot instead of NaN.
+
+The repeat features m_i test item identity: n_ia counts the behaviours of action a on candidate i's
+own item. Attention finds a repeat only where training taught an item's key to match its own
+query, which an item first seen after training never learns; an equality test needs no learning.
 """
 
 from __future__ import annotations
@@ -24,7 +29,9 @@ from torch import nn
 
 from training.models.config import ModelConfig
 from training.models.embeddings import MASKED_LOGIT, ItemEmbedding, UserEmbedding
-from training.schema import FeatureSchema
+from training.schema import OOV, FeatureSchema
+
+NEVER = 1e9  # days since the last behaviour on an item the history does not hold
 
 
 class Memory(NamedTuple):
@@ -60,6 +67,30 @@ class TimeAwareAttention(nn.Module):
         return self.out((weights @ memory.values).transpose(1, 2).flatten(-2))
 
 
+class HistoryMatch(nn.Module):
+    """Per candidate: how often, by action, and how recently the user acted on this very item."""
+
+    def __init__(self, cfg: ModelConfig, schema: FeatureSchema):
+        super().__init__()
+        self.n_actions = schema.n_actions
+        self.proj = nn.Linear(schema.n_actions + 1, cfg.d_model)
+
+    def forward(self, cand_items, hist_items, hist_actions, hist_age, hist_mask) -> torch.Tensor:
+        return self.proj(self.features(cand_items, hist_items, hist_actions, hist_age, hist_mask))
+
+    def features(self, cand_items, hist_items, hist_actions, hist_age, hist_mask) -> torch.Tensor:
+        """[B,L] candidates against the [B,H] history -> [B,L,A+1]; OOV and padded behaviours match nothing."""
+        known = hist_mask & (hist_items > OOV)
+        same = (cand_items[:, :, None] == hist_items[:, None, :]) & known[:, None, :]  # [B,L,H]
+        actions = torch.arange(self.n_actions, device=hist_actions.device)
+        by_action = (hist_actions[..., None] == actions).to(hist_age.dtype)  # [B,H,A]
+        counts = same.to(hist_age.dtype) @ by_action  # [B,L,A]
+        ages = torch.where(same, hist_age[:, None, :], NEVER)
+        last = F.pad(ages, (0, 1), value=NEVER).amin(dim=-1)  # the extra slot keeps an empty history defined
+        recency = 1.0 / (1.0 + last.clamp(min=0.0))
+        return torch.cat([torch.log1p(counts), recency[..., None]], dim=-1)
+
+
 class UPN(nn.Module):
     """(the 9 model inputs) -> candidate reps x [B,L,d] and user vector u [B,d]."""
 
@@ -83,6 +114,7 @@ class UPN(nn.Module):
             for layer in (self.gate, self.position_gate):  # gates start at 2 sigmoid(0) = 1: identity
                 nn.init.zeros_(layer.weight)
                 nn.init.zeros_(layer.bias)
+        self.match = HistoryMatch(cfg, schema) if cfg.use_upn and cfg.history_match else None
         self.norm = nn.LayerNorm(d)
 
     def forward(
@@ -106,6 +138,8 @@ class UPN(nn.Module):
             memory = self._memory(hist_items, hist_actions, hist_age, hist_mask, item_table)
             u = self.user_norm(u + self.user_read(u[:, None], memory)[:, 0])
             x = x * (2 * torch.sigmoid(self.gate(u)))[:, None] + self.cand_read(x, memory)
+            if self.match is not None:
+                x = x + self.match(cand_items, hist_items, hist_actions, hist_age, hist_mask)
             position_scale = (2 * torch.sigmoid(self.position_gate(u)))[:, None]
         if self.positions is not None:
             index = torch.arange(cand_items.shape[1], device=cand_items.device).clamp(max=self.max_list - 1)
