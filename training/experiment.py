@@ -637,31 +637,29 @@ def paired_markdown(report: dict) -> list[str]:
     """The gains over the initial order, then PSAD-S against every other model, with paired intervals."""
     paired = report.get("paired", {})
     metrics = list(dict.fromkeys(m for diffs in paired.values() for m in diffs))
-
-    def table(title: str, keys: list[str]) -> list[str]:
-        lines = ["", title, "", "| difference | " + " | ".join(metrics) + " |", "|---|" + "---|" * len(metrics)]
-        for key in keys:
-            cells = [paired[key].get(m) for m in metrics]
-            lines.append(
-                f"| {key} | "
-                + " | ".join(f"{c['diff']:+.4f} [{c['low']:+.4f}, {c['high']:+.4f}]" if c else "" for c in cells)
-                + " |"
-            )
-        return lines
-
     note = (
         "Mean difference over the same test lists of each model's seed-averaged per-list metric, and its paired "
         "bootstrap 95% interval over lists (training.metrics.paired_bootstrap): a difference is real only when its "
         "interval excludes 0."
     )
-    lines = []
-    vs_initial = [k for k in paired if k.endswith(" - initial")]
-    vs_psad = [k for k in paired if k.startswith("psad-s - ")]
-    if vs_initial:
-        lines += table("## Gain over the initial order (paired 95% intervals)", vs_initial)
-    if vs_psad:
-        lines += table("## PSAD-S against every other model (paired 95% intervals)", vs_psad)
-    return ["", note, *lines] if lines else []
+    sections = (
+        ("## Gain over the initial order (paired 95% intervals)", [k for k in paired if k.endswith(" - initial")]),
+        (
+            "## PSAD-S against every other model (paired 95% intervals)",
+            [k for k in paired if k.startswith("psad-s - ")],
+        ),
+    )
+    lines: list[str] = []
+    for title, keys in sections:
+        if not keys:
+            continue
+        lines += ["", title, "", *([note, ""] if not lines else []), "| difference | " + " | ".join(metrics) + " |"]
+        lines.append("|---|" + "---|" * len(metrics))
+        for key in keys:
+            cells = [paired[key].get(m) for m in metrics]
+            text = [f"{c['diff']:+.4f} [{c['low']:+.4f}, {c['high']:+.4f}]" if c else "" for c in cells]
+            lines.append(f"| {key} | " + " | ".join(text) + " |")
+    return lines
 
 
 def plot(report: dict, path: Path) -> None:
