@@ -286,6 +286,20 @@ def test_a_malformed_row_names_file_row_and_column(tmp_path: Path, monkeypatch: 
     assert not (tmp_path / "data").exists()  # nothing half-written
 
 
+def test_a_parquet_log_with_numeric_hotel_ids_builds_the_same_lists(tmp_path: Path) -> None:
+    log = session_log(users=8, seed=5)
+    log = log[log["reference"].str.isnumeric()].reset_index(drop=True)  # item rows only: references are ids
+    build_trivago(write(log, tmp_path / "text.parquet"), tmp_path / "text", max_history=4, progress=False)
+    numeric = log.assign(reference=log["reference"].astype("int64"))
+    build_trivago(write(numeric, tmp_path / "int.parquet"), tmp_path / "int", max_history=4, progress=False)
+    for split in SPLITS:
+        a, b = (read_parquet(tmp_path / d / f"{split}.parquet") for d in ("text", "int"))
+        assert all(np.array_equal(x, y) for col in a.columns for x, y in zip(a[col], b[col], strict=True))
+    fractional = log.assign(reference=log["reference"].astype(float) + 0.5)
+    with pytest.raises(DataError, match=r"column 'reference': \d+\.5 is not a whole id"):
+        build_trivago(write(fractional, tmp_path / "f.parquet"), tmp_path / "f", max_history=4, progress=False)
+
+
 def test_missing_columns_and_wrong_suffix_are_refused(tmp_path: Path) -> None:
     with pytest.raises(DataError, match=r"missing column\(s\) \['prices'\]"):
         build_trivago(write(session_log().drop(columns="prices"), tmp_path / "a.csv"), tmp_path / "d", max_history=4)

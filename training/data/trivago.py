@@ -154,6 +154,8 @@ def _check_columns(source: Path, names: list[str]) -> None:
 
 def _validate(df: pd.DataFrame, source: Path) -> pa.Table:
     """Checks one batch in place and returns its clickouts, impressions and prices parsed."""
+    for col in ("reference", "impressions", "prices", *CONTEXT):
+        _as_text(df, col, source)
     check_ids(df, source, ("user_id", "session_id", "action_type"))
     check_timestamps(df, source)
     check_numeric(df, source, "step", integer=True, minimum=0)
@@ -197,6 +199,17 @@ def _validate(df: pd.DataFrame, source: Path) -> pa.Table:
     )
 
 
+def _as_text(df: pd.DataFrame, col: str, source: Path) -> None:
+    """`col` as nullable strings in place: a Parquet file may store hotel ids as integers (or floats)."""
+    values = df[col]
+    if pd.api.types.is_float_dtype(values):
+        whole = values.isna() | (values == np.floor(values))
+        if not whole.all():
+            fail_rows(source, col, ~whole, f"{values[~whole].iloc[0]:.15g} is not a whole id")
+        values = values.astype("Int64")
+    df[col] = values.astype("string")
+
+
 class _Stage:
     """One typed work file, appended batch by batch."""
 
@@ -214,19 +227,39 @@ def _validate_and_stage(source: Path, work: Path, progress: bool) -> dict[str, i
     stages = {
         "behaviours": _Stage(
             work / "behaviours.parquet",
-            pa.schema([("user_id", pa.string()), ("item_id", pa.string()), ("timestamp", pa.int64()),
-                       ("action", pa.string()), ("row", pa.int64())]),
+            pa.schema(
+                [
+                    ("user_id", pa.string()),
+                    ("item_id", pa.string()),
+                    ("timestamp", pa.int64()),
+                    ("action", pa.string()),
+                    ("row", pa.int64()),
+                ]
+            ),
         ),  # fmt: skip
         "clickouts": _Stage(
             work / "clickouts.parquet",
-            pa.schema([("row", pa.int64()), ("user_id", pa.string()), ("timestamp", pa.int64()),
-                       ("reference", pa.string()), ("impressions", pa.list_(pa.string())),
-                       ("prices", pa.list_(pa.float64()))]),
+            pa.schema(
+                [
+                    ("row", pa.int64()),
+                    ("user_id", pa.string()),
+                    ("timestamp", pa.int64()),
+                    ("reference", pa.string()),
+                    ("impressions", pa.list_(pa.string())),
+                    ("prices", pa.list_(pa.float64())),
+                ]
+            ),
         ),  # fmt: skip
         "contexts": _Stage(
             work / "contexts.parquet",
-            pa.schema([("user_id", pa.string()), ("timestamp", pa.int64()), ("row", pa.int64()),
-                       *((c, pa.string()) for c in CONTEXT)]),
+            pa.schema(
+                [
+                    ("user_id", pa.string()),
+                    ("timestamp", pa.int64()),
+                    ("row", pa.int64()),
+                    *((c, pa.string()) for c in CONTEXT),
+                ]
+            ),
         ),  # fmt: skip
     }
     counts = {"rows": 0, "unknown_reference": 0}
@@ -266,9 +299,7 @@ def _validate_and_stage(source: Path, work: Path, progress: bool) -> dict[str, i
 # --- pass 2: select and encode in DuckDB ------------------------------------------------------
 
 
-def _build(
-    con, source: Path, work: Path, out: Path, max_history: int, counts: dict[str, int], progress: bool
-) -> dict:
+def _build(con, source: Path, work: Path, out: Path, max_history: int, counts: dict[str, int], progress: bool) -> dict:
     clickouts, behaviours, contexts = (f"'{work / name}.parquet'" for name in ("clickouts", "behaviours", "contexts"))
     con.execute(
         f"""CREATE VIEW candidates AS SELECT *, len(impressions) AS length,
@@ -308,7 +339,8 @@ def _build(
     cold = con.execute(
         """WITH shown AS (SELECT DISTINCT unnest(impressions) AS item_id FROM kept WHERE split = 0)
            SELECT split, avg(CASE WHEN s.item_id IS NULL THEN 1 ELSE 0 END) FROM
-               (SELECT split, unnest(impressions) AS item_id FROM kept WHERE split > 0) LEFT JOIN shown s USING (item_id)
+               (SELECT split, unnest(impressions) AS item_id FROM kept WHERE split > 0)
+               LEFT JOIN shown s USING (item_id)
            GROUP BY split ORDER BY split"""
     ).fetchall()
     vocab = Vocab(item_ids)
