@@ -267,6 +267,14 @@ def corrupt(df: pd.DataFrame, kind: str) -> tuple[pd.DataFrame, int, str]:
     if kind == "no_impressions":
         df.loc[i, ["impressions", "prices"]] = None
         return df, i + 1, "impressions"
+    if kind == "repeated_hotel":
+        hotels = df.loc[i, "impressions"].split("|")
+        df.loc[i, "impressions"] = "|".join([*hotels[:-1], hotels[0]])
+        return df, i + 1, "impressions"
+    if kind == "blank_reference":
+        j = int(np.flatnonzero(df["action_type"] == "interaction item image")[-1])
+        df.loc[j, "reference"] = "   "
+        return df, j + 1, "reference"
     if kind == "action":
         df.loc[3, "action_type"] = "teleport"
         return df, 4, "action_type"
@@ -275,7 +283,9 @@ def corrupt(df: pd.DataFrame, kind: str) -> tuple[pd.DataFrame, int, str]:
     return df, 6, "timestamp"
 
 
-@pytest.mark.parametrize("kind", ["price_count", "price_text", "no_impressions", "action", "timestamp"])
+@pytest.mark.parametrize(
+    "kind", ["price_count", "price_text", "no_impressions", "repeated_hotel", "blank_reference", "action", "timestamp"]
+)
 def test_a_malformed_row_names_file_row_and_column(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, kind: str) -> None:
     monkeypatch.setattr(trivago, "BATCH_ROWS", 16)  # the bad row sits in a later batch: rows count from the file
     log, row, column = corrupt(session_log(), kind)
@@ -298,6 +308,24 @@ def test_a_parquet_log_with_numeric_hotel_ids_builds_the_same_lists(tmp_path: Pa
     fractional = log.assign(reference=log["reference"].astype(float) + 0.5)
     with pytest.raises(DataError, match=r"column 'reference': \d+\.5 is not a whole id"):
         build_trivago(write(fractional, tmp_path / "f.parquet"), tmp_path / "f", max_history=4, progress=False)
+
+
+def test_histories_stay_per_user_at_any_timestamp(tmp_path: Path) -> None:
+    """Timestamps far beyond 2^32 s (still valid unix seconds) must not mix users' behaviours."""
+    log = session_log(users=8, seed=2)
+    late = log.assign(timestamp=log["timestamp"] + 4_000_000_000)
+    for name, source in (("now", log), ("late", late)):
+        build_trivago(write(source, tmp_path / f"{name}.parquet"), tmp_path / name, max_history=4, progress=False)
+    for split in SPLITS:
+        a, b = (read_parquet(tmp_path / d / f"{split}.parquet") for d in ("now", "late"))
+        assert all(np.array_equal(x, y) for x, y in zip(a["hist_items"], b["hist_items"], strict=True))
+
+
+def test_list_typed_impressions_are_refused_as_not_text(tmp_path: Path) -> None:
+    log = session_log(users=4)
+    log["impressions"] = log["impressions"].map(lambda v: v.split("|") if isinstance(v, str) else None)
+    with pytest.raises(DataError, match=r"column 'impressions': .* is not text"):
+        build_trivago(write(log, tmp_path / "l.parquet"), tmp_path / "d", max_history=4, progress=False)
 
 
 def test_missing_columns_and_wrong_suffix_are_refused(tmp_path: Path) -> None:

@@ -391,7 +391,7 @@ def execute(setup: Setup, progress: bool = True, on_run_done: Callable[[str, int
         per_list[name] = seed_means(evaluations, spec.ranker)
     others = [m for m in setup.models if m != "initial"]
     pairs = [(m, "initial") for m in others if "initial" in per_list]
-    pairs += [("psad-s", m) for m in setup.models if m != "psad-s" and "psad-s" in per_list]
+    pairs += [("psad-s", m) for m in setup.models if m not in ("psad-s", "initial") and "psad-s" in per_list]
     wall = time.perf_counter() - started
     report = {
         "dataset": setup.data_dir.name,
@@ -645,8 +645,8 @@ def paired_markdown(report: dict) -> list[str]:
     sections = (
         ("## Gain over the initial order (paired 95% intervals)", [k for k in paired if k.endswith(" - initial")]),
         (
-            "## PSAD-S against every other model (paired 95% intervals)",
-            [k for k in paired if k.startswith("psad-s - ")],
+            "## PSAD-S against every other model (paired 95% intervals; against the initial order: above)",
+            [k for k in paired if k.startswith("psad-s - ") and k != "psad-s - initial"],
         ),
     )
     lines: list[str] = []

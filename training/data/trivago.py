@@ -98,7 +98,7 @@ def build_trivago(
             con.execute(f"SET memory_limit = '{memory_limit}'")
         except duckdb.Error as exc:
             raise DataError(f"--memory-limit {memory_limit!r}: {exc}; give a size such as 1GB or 512MB") from None
-        con.execute(f"SET temp_directory = '{work / 'spill'}'")
+        con.execute(f"SET temp_directory = {_quoted(work / 'spill')}")
         counts = _validate_and_stage(source, work, progress)
         stats = _build(con, source, work, staging, max_history, counts, progress)
         con.close()
@@ -165,7 +165,8 @@ def _validate(df: pd.DataFrame, source: Path) -> pa.Table:
         value = df.loc[unknown, "action_type"].iloc[0]
         fail_rows(source, "action_type", unknown, f"{value!r} is not an action of the log; expected one of {known}")
     items = df["action_type"].isin(ITEM_ACTIONS)
-    fail_rows(source, "reference", items & df["reference"].isna(), "empty; an item action names its hotel")
+    empty = df["reference"].isna() | (df["reference"].str.strip() == "")
+    fail_rows(source, "reference", items & empty, "empty; an item action names its hotel")
     clicks = df[df["action_type"] == CLICKOUT]
     rows = clicks.index.to_numpy(dtype=np.int64)
     for col in ("impressions", "prices"):
@@ -182,6 +183,10 @@ def _validate(df: pd.DataFrame, source: Path) -> pa.Table:
     flat = pc.list_flatten(hotels).to_numpy(zero_copy_only=False)
     parent = pc.list_parent_indices(hotels).to_numpy()
     fail_rows(source, "impressions", pd.Series(flat == "", index=rows[parent]), "an empty hotel id between '|'")
+    repeated = pd.DataFrame({"list": parent, "hotel": flat}).duplicated().to_numpy()
+    if repeated.any():
+        hotel = flat[repeated][0]
+        fail_rows(source, "impressions", pd.Series(repeated, index=rows[parent]), f"hotel {hotel} is shown twice")
     tokens = pc.list_flatten(prices).to_numpy(zero_copy_only=False)
     values = pd.to_numeric(pd.Series(tokens), errors="coerce").to_numpy(dtype=np.float64)
     bad = ~np.isfinite(values) | (values < 0)
@@ -200,14 +205,19 @@ def _validate(df: pd.DataFrame, source: Path) -> pa.Table:
 
 
 def _as_text(df: pd.DataFrame, col: str, source: Path) -> None:
-    """`col` as nullable strings in place: a Parquet file may store hotel ids as integers (or floats)."""
+    """`col` as stripped nullable strings in place; a Parquet `reference` may hold hotel ids as numbers."""
     values = df[col]
-    if pd.api.types.is_float_dtype(values):
+    if col == "reference" and pd.api.types.is_float_dtype(values):
         whole = values.isna() | (values == np.floor(values))
         if not whole.all():
             fail_rows(source, col, ~whole, f"{values[~whole].iloc[0]:.15g} is not a whole id")
         values = values.astype("Int64")
-    df[col] = values.astype("string")
+    elif col != "reference" and (values.dtype == object or not pd.api.types.is_string_dtype(values.dtype)):
+        text = values.map(lambda v: v is None or isinstance(v, str) or (isinstance(v, float) and v != v))
+        if not text.all():
+            problem = f"{values[~text].iloc[0]!r} is not text; the log's {col} are '|'-separated strings"
+            fail_rows(source, col, ~text, problem)
+    df[col] = values.astype("string").str.strip()
 
 
 class _Stage:
@@ -300,7 +310,9 @@ def _validate_and_stage(source: Path, work: Path, progress: bool) -> dict[str, i
 
 
 def _build(con, source: Path, work: Path, out: Path, max_history: int, counts: dict[str, int], progress: bool) -> dict:
-    clickouts, behaviours, contexts = (f"'{work / name}.parquet'" for name in ("clickouts", "behaviours", "contexts"))
+    clickouts, behaviours, contexts = (
+        _quoted(work / f"{name}.parquet") for name in ("clickouts", "behaviours", "contexts")
+    )
     con.execute(
         f"""CREATE VIEW candidates AS SELECT *, len(impressions) AS length,
                    list_position(impressions, reference) - 1 AS clicked
@@ -318,7 +330,7 @@ def _build(con, source: Path, work: Path, out: Path, max_history: int, counts: d
     split, cuts = split_by_time(lists["timestamp"], SPLIT_FRACTIONS, what=f"{source} (clickouts)")
     lists["split"] = split.map({s: i for i, s in enumerate(SPLITS)}).to_numpy(dtype=np.int8)
     lists = lists.sort_values(["split", "timestamp", "row"])
-    lists["list_id"] = np.arange(len(lists), dtype=np.int64)  # time order within each split
+    lists["list_id"] = np.arange(len(lists), dtype=np.int64)  # time order within each split (rows: user order)
     con.register("lists", lists[["row", "split", "list_id"]])
     users, user_cat, user_vocabs = _users(
         con, behaviours, contexts, train_end=int(lists.loc[lists["split"] == 0, "timestamp"].max())
@@ -334,7 +346,8 @@ def _build(con, source: Path, work: Path, out: Path, max_history: int, counts: d
             ORDER BY u.ucode, b.timestamp, b.item_id, b.row"""
     )
     item_ids = sorted(
-        r[0] for r in con.execute("SELECT unnest(impressions) FROM kept UNION SELECT item_id FROM events").fetchall()
+        r[0]
+        for r in con.execute("SELECT unnest(impressions) FROM kept UNION SELECT item_id FROM events").fetchall()
     )
     cold = con.execute(
         """WITH shown AS (SELECT DISTINCT unnest(impressions) AS item_id FROM kept WHERE split = 0)
@@ -357,7 +370,7 @@ def _build(con, source: Path, work: Path, out: Path, max_history: int, counts: d
         _stream_lists(con, pd.Index(item_ids), layout, len(users), writers, len(lists), progress)
     con.execute(
         f"""COPY (SELECT user_id, item_id, timestamp, action FROM events ORDER BY ucode, timestamp, item_id, row)
-            TO '{out / "behaviours.parquet"}' (FORMAT parquet)"""
+            TO {_quoted(out / "behaviours.parquet")} (FORMAT parquet)"""
     )
     schema = FeatureSchema(
         n_items=len(vocab),
@@ -392,10 +405,15 @@ def _build(con, source: Path, work: Path, out: Path, max_history: int, counts: d
     return stats
 
 
+def _quoted(path: Path) -> str:
+    """A path as a DuckDB string literal (a quote in a directory name must not end it)."""
+    return "'" + str(path).replace("'", "''") + "'"
+
+
 def _standardised(con, train: Path, feature: str) -> NumericFeature:
     """Mean and population std of a candidate feature over the training lists (std 1 when constant)."""
     mean, std = con.execute(
-        f"SELECT avg(x), stddev_pop(x) FROM (SELECT unnest(cand_{feature}) AS x FROM read_parquet('{train}'))"
+        f"SELECT avg(x), stddev_pop(x) FROM (SELECT unnest(cand_{feature}) AS x FROM read_parquet({_quoted(train)}))"
     ).fetchall()[0]
     return NumericFeature(feature, float(mean), float(std) if std and std > 1e-12 else 1.0)
 
@@ -439,7 +457,10 @@ def _stream_lists(
     total: int,
     progress: bool,
 ) -> None:
-    """Each chunk of users: their lists and behaviours, both in time order, joined in numpy."""
+    """Each chunk of users: their lists and behaviours, both in time order, joined in numpy.
+
+    Rows reach the split files chunk by chunk, so they are in user order; `list_id` keeps the time order.
+    """
     bar = tqdm(total=total, desc="lists", disable=not progress, leave=False)
     for first in range(0, n_users, CHUNK_USERS):
         where = f"ucode >= {first} AND ucode < {first + CHUNK_USERS}"
@@ -477,10 +498,17 @@ def _list_table(lists: pa.Table, events: pa.Table, items: pd.Index, layout: Feat
     labels = np.zeros(len(flat), np.float32)
     labels[offsets[:-1] + lists["clicked"].to_numpy()] = 1.0
 
-    key = events["ucode"].to_numpy() << 32 | events["timestamp"].to_numpy()
     ucode, ts = lists["ucode"].to_numpy(), lists["timestamp"].to_numpy()
-    end = np.searchsorted(key, ucode << 32 | ts, side="left")  # first behaviour at or after the list
-    begin = np.maximum(np.searchsorted(key, ucode << 32, side="left"), end - layout.max_history)
+    e_ucode, e_ts = events["ucode"].to_numpy(), events["timestamp"].to_numpy()
+    first = min(ts.min(), e_ts.min(initial=ts.min()))
+    span = max(ts.max(), e_ts.max(initial=ts.max())) - first + 1  # (user, time) -> one sortable int64
+
+    def key(user: np.ndarray, when: np.ndarray) -> np.ndarray:
+        return user * span + (when - first)
+
+    events_key = key(e_ucode, e_ts)
+    end = np.searchsorted(events_key, key(ucode, ts), side="left")  # first behaviour at or after the list
+    begin = np.maximum(np.searchsorted(events_key, key(ucode, first), side="left"), end - layout.max_history)
     hist_offsets, gather = _ragged(begin, end)
     event_items = _encode(items, events["item_id"].to_numpy(zero_copy_only=False))
     event_actions = (
