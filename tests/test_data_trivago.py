@@ -134,6 +134,10 @@ def test_lists_keep_the_display_order_the_click_and_the_prices(built: tuple[pd.D
     assert len(lists) == len(source) == sum(stats["splits"][s]["lists"] for s in SPLITS)
     assert stats["dropped_clickouts"] == {"clicked_hotel_not_shown": 1, "fewer_than_2_hotels": 1}
     assert stats["skipped_unknown_references"] == 1
+    for split in SPLITS:  # the share of clicks on a hotel already in the list's history, recomputed here
+        part = read_parquet(data / f"{split}.parquet")
+        repeats = [row.items[int(row.labels.argmax())] in set(row.hist_items) for row in part.itertuples()]
+        assert stats["clicks_on_a_history_item"][split] == pytest.approx(np.mean(repeats))
     for row in lists.itertuples():
         src = source.loc[(row.user_id, row.timestamp)]
         assert list(ids[row.items]) == src["hotels"]  # display order, every hotel known (the catalogue)

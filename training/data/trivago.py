@@ -165,12 +165,12 @@ def _validate(df: pd.DataFrame, source: Path) -> pa.Table:
         value = df.loc[unknown, "action_type"].iloc[0]
         fail_rows(source, "action_type", unknown, f"{value!r} is not an action of the log; expected one of {known}")
     items = df["action_type"].isin(ITEM_ACTIONS)
-    empty = df["reference"].isna() | (df["reference"].str.strip() == "")
+    empty = df["reference"].isna() | (df["reference"] == "")
     fail_rows(source, "reference", items & empty, "empty; an item action names its hotel")
     clicks = df[df["action_type"] == CLICKOUT]
     rows = clicks.index.to_numpy(dtype=np.int64)
     for col in ("impressions", "prices"):
-        fail_rows(source, col, clicks[col].isna() | (clicks[col].str.strip() == ""), "a clickout without " + col)
+        fail_rows(source, col, clicks[col].isna() | (clicks[col] == ""), "a clickout without " + col)
     split_ids = pc.split_pattern(pa.array(clicks["impressions"], pa.string()), "|")
     hotels = pa.ListArray.from_arrays(split_ids.offsets, pc.utf8_trim_whitespace(split_ids.flatten()))
     prices = pc.split_pattern(pa.array(clicks["prices"], pa.string()), "|")
@@ -197,7 +197,7 @@ def _validate(df: pd.DataFrame, source: Path) -> pa.Table:
             "row": rows,
             "user_id": pa.array(clicks["user_id"], pa.string()),
             "timestamp": clicks["timestamp"].to_numpy(dtype=np.int64),
-            "reference": pa.array(clicks["reference"].str.strip(), pa.string()),
+            "reference": pa.array(clicks["reference"], pa.string()),
             "impressions": hotels,
             "prices": pa.ListArray.from_arrays(prices.offsets, pa.array(values)),
         }
@@ -279,14 +279,14 @@ def _validate_and_stage(source: Path, work: Path, progress: bool) -> dict[str, i
             clicks = _validate(df, source)
             counts["rows"] += len(df)
             items = df[df["action_type"].isin(ITEM_ACTIONS)]
-            unknown = items["reference"].str.strip() == UNKNOWN_REFERENCE
+            unknown = items["reference"] == UNKNOWN_REFERENCE
             counts["unknown_reference"] += int(unknown.sum())
             items = items[~unknown]
             stages["behaviours"].write(
                 pd.DataFrame(
                     {
                         "user_id": items["user_id"],
-                        "item_id": items["reference"].str.strip(),
+                        "item_id": items["reference"],
                         "timestamp": items["timestamp"],
                         "action": items["action_type"].map(ITEM_ACTIONS),
                         "row": items.index.to_numpy(dtype=np.int64),
@@ -396,6 +396,7 @@ def _build(con, source: Path, work: Path, out: Path, max_history: int, counts: d
     stats["dropped_clickouts"] = {"clicked_hotel_not_shown": int(dropped[0]), "fewer_than_2_hotels": int(dropped[1])}
     stats["split"] = schema.extra["split"]
     stats["candidates_not_shown_in_train"] = {SPLITS[code]: float(share) for code, share in cold}
+    stats["clicks_on_a_history_item"] = {s: _repeat_share(con, out / f"{s}.parquet") for s in SPLITS}
     stats["rows"] = counts["rows"]
     stats["skipped_unknown_references"] = counts["unknown_reference"]
     stats["initial_order"] = {
@@ -403,6 +404,16 @@ def _build(con, source: Path, work: Path, out: Path, max_history: int, counts: d
     }
     (out / "stats.json").write_text(json.dumps(stats, indent=2))
     return stats
+
+
+def _repeat_share(con, split_file: Path) -> float:
+    """Share of lists whose clicked hotel is in the list's own history: what history-first exploits."""
+    return float(
+        con.execute(
+            f"""SELECT avg(list_contains(hist_items, items[list_position(labels, 1.0)])::INT)
+                FROM read_parquet({_quoted(split_file)})"""
+        ).fetchall()[0][0]
+    )
 
 
 def _quoted(path: Path) -> str:
