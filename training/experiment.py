@@ -420,23 +420,16 @@ def run_experiment(
     data_dir: Path,
     out: Path,
     *,
-    seeds: int = 3,
-    models: list[str] | None = None,
-    base_config: Any = None,
-    epochs: int | None = None,
-    time_budget_s: float | None = None,
     progress: bool = True,
     on_run_done: Callable[[str, int], None] | None = None,
+    **options: Any,
 ) -> dict:
-    """One data set's experiment into `out` (see prepare and execute).
+    """One data set's experiment into `out`; options: those of prepare (seeds, models, base_config, ...).
 
-    base_config: the TrainConfig every run starts from (default TrainConfig()); on_run_done is
-    called after each (run, seed) that trained in this session (tests use it to simulate a kill).
+    on_run_done is called after each (run, seed) that trained in this session (tests use it to
+    simulate a kill).
     """
-    setup = prepare(
-        data_dir, out, seeds=seeds, models=models, base_config=base_config, epochs=epochs, time_budget_s=time_budget_s
-    )
-    return execute(setup, progress, on_run_done)
+    return execute(prepare(data_dir, out, **options), progress, on_run_done)
 
 
 def report_dirs(data_dirs: list[Path], out: Path | None) -> list[Path]:

@@ -93,15 +93,14 @@ def build_trivago(
     with staged(out) as staging:
         work = staging / ".work"
         work.mkdir()
-        con = duckdb.connect()
-        try:
-            con.execute(f"SET memory_limit = '{memory_limit}'")
-        except duckdb.Error as exc:
-            raise DataError(f"--memory-limit {memory_limit!r}: {exc}; give a size such as 1GB or 512MB") from None
-        con.execute(f"SET temp_directory = {_quoted(work / 'spill')}")
-        counts = _validate_and_stage(source, work, progress)
-        stats = _build(con, source, work, staging, max_history, counts, progress)
-        con.close()
+        with duckdb.connect() as con:
+            try:
+                con.execute(f"SET memory_limit = '{memory_limit}'")
+            except duckdb.Error as exc:
+                raise DataError(f"--memory-limit {memory_limit!r}: {exc}; give a size such as 1GB or 512MB") from None
+            con.execute(f"SET temp_directory = {_quoted(work / 'spill')}")
+            counts = _validate_and_stage(source, work, progress)
+            stats = _build(con, source, work, staging, max_history, counts, progress)
         shutil.rmtree(work)
     if progress:
         tqdm.write(format_order_quality(stats["initial_order"]))
@@ -234,44 +233,14 @@ class _Stage:
 
 def _validate_and_stage(source: Path, work: Path, progress: bool) -> dict[str, int]:
     """Pass 1: every row validated; behaviours, clickouts and first contexts written to `work`."""
-    stages = {
-        "behaviours": _Stage(
-            work / "behaviours.parquet",
-            pa.schema(
-                [
-                    ("user_id", pa.string()),
-                    ("item_id", pa.string()),
-                    ("timestamp", pa.int64()),
-                    ("action", pa.string()),
-                    ("row", pa.int64()),
-                ]
-            ),
-        ),  # fmt: skip
-        "clickouts": _Stage(
-            work / "clickouts.parquet",
-            pa.schema(
-                [
-                    ("row", pa.int64()),
-                    ("user_id", pa.string()),
-                    ("timestamp", pa.int64()),
-                    ("reference", pa.string()),
-                    ("impressions", pa.list_(pa.string())),
-                    ("prices", pa.list_(pa.float64())),
-                ]
-            ),
-        ),  # fmt: skip
-        "contexts": _Stage(
-            work / "contexts.parquet",
-            pa.schema(
-                [
-                    ("user_id", pa.string()),
-                    ("timestamp", pa.int64()),
-                    ("row", pa.int64()),
-                    *((c, pa.string()) for c in CONTEXT),
-                ]
-            ),
-        ),  # fmt: skip
-    }
+    text, whole = pa.string(), pa.int64()
+    schemas = {
+        "behaviours": {"user_id": text, "item_id": text, "timestamp": whole, "action": text, "row": whole},
+        "clickouts": {"row": whole, "user_id": text, "timestamp": whole, "reference": text,
+                      "impressions": pa.list_(text), "prices": pa.list_(pa.float64())},
+        "contexts": {"user_id": text, "timestamp": whole, "row": whole, **{c: text for c in CONTEXT}},
+    }  # fmt: skip
+    stages = {name: _Stage(work / f"{name}.parquet", pa.schema(fields)) for name, fields in schemas.items()}
     counts = {"rows": 0, "unknown_reference": 0}
     bar = tqdm(desc="rows read", unit=" rows", unit_scale=True, disable=not progress, leave=False)
     try:
