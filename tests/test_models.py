@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from training.features import EncodedProfile, assemble
 from training.models.config import ModelConfig
-from training.models.psad import PSAD
+from training.models.psad import PSAD, SHOWN
 from training.models.student import PAD_SCORE, Student
 from training.schema import INPUT_NAMES, CategoricalFeature, FeatureSchema, NumericFeature
 
@@ -84,9 +84,13 @@ def pad(inputs: dict[str, torch.Tensor], extra_list: int, extra_history: int) ->
     return out
 
 
-@pytest.mark.parametrize("history_match", [False, True])
-def test_padding_never_changes_a_score(history_match: bool):
-    model = make_model(history_match=history_match).eval()
+# the default inputs, with the history-match features, and with features only (configs/trivago.toml)
+INPUT_VARIANTS = [{}, {"history_match": True}, {"history_match": True, "item_ids": False}]
+
+
+@pytest.mark.parametrize("variant", INPUT_VARIANTS)
+def test_padding_never_changes_a_score(variant: dict):
+    model = make_model(**variant).eval()
     inputs = make_inputs([5, 3], [4, 0])
     with torch.no_grad():
         base = model.rank_scores(inputs)
@@ -261,16 +265,28 @@ def test_history_match_counts_each_action_on_the_candidates_own_item_and_its_rec
     hist_mask = torch.tensor([[True, True, True, True, False]])  # 9's behaviour is padding
     cand_items = torch.tensor([[5, 7, 9, 1, 0]])
     got = match.features(cand_items, hist_items, hist_actions, hist_age, hist_mask)[0]
-    expected = torch.zeros(5, SCHEMA.n_actions + 1)
-    expected[0, 3], expected[0, -1] = np.log1p(1), 1 / (1 + 1.0)  # 5: bought once, a day ago
-    expected[1, 2], expected[1, 3], expected[1, -1] = np.log1p(1), np.log1p(1), 1 / (1 + 0.5)  # 7: the later one
-    torch.testing.assert_close(got[:, :-1], expected[:, :-1])
-    torch.testing.assert_close(got[:, -1], expected[:, -1], atol=1e-8, rtol=1e-6)
+    expected = torch.zeros(5, SCHEMA.n_actions + 2)
+    expected[0, 3], expected[0, -2], expected[0, -1] = np.log1p(1), 1 / (1 + 1.0), 1 / (1 + 1)  # 5: bought a day ago
+    expected[1, 2], expected[1, 3] = np.log1p(1), np.log1p(1)  # 7: clicked and bought; the later behaviour
+    expected[1, -2], expected[1, -1] = 1 / (1 + 0.5), 1 / (1 + 0)  # is the last known one (the OOV is not)
+    torch.testing.assert_close(got[:, :-2], expected[:, :-2])
+    torch.testing.assert_close(got[:, -2:], expected[:, -2:], atol=1e-8, rtol=1e-6)
     empty = match.features(cand_items, *(t[:, :0] for t in (hist_items, hist_actions, hist_age, hist_mask)))
     assert (
-        empty.shape == (1, 5, SCHEMA.n_actions + 1) and (empty[..., :-1] == 0).all() and (empty[..., -1] < 1e-8).all()
+        empty.shape == (1, 5, SCHEMA.n_actions + 2) and (empty[..., :-2] == 0).all() and (empty[..., -2:] < 1e-8).all()
     )
     assert make_model().upn.match is None and make_model(use_upn=False, history_match=True).upn.match is None
+
+
+def test_without_item_ids_an_item_is_its_features():
+    """Two items with the same side tables embed alike, whatever their ids."""
+    model = make_model(item_ids=False).eval()
+    table, cats = model.upn.items.table(), model.upn.items.item_cat[:, 0]
+    a, b = next((i, j) for i in range(2, N_ITEMS) for j in range(i + 1, N_ITEMS) if cats[i] == cats[j])
+    model.upn.items.item_num[b] = model.upn.items.item_num[a]
+    table = model.upn.items.table()
+    torch.testing.assert_close(table[a], table[b])
+    assert model.upn.items.ids is None and make_model().upn.items.ids is not None
 
 
 def test_item_tables_are_persistent_buffers():
@@ -287,11 +303,11 @@ def test_item_table_shape_is_checked():
         PSAD(ModelConfig(**TINY), SCHEMA, torch.full((N_ITEMS, 1), 6), torch.zeros(N_ITEMS, 1))
 
 
-@pytest.mark.parametrize("history_match", [False, True])
-def test_onnx_export_matches_pytorch(tmp_path, history_match: bool):
+@pytest.mark.parametrize("variant", INPUT_VARIANTS)
+def test_onnx_export_matches_pytorch(tmp_path, variant: dict):
     """The serving module exports with dynamic batch/list/history axes and ONNX Runtime agrees
     with PyTorch at other shapes, including a single candidate and an empty history."""
-    model = make_model(history_match=history_match).eval()
+    model = make_model(**variant).eval()
     scorer = model.serving_module().eval()
     example = make_inputs([7, 5], [5, 3])
     path = tmp_path / "student.onnx"
@@ -320,3 +336,34 @@ def test_onnx_export_matches_pytorch(tmp_path, history_match: bool):
         assert got.shape == expected.shape
         assert np.isfinite(got).all()
         np.testing.assert_allclose(got, expected, atol=1e-5, rtol=1e-4)
+
+
+def test_click_loss_is_the_bce_of_each_shown_item_at_its_displayed_slot():
+    """teacher_target "shown": slot r's pointer logit of the item displayed at r, given the items
+    displayed in earlier blocks, against its click; padded slots carry no loss."""
+    model = make_model(block_size=2, teacher_target="shown").eval()
+    inputs = make_inputs([5, 3], [4, 0])
+    mask = inputs["cand_mask"]
+    shown = torch.tensor([[4, 2, 0, 1, 3], [1, 0, 2, 3, 4]])  # list 2: 3 candidates, padded ones last
+    labels = torch.tensor([[0.0, 1.0, 0.0, 0.0, 1.0], [1.0, 0.0, 0.0, 1.0, 1.0]])  # padded labels are junk
+    with torch.no_grad():
+        x, u = model._represent(inputs)
+        enc = model.teacher.encode(x, mask)
+        got = model.teacher.click_loss(enc, u, mask, labels, shown)
+        keys = model.teacher.pointer_keys(enc, u)
+        terms = []
+        for b, n in enumerate((5, 3)):
+            rank_of = torch.full((1, 5), 5)  # unplaced
+            for r in range(n):
+                rank_of[0, shown[b, r]] = r
+            logits = model.teacher.pointer_logits(
+                enc[b : b + 1], (keys[0][b : b + 1], keys[1][b : b + 1]), rank_of, torch.arange(5)
+            )
+            for r in range(n):
+                item = shown[b, r]
+                terms.append(torch.nn.functional.binary_cross_entropy_with_logits(logits[0, r, item], labels[b, item]))
+    torch.testing.assert_close(got, torch.stack(terms).mean())
+    model.train()
+    out = model({**inputs, SHOWN: shown}, labels)
+    out["loss"].backward()
+    assert torch.isfinite(out["teacher"]) and model.teacher.pointer_q.weight.grad.abs().sum() > 0

@@ -334,3 +334,64 @@ def test_train_command_arch_overrides_the_config_and_an_unknown_arch_names_the_c
     assert json.loads((out / "config.json").read_text())["model"]["arch"] == "dnn"
     model, _, _ = load_run(out)
     assert type(model).__name__ == "DNN" and not (out / "teacher.safetensors").exists()
+
+
+def test_a_teacher_trained_on_the_shown_order_learns_the_simulators_click_model(tmp_path: Path) -> None:
+    """On shuffled displays, the teacher's click probability of each displayed item, given the items
+    displayed above it (B = 1), tracks the simulator's exact one for the same order."""
+    import numpy as np
+
+    from training.data.store import load_schema
+    from training.data.synthetic import ClickModel, build_synthetic
+    from training.evaluate import load_lists, to_tensors
+
+    data_dir = tmp_path / "shuffled"
+    build_synthetic(
+        data_dir,
+        lists=3000,
+        users=60,
+        items=120,
+        list_length=8,
+        max_history=10,
+        seed=1,
+        logging_policy="shuffle",
+        progress=False,
+    )
+    config = TrainConfig.small_for_tests()
+    config.epochs = 4
+    config.model = dataclasses.replace(config.model, block_size=1, teacher_target="shown")
+    run = train(data_dir, config, tmp_path / "run", progress=False)
+    model, _, _ = load_run(run, "teacher")
+    data = load_lists(data_dir, "val", load_schema(data_dir), 0)
+    shown = torch.from_numpy(data.shown_order())
+    inputs = to_tensors(data.inputs, torch.device("cpu"))
+    with torch.no_grad():
+        x, u = model._represent(inputs)
+        enc = model.teacher.encode(x, inputs["cand_mask"])
+        ranks = torch.arange(shown.shape[1])
+        item_rank = torch.empty_like(shown).scatter_(1, shown, ranks.expand(len(shown), -1))
+        logits = model.teacher.pointer_logits(enc, model.teacher.pointer_keys(enc, u), item_rank, ranks)
+        learned = torch.sigmoid(logits.gather(2, shown[..., None])[..., 0]).numpy()
+    truth = ClickModel.load(data_dir)
+    attraction, category, mask = truth.list_arrays(data)
+    exact = np.take_along_axis(truth.click_probabilities(attraction, category, mask, shown.numpy()), shown.numpy(), 1)
+    assert np.corrcoef(learned.ravel(), exact.ravel())[0, 1] > 0.5  # 0.66 at this seed
+    assert abs(learned.mean() - exact.mean()) < 0.03
+
+
+def test_the_shown_order_is_read_from_shown_position_and_checked() -> None:
+    import numpy as np
+
+    from training.data.store import DataError, ListData
+
+    mask = np.array([[True, True, True], [True, True, False]])
+    inputs = {"cand_mask": mask}
+    labels = np.zeros((2, 3), np.float32)
+    data = ListData(inputs, labels, np.array([10, 11]), np.array(["a", "b"], dtype=object))
+    with pytest.raises(DataError, match=r"no `shown_position` list column.*teacher_target = \"own\""):
+        data.shown_order()
+    data.extras["shown_position"] = np.array([[2.0, 0.0, 1.0], [1.0, 0.0, 0.0]], np.float32)  # padded slot: junk
+    np.testing.assert_array_equal(data.shown_order(), [[1, 2, 0], [1, 0, 2]])
+    data.extras["shown_position"] = np.array([[2.0, 0.0, 1.0], [1.0, 1.0, 0.0]], np.float32)
+    with pytest.raises(DataError, match="list 11: `shown_position` must give each candidate its own finite"):
+        data.shown_order()

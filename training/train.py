@@ -45,6 +45,7 @@ from training.checkpoint import (
 from training.config import TrainConfig
 from training.data.store import ListData, check_schema_files, load_items, load_schema
 from training.evaluate import list_metrics, load_lists, rank_lists, to_tensors
+from training.models.psad import SHOWN
 from training.models.registry import build_model
 from training.plots import plot_history
 
@@ -170,6 +171,7 @@ def _train(
     schema = load_schema(data_dir)
     train_data = load_lists(data_dir, "train", schema, config.max_list)
     val_data = load_lists(data_dir, "val", schema, config.max_list)
+    shown = torch.from_numpy(train_data.shown_order()) if config.model.teacher_target == "shown" else None
     if len(train_data) < cluster.world_size:
         raise RunError(f"{data_dir}: {len(train_data)} training lists cannot feed {cluster.world_size} processes")
     item_cat, item_num = (torch.from_numpy(np.array(a)) for a in load_items(data_dir, schema))
@@ -194,6 +196,8 @@ def _train(
 
     wrapped = DistributedDataParallel(model, find_unused_parameters=True) if cluster.distributed else model
     inputs = to_tensors(train_data.inputs, torch.device("cpu"))
+    if shown is not None:
+        inputs[SHOWN] = shown
     labels = torch.from_numpy(train_data.labels)
     while epoch < config.epochs and not (config.patience and meta["bad_epochs"] >= config.patience):
         started = time.perf_counter()

@@ -44,6 +44,7 @@ from training.features import EncodedProfile, assemble
 from training.schema import FeatureSchema, SchemaError, Vocabularies
 
 SPLITS = ("train", "val", "test")
+SHOWN_POSITION = "shown_position"  # optional list column: the 0-based rank each candidate was displayed at
 LIST_COLUMNS = ("list_id", "user_id", "timestamp", "items", "labels", "hist_items", "hist_ts", "hist_actions")
 
 
@@ -63,6 +64,29 @@ class ListData:
 
     def __len__(self) -> int:
         return len(self.labels)
+
+    def shown_order(self) -> np.ndarray:
+        """int64 [N, L]: the candidate index at each displayed rank, from the `shown_position` extra
+        (padded candidates last); what a teacher trained on the displayed order reads."""
+        if SHOWN_POSITION not in self.extras:
+            raise DataError(
+                f"the data set has no `{SHOWN_POSITION}` list column (the rank each candidate was displayed "
+                "at): build it with `psad data build synthetic --logging-policy ...`, or train with "
+                'model.teacher_target = "own"'
+            )
+        mask = self.inputs["cand_mask"]
+        position = np.where(mask, self.extras[SHOWN_POSITION], np.inf)
+        order = np.argsort(position, axis=1, kind="stable")
+        shown = np.take_along_axis(position, order, axis=1)
+        repeated = (shown[:, 1:] == shown[:, :-1]) & np.isfinite(shown[:, 1:])
+        bad = repeated.any(axis=1) | (~np.isfinite(self.extras[SHOWN_POSITION]) & mask).any(axis=1)
+        if bad.any():
+            row = int(np.argmax(bad))
+            raise DataError(
+                f"list {self.list_ids[row]}: `{SHOWN_POSITION}` must give each candidate its own finite "
+                "displayed rank; fix the column or train with model.teacher_target = \"own\""
+            )
+        return order
 
     def take(self, idx: np.ndarray) -> ListData:
         return ListData(

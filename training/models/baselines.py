@@ -9,7 +9,10 @@ UserEmbedding plus a mean-pooled history (the history items' embeddings averaged
 That is the user information PSAD-S reads through UPN without its time decay, actions, attention
 read-out and gates; PRM's paper uses a pre-trained personalised vector, which the pooled history
 stands in for.
-hist_actions and hist_age are accepted (one serving signature for every model) but not read.
+With model.history_match, each candidate also gets UPN's repeat features (upn.HistoryMatch: counts
+by action and recency of the user's behaviours on this very item), so a history-reading input
+stays the same for every architecture. Otherwise hist_actions and hist_age are accepted (one
+serving signature for every model) but not read.
 
   dnn   pointwise MLP([x_i, u, x_i * u]), sigmoid cross-entropy on labels / max_label
   prm   Linear([x_i, u]) + position -> transformer encoder (teacher_layers blocks) -> Linear;
@@ -35,6 +38,7 @@ from training.models import losses
 from training.models.config import ModelConfig
 from training.models.embeddings import EncoderBlock, ItemEmbedding, UserEmbedding
 from training.models.student import PAD_SCORE
+from training.models.upn import HistoryMatch
 from training.schema import INPUT_NAMES, FeatureSchema
 
 
@@ -58,12 +62,15 @@ class PersonalCandidates(nn.Module):
         self.history = nn.Linear(d, d)
         self.user_norm = nn.LayerNorm(d)
         self.positions = nn.Embedding(schema.max_list, d) if positional else None
+        self.match = HistoryMatch(cfg, schema) if cfg.history_match else None
 
-    def forward(self, user_cat, user_num, hist_items, hist_mask, cand_items, cand_num):
+    def forward(self, user_cat, user_num, hist_items, hist_actions, hist_age, hist_mask, cand_items, cand_num):
         weight = hist_mask.unsqueeze(-1).to(torch.float32)
         pooled = (self.items(hist_items) * weight).sum(1) / weight.sum(1).clamp(min=1.0)
         u = self.user_norm(self.user(user_cat, user_num) + self.history(pooled))
         x = self.items(cand_items, cand_num)
+        if self.match is not None:
+            x = x + self.match(cand_items, hist_items, hist_actions, hist_age, hist_mask)
         if self.positions is None:
             return x, u
         index = torch.arange(cand_items.shape[1], device=cand_items.device).clamp(max=self.max_list - 1)
@@ -93,7 +100,7 @@ class Baseline(nn.Module):
         self, user_cat, user_num, hist_items, hist_actions, hist_age, hist_mask, cand_items, cand_num, cand_mask
     ) -> torch.Tensor:
         """The 9 model inputs in INPUT_NAMES order -> scores [B,L] (PAD_SCORE on padded slots)."""
-        x, u = self.inputs(user_cat, user_num, hist_items, hist_mask, cand_items, cand_num)
+        x, u = self.inputs(user_cat, user_num, hist_items, hist_actions, hist_age, hist_mask, cand_items, cand_num)
         return self.head(x, u, cand_mask).masked_fill(~cand_mask, PAD_SCORE)
 
     def forward(self, inputs: dict[str, torch.Tensor], labels: torch.Tensor, step: int = 0) -> dict[str, torch.Tensor]:

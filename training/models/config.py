@@ -13,6 +13,7 @@ from typing import Any
 ARCHS = ("psad", "dnn", "prm", "dlcm", "setrank")
 STUDENT_LOSSES = ("listwise", "bce")
 DISTILL_LOSSES = ("listwise", "rd", "none")
+TEACHER_TARGETS = ("own", "shown")
 
 
 @dataclass
@@ -23,9 +24,14 @@ class ModelConfig:
     teacher_layers: int = 2  # transformer blocks in the teacher's candidate-set encoder
     student_hidden: int = 128  # hidden width of the student's per-candidate MLP
     dropout: float = 0.1
+    item_ids: bool = True  # False: items are known by their features only, no per-item id embedding (embeddings.py)
     block_size: int = 4  # B: slots the teacher fills per decoding step; 1 = AR, >= list length = NAR
     student_loss: str = "listwise"  # student label loss: "listwise" (softmax CE) or "bce" (pointwise)
     distill: str = "listwise"  # teacher -> student: "listwise" (position-weighted Plackett-Luce), "rd", "none"
+    # teacher objective: "own" = pick a clicked item on the prefix of its own greedy list; "shown" = a
+    # click model of each slot given the earlier blocks of the order the list was displayed in
+    # (needs the data set's shown_position, teacher.py)
+    teacher_target: str = "own"
     distill_weight: float = 1.0  # lambda in  loss = teacher + student + lambda * distill
     distill_top_k: int = 0  # listwise distillation: ranks scored (0 = the whole list)
     rd_k: int = 10  # RD: teacher's top-K items used as weighted positives
@@ -35,7 +41,7 @@ class ModelConfig:
     rd_mu: float = 0.1  # RD: slope of the dynamic weight
     rd_warmup_steps: int = 200  # RD: optimiser steps before the dynamic weight switches on
     use_upn: bool = True  # False = ablation: user features only, no history, gates or personalised positions
-    history_match: bool = False  # UPN also tests each candidate against the history by item identity (upn.py)
+    history_match: bool = False  # test each candidate against the history by item identity (upn.HistoryMatch)
     position_encoding: bool = True  # encode each candidate's initial position (the ranking stage's order)
     time_decay_init: float = 0.5  # initial decay per log1p(age in days) of the history attention
 
@@ -50,6 +56,7 @@ class ModelConfig:
         need(self.arch in ARCHS, "arch", f"one of {list(ARCHS)}")
         need(self.student_loss in STUDENT_LOSSES, "student_loss", f"one of {list(STUDENT_LOSSES)}")
         need(self.distill in DISTILL_LOSSES, "distill", f"one of {list(DISTILL_LOSSES)}")
+        need(self.teacher_target in TEACHER_TARGETS, "teacher_target", f"one of {list(TEACHER_TARGETS)}")
         need(self.d_model >= 1, "d_model", "an integer >= 1")
         need(self.n_heads >= 1, "n_heads", "an integer >= 1")
         need(self.d_model % self.n_heads == 0, "d_model", f"a multiple of n_heads ({self.n_heads})")

@@ -36,6 +36,10 @@ class ItemEmbedding(nn.Module):
     Sum of: id embedding, one embedding per item categorical feature (looked up in the baked
     item table), a projection of the standardised item numerics, and, for candidates, a
     projection of the standardised candidate numerics (e.g. the ranking stage's rank_score).
+
+    model.item_ids = False drops the id embedding. Where most candidates at test time never appear
+    in a training list (new hotels, new sessions), their ids keep their random initial embedding:
+    noise on top of the features that do generalise, which docs/model.md measures.
     """
 
     def __init__(self, cfg: ModelConfig, schema: FeatureSchema, item_cat: torch.Tensor, item_num: torch.Tensor):
@@ -52,7 +56,8 @@ class ItemEmbedding(nn.Module):
                 raise ValueError(f"item_cat column {f.name!r} has values outside [0, {f.cardinality})")
         if not torch.isfinite(item_num).all():
             raise ValueError("item_num has NaN or infinite values: fix the items table")
-        self.ids = nn.Embedding(n, d, padding_idx=0)
+        self.d_model = d
+        self.ids = nn.Embedding(n, d, padding_idx=0) if cfg.item_ids else None
         self.cats = nn.ModuleList(nn.Embedding(f.cardinality, d, padding_idx=0) for f in schema.item_categorical)
         mean = torch.tensor([f.mean for f in schema.item_numeric], dtype=torch.float32)
         std = torch.tensor([f.std for f in schema.item_numeric], dtype=torch.float32)
@@ -75,7 +80,7 @@ class ItemEmbedding(nn.Module):
 
     def lookup(self, items: torch.Tensor) -> torch.Tensor:
         """The per-item part (id + side tables), before candidate numerics and normalisation."""
-        x = self.ids(items)
+        x = self.ids(items) if self.ids is not None else self.item_num.new_zeros((*items.shape, self.d_model))
         if len(self.cats):
             cat = self.item_cat[items]
             for j, emb in enumerate(self.cats):
@@ -86,7 +91,7 @@ class ItemEmbedding(nn.Module):
 
     def table(self) -> torch.Tensor:
         """lookup() of every item [n_items, d]: what the served graph gathers from."""
-        return self.lookup(torch.arange(self.ids.num_embeddings, device=self.ids.weight.device))
+        return self.lookup(torch.arange(len(self.item_cat), device=self.item_cat.device))
 
 
 class UserEmbedding(nn.Module):

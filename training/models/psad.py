@@ -2,7 +2,8 @@
 
 One forward pass computes the three losses of online distillation:
   perm     = the teacher's current greedy permutation (no gradient)
-  teacher  = pointer loss of each slot given the prefix of perm: pick any remaining clicked item
+  teacher  = pointer loss of each slot given the prefix of perm: pick any remaining clicked item,
+             or (teacher_target "shown") the click model of the displayed order inputs[SHOWN]
   student  = label loss of the student's scores (listwise softmax CE or BCE)
   distill  = student vs perm
   loss     = teacher + student + distill_weight * distill
@@ -20,6 +21,8 @@ from training.models.student import Student
 from training.models.teacher import Teacher, decode_steps
 from training.models.upn import UPN
 from training.schema import INPUT_NAMES, FeatureSchema
+
+SHOWN = "shown_order"  # training batches only: [B,L] candidate index at each displayed rank (train.py)
 
 
 class StudentScorer(nn.Module):
@@ -83,7 +86,10 @@ class PSAD(nn.Module):
         scores = self.student(x, u, mask)
         enc = self.teacher.encode(x, mask)
         perm = self.teacher.decode(enc, u, mask)  # no_grad: the teacher's current greedy list
-        teacher = self.teacher.loss(enc, u, mask, labels, perm)
+        if cfg.teacher_target == "shown":
+            teacher = self.teacher.click_loss(enc, u, mask, labels, inputs[SHOWN])
+        else:
+            teacher = self.teacher.loss(enc, u, mask, labels, perm)
         if cfg.student_loss == "listwise":
             student = losses.listwise_softmax_loss(scores, labels, mask)
         else:

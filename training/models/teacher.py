@@ -13,6 +13,13 @@ greedy decoding never reaches, and the decoded list fell below the initial order
 decoding runs ceil(L/B) network steps; inside a step slot j takes the best item not placed
 before and not taken by slots < j of the same step (masking only, no extra network pass).
 B = 1 is autoregressive, B >= L non-autoregressive, anything between semi-autoregressive.
+
+With model.teacher_target = "shown" the same network is trained as a context-aware click model
+instead: on the order each list was displayed in, slot r's pointer logit of the item shown at r is
+its click logit given the items shown in earlier blocks (sigmoid cross-entropy on the logged
+click). Clicks in an exploration log happened in that context, which the teacher's own lists never
+were; greedy decoding then places, slot by slot, the item the learned click model rates highest
+after what is already placed: the greedy oracle's rule, with learned instead of true effects.
 """
 
 from __future__ import annotations
@@ -110,6 +117,22 @@ class Teacher(nn.Module):
         nll = -torch.logsumexp(log_p.masked_fill(~accepted, UNAVAILABLE), dim=-1)
         supervised = best[..., 0] > 0
         return torch.where(supervised, nll, 0.0).sum() / supervised.sum().clamp(min=1)
+
+    def click_loss(
+        self, enc: torch.Tensor, u: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor, shown: torch.Tensor
+    ) -> torch.Tensor:
+        """Click-model loss on the displayed order: shown [B,L] is the candidate index at each
+        displayed rank (padded candidates last). Slot r's logit for the item shown there, given the
+        items shown in earlier blocks, against whether it was clicked; mean over valid slots."""
+        n, length = mask.shape
+        ranks = torch.arange(length, device=mask.device)
+        item_rank = torch.empty_like(shown).scatter_(1, shown, ranks.expand(n, -1))
+        logits = self.pointer_logits(enc, self.pointer_keys(enc, u), item_rank, ranks)  # [B,slot,item]
+        logit = logits.gather(2, shown[..., None])[..., 0].clamp(-LOGIT_BOUND, LOGIT_BOUND)  # [B,slot]
+        clicked = (labels.gather(1, shown) > 0).to(logit.dtype)
+        valid = mask.gather(1, shown)
+        loss = F.binary_cross_entropy_with_logits(logit, clicked, reduction="none")
+        return torch.where(valid, loss, 0.0).sum() / valid.sum().clamp(min=1)
 
     @torch.no_grad()
     def decode(self, enc: torch.Tensor, u: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

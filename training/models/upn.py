@@ -4,7 +4,8 @@
   read-out      r_i = time-aware attention of candidate i over the history
   gate          g = 2 sigmoid(W_g u)                   (personalised gate, starts at 1)
   position      p_i = P[i] * 2 sigmoid(W_p u)           (user-conditioned initial-position code)
-  repeats       m_i = W_m [log1p(n_ia) per action a, 1 / (1 + days since the last)]   (history_match)
+  repeats       m_i = W_m [log1p(n_ia) per action a, 1 / (1 + days since the last),
+                           1 / (1 + behaviours since the last)]                   (history_match)
   candidate     x_i = LN(c_i * g + r_i + m_i + p_i)
 
 Time-aware attention subtracts softplus(w_h) * log1p(age in days) from each head's logits: a
@@ -73,22 +74,28 @@ class HistoryMatch(nn.Module):
     def __init__(self, cfg: ModelConfig, schema: FeatureSchema):
         super().__init__()
         self.n_actions = schema.n_actions
-        self.proj = nn.Linear(schema.n_actions + 1, cfg.d_model)
+        self.proj = nn.Linear(schema.n_actions + 2, cfg.d_model)
 
     def forward(self, cand_items, hist_items, hist_actions, hist_age, hist_mask) -> torch.Tensor:
         return self.proj(self.features(cand_items, hist_items, hist_actions, hist_age, hist_mask))
 
     def features(self, cand_items, hist_items, hist_actions, hist_age, hist_mask) -> torch.Tensor:
-        """[B,L] candidates against the [B,H] history -> [B,L,A+1]; OOV and padded behaviours match nothing."""
+        """[B,L] candidates against the [B,H] history (oldest first) -> [B,L,A+2]: log1p counts per
+        action, 1 / (1 + days since the last) and 1 / (1 + behaviours since the last). The count of
+        behaviours since orders a session's items, whose ages in days all round to about 0.
+        OOV and padded behaviours match nothing; a candidate never acted on gets 0 everywhere."""
         known = hist_mask & (hist_items > OOV)
         same = (cand_items[:, :, None] == hist_items[:, None, :]) & known[:, None, :]  # [B,L,H]
         actions = torch.arange(self.n_actions, device=hist_actions.device)
         by_action = (hist_actions[..., None] == actions).to(hist_age.dtype)  # [B,H,A]
         counts = same.to(hist_age.dtype) @ by_action  # [B,L,A]
-        ages = torch.where(same, hist_age[:, None, :], NEVER)
-        last = F.pad(ages, (0, 1), value=NEVER).amin(dim=-1)  # the extra slot keeps an empty history defined
-        recency = 1.0 / (1.0 + last.clamp(min=0.0))
-        return torch.cat([torch.log1p(counts), recency[..., None]], dim=-1)
+        known_f = known.to(hist_age.dtype)
+        since = known_f.sum(-1, keepdim=True) - known_f.cumsum(-1)  # [B,H]: known behaviours after slot j
+        recency = [
+            1.0 / (1.0 + F.pad(torch.where(same, x[:, None, :], NEVER), (0, 1), value=NEVER).amin(dim=-1))
+            for x in (hist_age.clamp(min=0.0), since)  # the extra slot keeps an empty history defined
+        ]
+        return torch.cat([torch.log1p(counts), torch.stack(recency, dim=-1)], dim=-1)
 
 
 class UPN(nn.Module):
