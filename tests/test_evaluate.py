@@ -8,17 +8,30 @@ import shutil
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 from typer.testing import CliRunner
 
 from training.commands import app
 from training.config import TrainConfig
 from training.data.store import ListData
-from training.evaluate import GROUPS, evaluate_run, fixed_rankings, format_table
+from training.evaluate import GROUPS, behaviours_before, evaluate_run, fixed_rankings, format_table
 from training.schema import FeatureSchema, SchemaError
 from training.train import train
 
-METRICS = {"ndcg@1", "ndcg@3", "ndcg@5", "ndcg@10", "map@5", "map@10", "clicks@5", "clicks@10", "mrr", "utility"}
+METRICS = {
+    "ndcg@1",
+    "ndcg@3",
+    "ndcg@5",
+    "ndcg@10",
+    "map@5",
+    "map@10",
+    "clicks@5",
+    "clicks@10",
+    "mrr",
+    "utility",
+    "context",
+}
 RANKERS = ["initial", "history", "student", "teacher"]
 
 
@@ -39,6 +52,16 @@ def test_fixed_rankings_on_a_hand_made_split() -> None:
     np.testing.assert_array_equal(perms["initial"], np.tile(np.arange(4), (3, 1)))
     # a, b, c, d; no history keeps the initial order; the OOV interaction promotes no OOV candidate
     np.testing.assert_array_equal(perms["history"], [[2, 1, 0, 3], [0, 1, 2, 3], [2, 0, 1, 3]])
+
+
+def test_behaviours_before_counts_a_users_behaviours_strictly_before_each_list(tmp_path: Path) -> None:
+    """Users a (3 behaviours at t = 1, 2, 5) and b (none); one row per candidate, lists in any order."""
+    pd.DataFrame(
+        {"list_id": [7, 7, 3, 9, 9], "user_id": ["a", "a", "b", "a", "a"], "timestamp": [5, 5, 4, 2, 2]}
+    ).to_parquet(tmp_path / "test.parquet")
+    pd.DataFrame({"user_id": ["a", "a", "a"], "timestamp": [1, 2, 5]}).to_parquet(tmp_path / "behaviours.parquet")
+    np.testing.assert_array_equal(behaviours_before(tmp_path, "test"), [2, 0, 1])  # at t = 5 the one at 5 is not before
+    np.testing.assert_array_equal(behaviours_before(tmp_path, "test", np.array([9, 7])), [1, 2])
 
 
 def test_evaluate_run_reports_every_ranker_metric_and_group(tiny_run: Path) -> None:

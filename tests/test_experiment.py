@@ -144,17 +144,28 @@ def test_gains_over_the_initial_order_are_paired_over_the_seed_averaged_lists(ex
     text = (out / "results.md").read_text()
     assert "## Gain over the initial order (paired 95% intervals)" in text
     refs = report["simulator_references"]  # tiny_data is simulated: the truth-knowing orders are reported
-    assert refs["greedy oracle"] >= refs["attraction sort"] > report["models"]["initial"]["metrics"]["utility"]["mean"]
+    greedy, attraction = refs["greedy oracle"], refs["attraction sort"]
+    assert greedy["utility"] >= attraction["utility"] > report["models"]["initial"]["metrics"]["utility"]["mean"]
+    assert greedy["context"] > attraction["context"]  # the oracle places items for their neighbours
     assert "| initial | " in text.split("## Against the simulator's references")[1]
     assert f"| dnn - initial | {gain['diff']:+.4f} [{gain['low']:+.4f}, {gain['high']:+.4f}]" in text
 
 
-def test_a_finished_run_evaluated_before_a_metric_existed_is_reevaluated_not_retrained(experiment, tiny_data) -> None:
+def _drop_mrr(evaluation: dict) -> None:
+    for ranker in evaluation["overall"].values():
+        del ranker["mrr"]
+
+
+def _first_groups_version(evaluation: dict) -> None:
+    del evaluation["activity"]["version"]
+
+
+@pytest.mark.parametrize("age", [_drop_mrr, _first_groups_version], ids=["before-mrr", "before-groups-v2"])
+def test_an_outdated_evaluation_of_a_finished_run_is_redone_not_retrained(experiment, tiny_data, age) -> None:
     out, _, _ = experiment
     path = out / "runs" / "dnn" / "seed0" / "result.json"
     result = json.loads(path.read_text())
-    for ranker in result["evaluation"]["overall"].values():
-        del ranker["mrr"]
+    age(result["evaluation"])
     path.write_text(json.dumps(result))
     report = run_experiment(tiny_data, out, seeds=2, models=MODELS, base_config=tiny_config(), progress=False)
     assert report["trained_this_session"] == [] and report["reevaluated_this_session"] == ["dnn/seed0"]
@@ -168,7 +179,28 @@ def test_plan_shares_runs_and_resolves_nar() -> None:
     assert plan.spec_run["initial"] is None and plan.spec_run["history-first"] is None
     assert plan.runs[plan.spec_run["nar"]]["block_size"] == 20
     assert plan.runs[plan.spec_run["setrank"]] == {"arch": "setrank"}
-    assert len(plan.runs) == 9  # dnn, prm, dlcm, setrank, B=1, B=L, B=4 (listwise, rd, none)
+    assert plan.runs[plan.spec_run["no-upn"]] == {"arch": "psad", "block_size": 4, "use_upn": False}
+    assert len(plan.runs) == 10  # dnn, prm, dlcm, setrank, B=1, B=L, B=4 (listwise, rd, none, without UPN)
+
+
+def test_the_upn_ablation_is_reported_per_activity_group(tiny_data: Path, tmp_path: Path) -> None:
+    models = ["initial", "psad-s", "no-upn"]
+    report = run_experiment(tiny_data, tmp_path, seeds=1, models=models, base_config=tiny_config(), progress=False)
+    by_group = report["upn_by_group"]
+    groups = [g for g in by_group if g != "all"]
+    assert groups and sum(by_group[g]["lists"] for g in groups) == by_group["all"]["lists"]
+    psad, plain = (
+        json.loads((tmp_path / "runs" / r / "seed0" / "result.json").read_text())
+        for r in ("psad-b4-listwise", "psad-b4-listwise-noupn")
+    )
+    diff = np.mean(psad["evaluation"]["per_list"]["student"]["ndcg@10"]) - np.mean(
+        plain["evaluation"]["per_list"]["student"]["ndcg@10"]
+    )
+    assert by_group["all"]["ndcg@10"]["diff"] == pytest.approx(diff)
+    assert by_group["all"]["ndcg@10"]["low"] <= by_group["all"]["ndcg@10"]["diff"] <= by_group["all"]["ndcg@10"]["high"]
+    text = (tmp_path / "results.md").read_text()
+    assert "## Where UPN helps" in text and f"| all | {by_group['all']['lists']:,} | " in text
+    assert "Activity: the user's behaviours before the list; light <= " in text
 
 
 def test_unknown_model_is_rejected_with_the_choices() -> None:

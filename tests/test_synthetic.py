@@ -141,6 +141,21 @@ def test_expected_utility_matches_monte_carlo(tiny_data: Path) -> None:
         assert exact[b] == pytest.approx(probs.sum(), rel=1e-6)
 
 
+def test_context_clicks_are_what_neighbours_add_to_the_expected_clicks() -> None:
+    """Two items of category 3 and one of its partner 2: the context part is the exact expected
+    clicks minus those of the same order without item-to-item effects, by the written-out formula."""
+    model = ClickModel()
+    data = one_list([0.5, 0.2, -0.1], [3, 3, 2])
+    plain = ClickModel(redundancy=0.0, complement=0.0)
+    for order in ([0, 1, 2], [0, 2, 1]):
+        with_effects = reference_click_probs(model, [0.5, 0.2, -0.1], [3, 3, 2], order).sum()
+        without = reference_click_probs(plain, [0.5, 0.2, -0.1], [3, 3, 2], order).sum()
+        assert model.context_clicks(data, np.array([order]))[0] == pytest.approx(with_effects - without)
+    apart, together = (model.context_clicks(data, np.array([o]))[0] for o in ([0, 2, 1], [0, 1, 2]))
+    assert apart > together  # the partner between the two redundant items earns clicks
+    assert plain.context_clicks(data, np.array([[0, 1, 2]]))[0] == 0.0
+
+
 def test_padded_candidates_are_ignored() -> None:
     model = ClickModel()
     padded = one_list([0.5, 9.0, -0.3, 1.0], [3, 3, 5, 3], valid=[True, False, True, True])

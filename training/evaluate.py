@@ -7,17 +7,19 @@ Rows ("rankers"):
   student  sort by rank_scores (what serving runs), with the run's student weights;
   teacher  teacher_decode (generators only; kept offline for shadow evaluation), with the run's
            teacher weights (each model is evaluated at its own best validation epoch).
-Metrics: NDCG@{1,3,5,10}, MAP@{5,10}, CLICKS@{5,10}, MRR (training/metrics.py), plus the expected
-utility under the click simulator when the data set is synthetic.
+Metrics: NDCG@{1,3,5,10}, MAP@{5,10}, CLICKS@{5,10}, MRR (training/metrics.py), plus, when the data
+set is synthetic, the expected utility under the click simulator and its list-context part
+(`context`: ClickModel.context_clicks).
 
 Versus the initial order: each ranker's mean gain in NDCG@10, MRR (and utility) over the initial
 order on the same lists, with a paired bootstrap 95% interval. On a small split (ml100k's 99 test
 lists) the interval is wider than the gains, and says so: a gain whose interval spans 0 is noise.
 
-User-activity groups: a user's activity is the number of behaviours they logged up to the last
-training list (behaviours.parquet, timestamps <= the train split's latest list). The terciles of
-that count over the users of the train split give the boundaries: light <= q1 < medium <= q2 < heavy.
-Users unseen in training count 0 behaviours, so they fall in `light`.
+User-activity groups: a list's activity is the number of behaviours its user logged strictly
+before it (behaviours.parquet; the history its features are cut from, before the cut to
+max_history). On MovieLens that is the user's ratings so far; on trivago, the session's (and
+earlier sessions') item actions. The terciles of that count over the train split's lists give the
+boundaries: light <= q1 < medium <= q2 < heavy.
 """
 
 from __future__ import annotations
@@ -37,6 +39,8 @@ from training.models.registry import GENERATOR_ARCHS
 from training.schema import FeatureSchema
 
 GROUPS = ("light", "medium", "heavy")
+# what an evaluation's groups mean: bumped when they change, so `psad experiment` re-evaluates old runs
+GROUPS_VERSION = 2  # 2: the user's behaviours before the list (1: up to the end of training)
 FIXED_RANKERS = ("initial", "history")  # the orders of fixed_rankings: nothing trained
 COMPARED = ("ndcg@10", "mrr", "utility")  # metrics whose gain over the initial order gets an interval
 
@@ -101,6 +105,7 @@ def list_metrics(perms: dict[str, np.ndarray], data: ListData, utility: Any = No
         out[ranker] = per_list_metrics(perm, data.labels, mask)
         if utility is not None:
             out[ranker]["utility"] = np.asarray(utility.expected_utility(data, perm), dtype=np.float64)
+            out[ranker]["context"] = np.asarray(utility.context_clicks(data, perm), dtype=np.float64)
     return out
 
 
@@ -111,15 +116,26 @@ def click_model(data_dir: Path) -> Any:
     return ClickModel.load(data_dir) if (Path(data_dir) / "simulator.json").is_file() else None
 
 
-def activity_groups(data_dir: Path, data: ListData) -> tuple[np.ndarray, dict[str, float]]:
-    """Group index (0 light, 1 medium, 2 heavy) per list, and the tercile boundaries."""
-    data_dir = Path(data_dir)
-    train = read_parquet(data_dir / "train.parquet", columns=["user_id", "timestamp"])
-    behaviours = read_parquet(data_dir / "behaviours.parquet", columns=["user_id", "timestamp"])
-    counts = behaviours.loc[behaviours["timestamp"] <= train["timestamp"].max(), "user_id"].value_counts()
-    train_users = counts.reindex(train["user_id"].unique(), fill_value=0).to_numpy()
-    q1, q2 = (float(q) for q in np.quantile(train_users, [1 / 3, 2 / 3]))
-    activity = pd.Series(data.user_ids).map(counts).fillna(0).to_numpy()
+def behaviours_before(data_dir: Path, split: str, list_ids: np.ndarray | None = None) -> np.ndarray:
+    """Per list of `split` (in list_ids order, or the file's): how many behaviours its user logged
+    strictly before it, the history the list's features are cut from, uncapped."""
+    rows = read_parquet(Path(data_dir) / f"{split}.parquet", columns=["list_id", "user_id", "timestamp"])
+    lists = rows.drop_duplicates("list_id").set_index("list_id")
+    if list_ids is not None:
+        lists = lists.loc[list_ids]
+    behaviours = read_parquet(Path(data_dir) / "behaviours.parquet", columns=["user_id", "timestamp"])
+    # a list sorts before its user's behaviours of the same time: those are not strictly before it
+    events = pd.concat(
+        [lists.assign(behaviour=0).reset_index(drop=True), behaviours.assign(behaviour=1)], ignore_index=True
+    ).sort_values(["user_id", "timestamp", "behaviour"], kind="stable")
+    before = events["behaviour"].groupby(events["user_id"]).cumsum()
+    return before[events["behaviour"] == 0].sort_index().to_numpy()
+
+
+def activity_groups(data_dir: Path, split: str, data: ListData) -> tuple[np.ndarray, dict[str, float]]:
+    """Group index (0 light, 1 medium, 2 heavy) per list of `split`, and the tercile boundaries."""
+    q1, q2 = (float(q) for q in np.quantile(behaviours_before(data_dir, "train"), [1 / 3, 2 / 3]))
+    activity = behaviours_before(data_dir, split, data.list_ids)
     return np.digitize(activity, [q1, q2], right=True), {"light_max": q1, "medium_max": q2}
 
 
@@ -149,14 +165,18 @@ def evaluate_run(
         teacher, _, _ = load_run(run_dir, "teacher")
         perms |= rank_lists(teacher.to(dev), data, dev, config.eval_batch_size, ("teacher",))
     metrics = list_metrics(perms, data, click_model(data_dir))
-    groups, bounds = activity_groups(data_dir, data)
+    groups, bounds = activity_groups(data_dir, split, data)
     result: dict[str, Any] = {
         "run": str(run_dir.resolve()),
         "data_dir": str(Path(data_dir).resolve()),
         "split": split,
         "lists": len(data),
         "rankers": list(perms),
-        "activity": {**bounds, "lists": {g: int((groups == i).sum()) for i, g in enumerate(GROUPS)}},
+        "activity": {
+            **bounds,
+            "version": GROUPS_VERSION,
+            "lists": {g: int((groups == i).sum()) for i, g in enumerate(GROUPS)},
+        },
         "overall": summarise(metrics, slice(None)),
         "groups": {g: summarise(metrics, groups == i) for i, g in enumerate(GROUPS) if (groups == i).any()},
         "vs_initial": versus_initial(metrics),
@@ -199,7 +219,7 @@ def format_table(result: dict) -> str:
             lines.append(f"{group:<8} {ranker:<8} {count:>7,} {cells}")
     bounds = result["activity"]
     lines.append(
-        f"activity = behaviours up to the end of training: light <= {bounds['light_max']:g} < medium "
+        f"activity = the user's behaviours before the list: light <= {bounds['light_max']:g} < medium "
         f"<= {bounds['medium_max']:g} < heavy"
     )
     lines.append("gain over the initial order on the same lists, paired bootstrap 95% interval:")

@@ -78,6 +78,9 @@ SPECS: dict[str, ModelSpec] = {
         ModelSpec(
             "student-alone", "student", {"arch": "psad", "block_size": 4, "distill": "none"}, "PSAD-S, no distillation"
         ),
+        ModelSpec(
+            "no-upn", "student", {"arch": "psad", "block_size": 4, "use_upn": False}, "PSAD-S without UPN (no history)"
+        ),
     )
 }
 BASELINE_NAMES = ("dnn", "prm", "dlcm", "setrank", "seq2slate", "nar")  # trained; fixed orders are listed apart
@@ -98,6 +101,8 @@ def run_name(overrides: dict[str, Any], base_distill: str) -> str:
         name += f"-b{overrides['block_size']}-{overrides.get('distill', base_distill)}"
         if "student_loss" in overrides:
             name += f"-{overrides['student_loss']}"
+        if overrides.get("use_upn") is False:
+            name += "-noupn"
     return name
 
 
@@ -177,8 +182,15 @@ def evaluated_metrics(evaluation: dict) -> set[str]:
 
 
 def outdated(evaluation: dict, current: set[str]) -> bool:
-    """An evaluation from before a metric was added, or without the per-list values pairing needs."""
-    return evaluated_metrics(evaluation) != current or "per_list" not in evaluation
+    """An evaluation from before a metric was added or the activity groups changed, or without the
+    per-list values pairing needs."""
+    from training.evaluate import GROUPS_VERSION
+
+    return (
+        evaluated_metrics(evaluation) != current
+        or "per_list" not in evaluation
+        or evaluation["activity"].get("version", 1) != GROUPS_VERSION
+    )
 
 
 def fixed_metrics(data_dir: Path, schema: Any, max_list: int) -> dict:
@@ -197,18 +209,21 @@ def fixed_metrics(data_dir: Path, schema: Any, max_list: int) -> dict:
 
     data = load_lists(data_dir, "test", schema, max_list)
     metrics = list_metrics(fixed_rankings(data), data, click_model(data_dir))
-    groups, _ = activity_groups(data_dir, data)
+    groups, bounds = activity_groups(data_dir, "test", data)
     return {
         "overall": summarise(metrics, slice(None)),
         "groups": {g: summarise(metrics, groups == i) for i, g in enumerate(GROUPS) if (groups == i).any()},
         "per_list": compared_per_list(metrics),
+        "list_groups": [GROUPS[i] for i in groups],
+        "activity": bounds,
     }
 
 
-def simulator_references(data_dir: Path, schema: Any, max_list: int) -> dict[str, float] | None:
-    """Expected clicks on test of two orders that know the simulator's truth, or None for real data:
-    the attraction sort (every item's true appeal, no list context) and the greedy oracle (with the
-    item-to-item effects). What lies between them is what only list context can earn."""
+def simulator_references(data_dir: Path, schema: Any, max_list: int) -> dict[str, dict[str, float]] | None:
+    """{order: {"utility", "context"}}: expected clicks on test, and their list-context part, of two
+    orders that know the simulator's truth, or None for real data: the attraction sort (every item's
+    true appeal, no list context) and the greedy oracle (with the item-to-item effects). What lies
+    between them is what only list context can earn."""
     from training.evaluate import click_model, load_lists
     from training.metrics import ranking_from_scores
 
@@ -218,7 +233,13 @@ def simulator_references(data_dir: Path, schema: Any, max_list: int) -> dict[str
     data = load_lists(data_dir, "test", schema, max_list)
     attraction = ranking_from_scores(data.extras["attraction"], data.inputs["cand_mask"])
     orders = {"attraction sort": attraction, "greedy oracle": model.greedy_permutation(data)}
-    return {name: float(np.mean(model.expected_utility(data, perm))) for name, perm in orders.items()}
+    return {
+        name: {
+            "utility": float(np.mean(model.expected_utility(data, perm))),
+            "context": float(np.mean(model.context_clicks(data, perm))),
+        }
+        for name, perm in orders.items()
+    }
 
 
 def paired_differences(per_list: dict[str, dict[str, np.ndarray]], pairs: list[tuple[str, str]]) -> dict:
@@ -233,6 +254,25 @@ def paired_differences(per_list: dict[str, dict[str, np.ndarray]], pairs: list[t
             diff = per_list[a][metric] - per_list[b][metric]
             low, high = paired_bootstrap(diff)
             out.setdefault(f"{a} - {b}", {})[metric] = {"diff": float(diff.mean()), "low": low, "high": high}
+    return out
+
+
+def upn_by_group(per_list: dict[str, dict[str, np.ndarray]], list_groups: list[str]) -> dict:
+    """{group: {"lists", metric: {diff, low, high}}}: PSAD-S minus PSAD-S without UPN on each
+    activity group's test lists (and "all"), with paired bootstrap 95% intervals: where the history
+    pays."""
+    from training.evaluate import GROUPS
+    from training.metrics import paired_bootstrap
+
+    groups = np.asarray(list_groups)
+    out: dict[str, dict[str, Any]] = {}
+    for group in ["all", *(g for g in GROUPS if g in list_groups)]:
+        rows = np.ones(len(groups), bool) if group == "all" else groups == group
+        out[group] = {"lists": int(rows.sum())}
+        for metric, values in per_list["psad-s"].items():
+            diff = values[rows] - per_list["no-upn"][metric][rows]
+            low, high = paired_bootstrap(diff)
+            out[group][metric] = {"diff": float(diff.mean()), "low": low, "high": high}
     return out
 
 
@@ -392,6 +432,7 @@ def execute(setup: Setup, progress: bool = True, on_run_done: Callable[[str, int
     others = [m for m in setup.models if m != "initial"]
     pairs = [(m, "initial") for m in others if "initial" in per_list]
     pairs += [("psad-s", m) for m in setup.models if m not in ("psad-s", "initial") and "psad-s" in per_list]
+    pairs += [("psad-g", m) for m in BASELINE_NAMES if m in per_list and "psad-g" in per_list]
     wall = time.perf_counter() - started
     report = {
         "dataset": setup.data_dir.name,
@@ -410,6 +451,8 @@ def execute(setup: Setup, progress: bool = True, on_run_done: Callable[[str, int
         "models": summary,
         "paired": paired_differences(per_list, pairs),
         "simulator_references": simulator_references(setup.data_dir, setup.schema, setup.base.max_list),
+        "activity": fixed["activity"],
+        "upn_by_group": upn_by_group(per_list, fixed["list_groups"]) if {"psad-s", "no-upn"} <= set(per_list) else None,
     }
     report["targets"] = targets(summary, wall, resumed=len(trained) < len(setup.jobs), budget=setup.budget)
     write_reports(report, setup.out)
@@ -572,12 +615,14 @@ def markdown(report: dict) -> str:
     for t in report["targets"]:
         result = {True: "pass", False: "MISS", None: "n/a"}[t["passed"]]
         lines.append(f"| {t['target']} | {result} | {t['detail']} |")
-    focus = [n for n in ("psad-s", "psad-g", best_baseline(models)) if n in models]
+    focus = [n for n in ("psad-s", "no-upn", "psad-g", best_baseline(models)) if n in models]
     focus += [n for n in models if SPECS[n].fixed]
     if focus:
         lines += [
             "",
-            "## By user-activity group (PSAD-S, PSAD-G, best trained baseline, fixed orders)",
+            "## By user-activity group (PSAD-S, without UPN, PSAD-G, best trained baseline, fixed orders)",
+            "",
+            activity_note(report),
             "",
             "| model | group | " + " | ".join(metrics) + " |",
         ]
@@ -585,6 +630,7 @@ def markdown(report: dict) -> str:
         for name in dict.fromkeys(focus):
             for group, values in models[name]["groups"].items():
                 lines.append(f"| {name} | {group} | " + " | ".join(cell(values[k]) for k in metrics) + " |")
+    lines += upn_markdown(report)
     lines += [
         "",
         "## Quality versus latency",
@@ -603,26 +649,58 @@ def markdown(report: dict) -> str:
     return "\n".join(lines)
 
 
+def activity_note(report: dict) -> str:
+    bounds = report.get("activity") or {}
+    if not bounds:
+        return "Activity: the user's behaviours before the list (terciles over the training lists)."
+    return (
+        f"Activity: the user's behaviours before the list; light <= {bounds['light_max']:g} < medium <= "
+        f"{bounds['medium_max']:g} < heavy (terciles over the training lists)."
+    )
+
+
+def upn_markdown(report: dict) -> list[str]:
+    """Where the history pays: PSAD-S minus PSAD-S without UPN, per activity group."""
+    by_group = report.get("upn_by_group")
+    if not by_group:
+        return []
+    metrics = [m for m in next(iter(by_group.values())) if m != "lists"]
+    lines = [
+        "",
+        "## Where UPN helps (PSAD-S minus PSAD-S without UPN, paired 95% intervals)",
+        "",
+        "| group | lists | " + " | ".join(metrics) + " |",
+        "|---|---|" + "---|" * len(metrics),
+    ]
+    for group, row in by_group.items():
+        cells = [f"{row[m]['diff']:+.4f} [{row[m]['low']:+.4f}, {row[m]['high']:+.4f}]" for m in metrics]
+        lines.append(f"| {group} | {row['lists']:,} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def references_markdown(report: dict) -> list[str]:
     """Simulated data: each model's expected clicks as a share of the gap from the attraction sort to
     the greedy oracle (0 = no list context used, 1 = the oracle's)."""
     refs = report.get("simulator_references")
     if not refs:
         return []
-    low, high = refs["attraction sort"], refs["greedy oracle"]
+    low, high = refs["attraction sort"]["utility"], refs["greedy oracle"]["utility"]
     lines = [
         "",
         "## Against the simulator's references",
         "",
         f"Orders that know the truth, expected clicks on test: attraction sort {low:.4f}, greedy oracle {high:.4f}. "
-        "Share of the gap = (model - attraction sort) / (greedy oracle - attraction sort).",
+        "Share of the gap = (model - attraction sort) / (greedy oracle - attraction sort). List context = the "
+        "expected clicks an order earns from what its items are shown next to (ClickModel.context_clicks; "
+        "negative: redundant neighbours).",
         "",
-        "| model | expected clicks | share of the gap |",
-        "|---|---|---|",
+        "| order | expected clicks | share of the gap | list context |",
+        "|---|---|---|---|",
     ]
-    for name, m in report["models"].items():
-        utility = m["metrics"]["utility"]["mean"]
-        lines.append(f"| {name} | {utility:.4f} | {(utility - low) / (high - low):+.1%} |")
+    rows = [(name, r["utility"], r["context"]) for name, r in refs.items()]
+    rows += [(n, m["metrics"]["utility"]["mean"], m["metrics"]["context"]["mean"]) for n, m in report["models"].items()]
+    for name, utility, context in rows:
+        lines.append(f"| {name} | {utility:.4f} | {(utility - low) / (high - low):+.1%} | {context:+.4f} |")
     return lines
 
 
@@ -640,6 +718,10 @@ def paired_markdown(report: dict) -> list[str]:
         (
             "## PSAD-S against every other model (paired 95% intervals; against the initial order: above)",
             [k for k in paired if k.startswith("psad-s - ") and k != "psad-s - initial"],
+        ),
+        (
+            "## PSAD-G against the trained baselines (paired 95% intervals)",
+            [k for k in paired if k.startswith("psad-g - ") and k != "psad-g - initial"],
         ),
     )
     lines: list[str] = []

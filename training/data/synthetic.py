@@ -15,7 +15,7 @@ Everything is vectorised numpy generated in chunks, with a cost independent of t
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -108,6 +108,13 @@ class ClickModel:
                 for s in (slice(i, i + rows) for i in range(0, max(len(mask), 1), rows))
             ]
         )
+
+    def context_clicks(self, data: ListData, perm: np.ndarray) -> np.ndarray:
+        """Expected clicks each list earns from what its items are shown next to (float64 [B]):
+        expected_utility minus the same order's with no item-to-item effects. Negative when redundant
+        items sit close together; the share of a reranker's gain that is list context."""
+        plain = replace(self, redundancy=0.0, complement=0.0)
+        return self.expected_utility(data, perm) - plain.expected_utility(data, perm)
 
     def sample_clicks(
         self,
