@@ -4,7 +4,8 @@ A new version is loaded, verified and warmed (export.runtime.load_bundle does al
 worker thread while the current one keeps serving; only then is the reference swapped, in one
 assignment. A request takes the reference once at its start, so in-flight requests finish on the
 bundle they started with. A bundle that fails to load is refused and remembered (polling does
-not retry it), and the current one keeps serving.
+not retry it), and the current one keeps serving. A version whose directory does not exist yet is
+refused but not remembered: it is missing, not broken, so polling loads it once it appears.
 """
 
 from __future__ import annotations
@@ -72,6 +73,10 @@ class ModelStore:
             if version == current:
                 metrics.RELOADS.labels("unchanged").inc()
                 return ReloadResult("unchanged", current)
+            if not self.path(version).is_dir():
+                return self._refuse(
+                    current, f"{self.path(version)}: no such bundle directory (yet); export it with `psad export`"
+                )
             try:
                 bundle = await asyncio.to_thread(self._load, version)
             except Exception as exc:  # whatever the cause, refuse it once: polling must not retry it forever

@@ -184,6 +184,21 @@ def test_polling_follows_new_versions(tiny_bundle, redis_server, tmp_path, data)
         assert c.get("/readyz").json()["model"]["version"] == 2
 
 
+def test_a_reload_of_a_missing_version_does_not_stop_polling_for_it(tiny_bundle, redis_server, tmp_path, data):
+    """A missing version is not a broken one: refused now (409), loaded by polling once it appears."""
+    repo = tmp_path / "repo"
+    copy_version(tiny_bundle, repo, 1)
+    with serve(settings_for(repo, redis_server.url, poll_interval_s=0.05, admin_token="secret")) as c:
+        early = c.post("/admin/reload", json={"version": 2}, headers=ADMIN)
+        assert early.status_code == 409 and "no such bundle directory" in early.json()["detail"]
+        copy_version(tiny_bundle, repo, 2)
+        for _ in range(400):
+            if c.get("/readyz").json()["model"]["version"] == 2:
+                break
+            time.sleep(0.05)
+        assert c.get("/readyz").json()["model"]["version"] == 2
+
+
 def test_stand_in_scores_keep_the_ranking_stage_order_on_failure(tiny_bundle, redis_server, tmp_path, data):
     """Without ranking-stage scores a failed model answers in the given order, scores descending."""
     from export.runtime import load_bundle
