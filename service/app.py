@@ -2,8 +2,9 @@
 
 Startup (lifespan): JSON logging, the first model (a failure stops startup: there is nothing to
 serve), the Redis pool (Redis being down does not stop startup: requests degrade to cold-start
-profiles and /readyz says 503 until it is back), the inference thread pool and micro-batcher,
-and the repository poller. Shutdown undoes them in reverse.
+profiles, /readyz reports it and psad_redis_up is 0 until it is back), the Redis health watch,
+the inference thread pool and micro-batcher, and the repository poller. Shutdown undoes them in
+reverse.
 """
 
 from __future__ import annotations
@@ -19,15 +20,34 @@ from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
 
 from export.runtime import Bundle
-from service import logs
+from service import logs, metrics
 from service.inference import Reranker, Scorer
 from service.metrics import MetricsMiddleware
 from service.model_store import ModelStore
-from service.profiles import ProfileStore, connect
+from service.profiles import STORE_ERRORS, ProfileStore, connect
 from service.resp import RespClient
 from service.settings import Settings, load_settings
 
 GC_GEN0_THRESHOLD = 20_000
+HEALTH_PING_S = 0.25  # a PING slower than this counts as Redis down
+
+
+async def redis_reachable(profiles: ProfileStore) -> bool:
+    """One PING within HEALTH_PING_S; its answer is also what psad_redis_up shows."""
+    try:
+        ok = await asyncio.wait_for(profiles.ping(), HEALTH_PING_S)
+    except (asyncio.TimeoutError, *STORE_ERRORS):
+        ok = False
+    metrics.REDIS_UP.set(1 if ok else 0)
+    return ok
+
+
+async def watch_redis(profiles: ProfileStore, interval_s: float) -> None:
+    """Keep psad_redis_up current between /readyz probes, so an outage alerts without taking the
+    replicas out of the load balancer."""
+    while True:
+        await redis_reachable(profiles)
+        await asyncio.sleep(interval_s)
 
 
 @dataclass
@@ -66,6 +86,7 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     scorer = Scorer(settings)
     scorer.start()
     app.state.service = Service(settings, models, profiles, Reranker(settings, models, profiles, scorer), log)
+    watcher = asyncio.create_task(watch_redis(profiles, settings.redis_health_interval_s))
     poller = None
     if settings.poll_interval_s > 0 and settings.model_version == "latest":
         poller = asyncio.create_task(models.poll(settings.poll_interval_s))
@@ -82,6 +103,7 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     finally:
         if poller is not None:
             poller.cancel()
+        watcher.cancel()
         await scorer.stop()
         await profiles.aclose()
 

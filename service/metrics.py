@@ -52,6 +52,11 @@ MODEL_INFO = Gauge(
     ["name", "version", "provider"],
     multiprocess_mode="livemax",
 )
+REDIS_UP = Gauge(
+    "psad_redis_up",
+    "1 when this worker's latest PING of the profile store answered, else 0 (the lowest worker's value).",
+    multiprocess_mode="livemin",
+)
 RELOADS = Counter("psad_model_reload", "Model reload attempts, by result (loaded, unchanged, refused).", ["result"])
 
 

@@ -23,7 +23,7 @@ from starlette.routing import BaseRoute
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service import api, logs, metrics
-from service.app import Service
+from service.app import Service, redis_reachable
 from service.profiles import STORE_ERRORS, AppendFailed
 
 EVENTS_RETRY_AFTER_S = 1
@@ -270,16 +270,15 @@ async def livez() -> JSON:
     return JSON({"status": "ok"})
 
 
-@router.get("/readyz", responses={503: {"description": "Not ready: no model loaded or Redis unreachable (same body)."}})
+@router.get("/readyz", responses={503: {"description": "Not ready: no model loaded (same body)."}})
 async def readyz(svc: Svc) -> JSON:
-    """200 when a model is loaded and Redis answers a PING; 503 otherwise, saying which."""
+    """200 when a model is loaded: this process can answer, degraded or not. Redis is reported but
+    does not decide it: /rerank serves cold-start profiles through an outage, so a shared Redis
+    outage must not take every replica out of the load balancer (psad_redis_up alerts instead)."""
     bundle = svc.models.current
-    try:
-        redis_ok = await asyncio.wait_for(svc.profiles.ping(), 0.25)
-    except (asyncio.TimeoutError, *STORE_ERRORS):
-        redis_ok = False
+    redis_ok = await redis_reachable(svc.profiles)
     body = {
-        "ready": bundle is not None and redis_ok,
+        "ready": bundle is not None,
         "model": None
         if bundle is None
         else {"name": bundle.name, "version": bundle.version, "provider": bundle.provider},

@@ -66,6 +66,7 @@ class Settings(BaseSettings):
     redis_budget_ms: float = Field(5.0, gt=0)  # time budget of the profile read per request
     redis_pool_size: int = Field(64, ge=1)
     events_timeout_ms: float = Field(1000.0, gt=0)  # time limit of an /events write
+    redis_health_interval_s: float = Field(2.0, gt=0)  # PING period behind the psad_redis_up gauge
     profile_ttl_s: int = Field(30 * 86_400, ge=0)  # 0 = profiles never expire
     key_prefix: str = Field("psad", min_length=1, max_length=64)
     history_len: int = Field(0, ge=0)  # behaviours kept per user; 0 = the bundle schema's max_history

@@ -379,3 +379,45 @@ def test_dashboard_expressions_parse_as_promql(tmp_path: Path) -> None:
     prometheus_yml = str(REPO / "deploy" / "prometheus.yml")
     config = subprocess.run(["promtool", "check", "config", prometheus_yml], capture_output=True, text=True)
     assert config.returncode == 0, config.stdout + config.stderr
+
+
+@pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool not installed")
+def test_the_redis_alert_fires_when_one_worker_loses_redis_and_not_before(tmp_path: Path) -> None:
+    """promtool's rule unit test on deploy/alerts.yml: two workers, one of which loses Redis."""
+    case = {
+        "rule_files": [str(REPO / "deploy" / "alerts.yml")],
+        "evaluation_interval": "30s",
+        "tests": [
+            {
+                "interval": "30s",
+                "input_series": [
+                    {"series": 'psad_redis_up{pid="1"}', "values": "1 1 0 0 0 0 0"},
+                    {"series": 'psad_redis_up{pid="2"}', "values": "1 1 1 1 1 1 1"},
+                ],
+                "alert_rule_test": [
+                    {"eval_time": "1m", "alertname": "PsadRedisDown", "exp_alerts": []},  # down for 0 s
+                    {
+                        "eval_time": "3m",
+                        "alertname": "PsadRedisDown",
+                        "exp_alerts": [
+                            {
+                                "exp_labels": {"severity": "page"},
+                                "exp_annotations": {
+                                    "summary": "PSAD cannot reach its Redis profile store",
+                                    "description": (
+                                        "Answers are degraded to cold-start profiles "
+                                        '(psad_degraded_total{reason="redis_unavailable"}) and /events answers 503 '
+                                        "until Redis is back."
+                                    ),
+                                },
+                            }
+                        ],
+                    },
+                ],
+            }
+        ],
+    }
+    path = tmp_path / "alerts_test.yml"
+    path.write_text(yaml.safe_dump(case))
+    result = subprocess.run(["promtool", "test", "rules", str(path)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr

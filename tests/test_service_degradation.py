@@ -97,14 +97,18 @@ def test_redis_down_degrades_and_recovers(tiny_bundle, tiny_data, own_redis, dat
         assert [i["item_id"] for i in r.json()["items"]] == [i["item_id"] for i in cold["items"]]  # cold-start
         ev = c.post("/events", json={"user_id": "u", "item_id": "a", "action": "click"})
         assert ev.status_code == 503 and ev.headers["retry-after"] == "1" and "may not be stored" in ev.json()["detail"]
-        ready = c.get("/readyz")
-        assert ready.status_code == 503 and ready.json()["redis"] == "unreachable"
-        assert metric_samples(c)[("psad_degraded_total", (("reason", "redis_unavailable"),))] >= 3
+        ready = c.get("/readyz")  # still ready: it answers, degraded; the gauge and its alert say why
+        assert ready.status_code == 200 and ready.json()["redis"] == "unreachable"
+        samples = metric_samples(c)
+        assert samples[("psad_degraded_total", (("reason", "redis_unavailable"),))] >= 3
+        assert samples[("psad_redis_up", ())] == 0
         own_redis.start()
         bulk_load(own_redis.url, tiny_data, prefix="apitest", ttl_s=0, progress=False)
         answers = [c.post("/rerank", json=request(data)).json() for _ in range(3)]
         assert answers[-1]["degraded"] is False
-        assert c.get("/readyz").status_code == 200
+        ready = c.get("/readyz")
+        assert ready.status_code == 200 and ready.json()["redis"] == "ok"
+        assert metric_samples(c)[("psad_redis_up", ())] == 1
 
 
 def test_slow_redis_exceeds_the_budget(tiny_bundle, own_redis, data):
