@@ -29,7 +29,7 @@ def setup(tiny_data: Path):
     return schema, item_cat, item_num, data
 
 
-def make(arch: str, setup, seed: int = 0, history_match: bool = False, item_ids: bool = True):
+def make(arch: str, setup, seed: int = 0, **features: bool):
     schema, item_cat, item_num, _ = setup
     torch.manual_seed(seed)
     cfg = ModelConfig(
@@ -39,8 +39,7 @@ def make(arch: str, setup, seed: int = 0, history_match: bool = False, item_ids:
         teacher_layers=1,
         student_hidden=16,
         dropout=0.0,
-        history_match=history_match,
-        item_ids=item_ids,
+        **features,
     )
     return build_model(cfg, schema, item_cat, item_num).eval()
 
@@ -70,10 +69,13 @@ def test_built_from_registry(arch: str, setup) -> None:
     assert isinstance(make(arch, setup), BASELINES[arch])
 
 
-@pytest.mark.parametrize("history_match", [False, True])
+FEATURES = [{}, {"history_match": True}, {"history_match": True, "item_ids": False}]  # default, + repeats, trivago
+
+
+@pytest.mark.parametrize("features", FEATURES)
 @pytest.mark.parametrize("arch", ARCHS)
-def test_padding_invariance(arch: str, history_match: bool, setup) -> None:
-    model = make(arch, setup, history_match=history_match, item_ids=not history_match)
+def test_padding_invariance(arch: str, features: dict, setup) -> None:
+    model = make(arch, setup, **features)
     inputs, _ = batch(setup, slice(0, 6))
     short = {k: (v[:, :6] if k.startswith("cand_") else v) for k, v in inputs.items()}  # lists of 6 (max_list 10)
     with torch.no_grad():
@@ -99,10 +101,10 @@ def test_a_few_steps_lower_the_loss(arch: str, setup) -> None:
     assert losses[-1] < 0.8 * losses[0]
 
 
-@pytest.mark.parametrize("history_match", [False, True])
+@pytest.mark.parametrize("features", FEATURES)
 @pytest.mark.parametrize("arch", ARCHS)
-def test_serving_module_scores_like_rank_scores(arch: str, history_match: bool, setup) -> None:
-    model = make(arch, setup, history_match=history_match)
+def test_serving_module_scores_like_rank_scores(arch: str, features: dict, setup) -> None:
+    model = make(arch, setup, **features)
     inputs, _ = batch(setup, slice(10, 15))
     serving = model.serving_module()
     assert {id(p) for p in serving.parameters()} == {id(p) for p in model.parameters()}  # shared, not copied
@@ -110,15 +112,15 @@ def test_serving_module_scores_like_rank_scores(arch: str, history_match: bool, 
         torch.testing.assert_close(serving(*(inputs[n] for n in INPUT_NAMES)), model.rank_scores(inputs))
 
 
-@pytest.mark.parametrize("history_match", [False, True])
-def test_empty_history_and_single_candidate_stay_finite(history_match: bool, setup) -> None:
+@pytest.mark.parametrize("features", FEATURES)
+def test_empty_history_and_single_candidate_stay_finite(features: dict, setup) -> None:
     inputs, _ = batch(setup, slice(0, 2))
     inputs = {
         k: (v[:, :0] if k.startswith("hist_") else v[:, :1] if k.startswith("cand_") else v) for k, v in inputs.items()
     }
     for arch in ARCHS:
         with torch.no_grad():
-            assert torch.isfinite(make(arch, setup, history_match=history_match).rank_scores(inputs)).all(), arch
+            assert torch.isfinite(make(arch, setup, **features).rank_scores(inputs)).all(), arch
 
 
 def permuted(inputs: dict[str, torch.Tensor], order: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -364,6 +364,8 @@ def test_click_loss_is_the_bce_of_each_shown_item_at_its_displayed_slot():
                 terms.append(torch.nn.functional.binary_cross_entropy_with_logits(logits[0, r, item], labels[b, item]))
     torch.testing.assert_close(got, torch.stack(terms).mean())
     model.train()
+    with pytest.raises(ValueError, match=r"teacher_target = \"shown\" trains on inputs\['shown_order'\]"):
+        model(inputs, labels)
     out = model({**inputs, SHOWN: shown}, labels)
     out["loss"].backward()
     assert torch.isfinite(out["teacher"]) and model.teacher.pointer_q.weight.grad.abs().sum() > 0

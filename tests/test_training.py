@@ -86,6 +86,27 @@ def test_bad_config_is_rejected_with_the_key(tmp_path: Path, edit: str, expected
     assert expected in str(info.value)
 
 
+def test_a_config_that_extends_another_takes_every_key_it_does_not_set(tmp_path: Path) -> None:
+    base = TrainConfig.small_for_tests()
+    (tmp_path / "base.toml").write_text(toml_text(base))
+    (tmp_path / "variant.toml").write_text(
+        'extends = "base.toml"\n[model]\nhistory_match = true\n[train]\nepochs = 7\n'
+    )
+    expected = dataclasses.replace(base, epochs=7, model=dataclasses.replace(base.model, history_match=True))
+    assert TrainConfig.load(tmp_path / "variant.toml") == expected
+    shipped = TrainConfig.load(REPO / "configs" / "trivago.toml")
+    psad = TrainConfig.load(REPO / "configs" / "psad.toml")
+    assert shipped == dataclasses.replace(
+        psad, model=dataclasses.replace(psad.model, item_ids=False, history_match=True)
+    )
+    (tmp_path / "loop.toml").write_text('extends = "loop.toml"\n')
+    with pytest.raises(ConfigError, match="makes a cycle"):
+        TrainConfig.load(tmp_path / "loop.toml")
+    (tmp_path / "orphan.toml").write_text('extends = "gone.toml"\n')
+    with pytest.raises(ConfigError, match=r"gone.toml: config file not found \(extended by .*orphan.toml\)"):
+        TrainConfig.load(tmp_path / "orphan.toml")
+
+
 def test_missing_config_and_data_dir_are_named(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="nope.toml: config file not found"):
         TrainConfig.load(tmp_path / "nope.toml")
@@ -368,10 +389,7 @@ def test_a_teacher_trained_on_the_shown_order_learns_the_simulators_click_model(
     with torch.no_grad():
         x, u = model._represent(inputs)
         enc = model.teacher.encode(x, inputs["cand_mask"])
-        ranks = torch.arange(shown.shape[1])
-        item_rank = torch.empty_like(shown).scatter_(1, shown, ranks.expand(len(shown), -1))
-        logits = model.teacher.pointer_logits(enc, model.teacher.pointer_keys(enc, u), item_rank, ranks)
-        learned = torch.sigmoid(logits.gather(2, shown[..., None])[..., 0]).numpy()
+        learned = torch.sigmoid(model.teacher.click_logits(enc, u, shown)).numpy()
     truth = ClickModel.load(data_dir)
     attraction, category, mask = truth.list_arrays(data)
     exact = np.take_along_axis(truth.click_probabilities(attraction, category, mask, shown.numpy()), shown.numpy(), 1)

@@ -102,17 +102,36 @@ class TrainConfig:
 
     @classmethod
     def load(cls, path: Path) -> TrainConfig:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"{path}: config file not found; pass --config (see configs/psad.toml)")
-        try:
-            raw = tomllib.loads(path.read_text())
-        except tomllib.TOMLDecodeError as exc:
-            raise ConfigError(f"{path}: not valid TOML ({exc})") from None
-        return cls.from_dict(raw, source=str(path))
+        return cls.from_dict(read_toml(Path(path)), source=str(path))
 
     @classmethod
     def small_for_tests(cls) -> TrainConfig:
         """Tiny dimensions and two epochs: trains on the test fixtures' data in a few seconds."""
         model = ModelConfig(d_model=16, n_heads=2, teacher_layers=1, student_hidden=16, dropout=0.0, block_size=2)
         return cls(model=model, epochs=2, batch_size=64, lr=3e-3, patience=0, threads=1, eval_batch_size=256)
+
+
+def read_toml(path: Path, extended_by: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """The config at `path` as a dict. `extends = "other.toml"` (relative to this file) takes every
+    key this file does not set from the other one, section by section: a variant states only what
+    it changes, and cannot drift from its base."""
+    if not path.is_file():
+        where = f" (extended by {extended_by[-1]})" if extended_by else ""
+        raise ConfigError(f"{path}: config file not found{where}; pass --config (see configs/psad.toml)")
+    try:
+        raw = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML ({exc})") from None
+    base = raw.pop("extends", None)
+    if base is None:
+        return raw
+    if not isinstance(base, str):
+        raise ConfigError(f'{path}: extends = {base!r}: expected a file name such as "psad.toml"')
+    parent = (path.parent / base).resolve()
+    if parent in (*extended_by, path.resolve()):
+        raise ConfigError(f"{path}: extends = {base!r} makes a cycle; a config cannot extend itself")
+    merged = read_toml(parent, (*extended_by, path.resolve()))
+    for key, value in raw.items():
+        below = merged.get(key)
+        merged[key] = {**below, **value} if isinstance(value, dict) and isinstance(below, dict) else value
+    return merged

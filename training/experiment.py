@@ -650,9 +650,7 @@ def markdown(report: dict) -> str:
 
 
 def activity_note(report: dict) -> str:
-    bounds = report.get("activity") or {}
-    if not bounds:
-        return "Activity: the user's behaviours before the list (terciles over the training lists)."
+    bounds = report["activity"]
     return (
         f"Activity: the user's behaviours before the list; light <= {bounds['light_max']:g} < medium <= "
         f"{bounds['medium_max']:g} < heavy (terciles over the training lists)."

@@ -46,7 +46,7 @@ from training.config import TrainConfig
 from training.data.store import ListData, check_schema_files, load_items, load_schema
 from training.evaluate import list_metrics, load_lists, rank_lists, to_tensors
 from training.models.psad import SHOWN
-from training.models.registry import build_model
+from training.models.registry import GENERATOR_ARCHS, build_model
 from training.plots import plot_history
 
 VALIDATION_METRIC = "ndcg@10"
@@ -171,7 +171,8 @@ def _train(
     schema = load_schema(data_dir)
     train_data = load_lists(data_dir, "train", schema, config.max_list)
     val_data = load_lists(data_dir, "val", schema, config.max_list)
-    shown = torch.from_numpy(train_data.shown_order()) if config.model.teacher_target == "shown" else None
+    needs_shown = config.model.arch in GENERATOR_ARCHS and config.model.teacher_target == "shown"
+    shown = torch.from_numpy(train_data.shown_order()) if needs_shown else None
     if len(train_data) < cluster.world_size:
         raise RunError(f"{data_dir}: {len(train_data)} training lists cannot feed {cluster.world_size} processes")
     item_cat, item_num = (torch.from_numpy(np.array(a)) for a in load_items(data_dir, schema))

@@ -22,7 +22,7 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
-from training.data.store import SPLITS, DataError, ListData, staged, write_dataset
+from training.data.store import SHOWN_POSITION, SPLITS, DataError, ListData, staged, write_dataset
 from training.metrics import valid_first
 from training.schema import CategoricalFeature, FeatureSchema, NumericFeature, Vocab, Vocabularies, read_json
 
@@ -112,7 +112,8 @@ class ClickModel:
     def context_clicks(self, data: ListData, perm: np.ndarray) -> np.ndarray:
         """Expected clicks each list earns from what its items are shown next to (float64 [B]):
         expected_utility minus the same order's with no item-to-item effects. Negative when redundant
-        items sit close together; the share of a reranker's gain that is list context."""
+        items sit close together; comparing two orders' values tells how much of their difference in
+        expected clicks is list context."""
         plain = replace(self, redundancy=0.0, complement=0.0)
         return self.expected_utility(data, perm) - plain.expected_utility(data, perm)
 
@@ -541,7 +542,7 @@ def build_synthetic(
             "hist_actions": _ragged(action_index[b_click.astype(np.int64)], start, end),
             "attraction": list(attraction),
             "category": list(world.item_category[cand].astype(np.float32)),
-            "shown_position": list(shown_position),
+            SHOWN_POSITION: list(shown_position),
         }
     )
     split_of = np.select([train, ts < cut[1]], [0, 1], 2)

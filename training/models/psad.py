@@ -87,6 +87,11 @@ class PSAD(nn.Module):
         enc = self.teacher.encode(x, mask)
         perm = self.teacher.decode(enc, u, mask)  # no_grad: the teacher's current greedy list
         if cfg.teacher_target == "shown":
+            if SHOWN not in inputs:
+                raise ValueError(
+                    f'model.teacher_target = "shown" trains on inputs[{SHOWN!r}], the displayed order '
+                    "(ListData.shown_order; `psad train` adds it): pass it, or train with teacher_target = \"own\""
+                )
             teacher = self.teacher.click_loss(enc, u, mask, labels, inputs[SHOWN])
         else:
             teacher = self.teacher.loss(enc, u, mask, labels, perm)

@@ -118,17 +118,22 @@ class Teacher(nn.Module):
         supervised = best[..., 0] > 0
         return torch.where(supervised, nll, 0.0).sum() / supervised.sum().clamp(min=1)
 
+    def click_logits(self, enc: torch.Tensor, u: torch.Tensor, shown: torch.Tensor) -> torch.Tensor:
+        """[B,L]: slot r's logit for the item displayed at r, given the items displayed in earlier
+        blocks (the click model of teacher_target "shown"). shown [B,L] is the candidate index at
+        each displayed rank, padded candidates last."""
+        n, length = shown.shape
+        ranks = torch.arange(length, device=shown.device)
+        item_rank = torch.empty_like(shown).scatter_(1, shown, ranks.expand(n, -1))
+        logits = self.pointer_logits(enc, self.pointer_keys(enc, u), item_rank, ranks)  # [B,slot,item]
+        return logits.gather(2, shown[..., None])[..., 0].clamp(-LOGIT_BOUND, LOGIT_BOUND)
+
     def click_loss(
         self, enc: torch.Tensor, u: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor, shown: torch.Tensor
     ) -> torch.Tensor:
-        """Click-model loss on the displayed order: shown [B,L] is the candidate index at each
-        displayed rank (padded candidates last). Slot r's logit for the item shown there, given the
-        items shown in earlier blocks, against whether it was clicked; mean over valid slots."""
-        n, length = mask.shape
-        ranks = torch.arange(length, device=mask.device)
-        item_rank = torch.empty_like(shown).scatter_(1, shown, ranks.expand(n, -1))
-        logits = self.pointer_logits(enc, self.pointer_keys(enc, u), item_rank, ranks)  # [B,slot,item]
-        logit = logits.gather(2, shown[..., None])[..., 0].clamp(-LOGIT_BOUND, LOGIT_BOUND)  # [B,slot]
+        """Sigmoid cross-entropy of click_logits against whether each displayed item was clicked;
+        mean over valid slots."""
+        logit = self.click_logits(enc, u, shown)
         clicked = (labels.gather(1, shown) > 0).to(logit.dtype)
         valid = mask.gather(1, shown)
         loss = F.binary_cross_entropy_with_logits(logit, clicked, reduction="none")

@@ -81,9 +81,11 @@ class HistoryMatch(nn.Module):
 
     def features(self, cand_items, hist_items, hist_actions, hist_age, hist_mask) -> torch.Tensor:
         """[B,L] candidates against the [B,H] history (oldest first) -> [B,L,A+2]: log1p counts per
-        action, 1 / (1 + days since the last) and 1 / (1 + behaviours since the last). The count of
-        behaviours since orders a session's items, whose ages in days all round to about 0.
-        OOV and padded behaviours match nothing; a candidate never acted on gets 0 everywhere."""
+        action, 1 / (1 + days since the last) and 1 / (1 + known behaviours since the last). The
+        count of behaviours since orders a session's items, whose ages in days all round to about 0.
+        OOV and padded behaviours match nothing and are not counted (an item unknown to the bundle
+        says nothing about recency among known ones); a candidate never acted on gets zero counts
+        and recencies of 1 / (1 + 1e9)."""
         known = hist_mask & (hist_items > OOV)
         same = (cand_items[:, :, None] == hist_items[:, None, :]) & known[:, None, :]  # [B,L,H]
         actions = torch.arange(self.n_actions, device=hist_actions.device)
