@@ -96,10 +96,20 @@ class MetricsMiddleware:
                 status = 500
             raise
         finally:
-            route = getattr(scope.get("route"), "path", "unmatched")
+            route = route_label(scope)
             duration, count = _route_children(route, status)
             duration.observe(time.perf_counter() - start)
             count.inc()
+
+
+def route_label(scope: dict) -> str:
+    """The matched route's path template; FastAPI's own pages (/openapi.json, /docs) set an
+    endpoint but no route, and their paths are fixed. Anything else is `unmatched`, so a scan of
+    random paths cannot grow the label set."""
+    route = scope.get("route")
+    if route is not None:
+        return route.path
+    return scope["path"] if scope.get("endpoint") is not None else "unmatched"
 
 
 _CHILDREN: dict[tuple[str, int], tuple] = {}

@@ -305,6 +305,17 @@ def test_health_and_metrics(client, data):
     assert after[("psad_candidates_per_request_count", ())] >= 1
 
 
+def test_routes_are_labelled_by_their_template_and_strays_as_unmatched(client):
+    """FastAPI's own pages are routes like the others; random paths share one label."""
+    client.get("/openapi.json")
+    client.get("/no/such/path/1")
+    client.get("/no/such/path/2")
+    samples = metric_samples(client)
+    assert samples[("psad_requests_total", (("route", "/openapi.json"), ("status", "200")))] >= 1
+    routes = {dict(labels)["route"] for name, labels in samples if name == "psad_requests_total"}
+    assert "unmatched" in routes and not any(r.startswith("/no/") for r in routes)
+
+
 @pytest.mark.parametrize(
     "field, value, variable",
     [
