@@ -16,7 +16,7 @@ import orjson
 from fastapi import APIRouter, Depends, Header, HTTPException, Request
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from fastapi.routing import APIRoute
 from pydantic import BaseModel, Discriminator, Tag, ValidationError
 from starlette.routing import BaseRoute
@@ -287,7 +287,11 @@ async def readyz(svc: Svc) -> JSON:
     return JSON(body, status_code=200 if body["ready"] else 503)
 
 
-@router.get("/metrics")
+@router.get(
+    "/metrics",
+    response_class=PlainTextResponse,
+    responses={200: {"description": "Prometheus exposition text", "content": {"text/plain": {}}}},
+)
 async def prometheus() -> Response:
     data, content_type = metrics.render()
     return Response(data, media_type=content_type)

@@ -383,6 +383,7 @@ def test_hot_routes_keep_their_http_semantics_and_schema(client, data):
     answers = {path: set(ops[m]["responses"]) for path, ops in spec["paths"].items() for m in ops}
     assert {"200", "413", "422"} <= answers["/rerank"] and {"413", "503"} <= answers["/events"]
     assert {"401", "403", "409"} <= answers["/admin/reload"] and "503" in answers["/readyz"]
+    assert list(spec["paths"]["/metrics"]["get"]["responses"]["200"]["content"]) == ["text/plain"]
     key = ("psad_requests_total", (("route", "/rerank"), ("status", "422")))
     before = metric_samples(client).get(key, 0.0)
     client.post("/rerank", json={"user_id": "u", "candidates": []})
