@@ -342,7 +342,8 @@ def curl_example(port: int, body: dict[str, Any]) -> str:
 
 
 def announce_when_ready(port: int, body: dict[str, Any], timeout_s: float = 120.0) -> None:
-    """Print the curl example once /readyz answers 200 (the model is loaded, Redis reachable)."""
+    """Print the curl example once /readyz answers 200: the model is loaded (Redis and the profiles
+    were set up before the server started)."""
 
     def watch() -> None:
         deadline = time.monotonic() + timeout_s
