@@ -116,14 +116,18 @@ def click_model(data_dir: Path) -> Any:
     return ClickModel.load(data_dir) if (Path(data_dir) / "simulator.json").is_file() else None
 
 
-def behaviours_before(data_dir: Path, split: str, list_ids: np.ndarray | None = None) -> np.ndarray:
+def behaviours_before(
+    data_dir: Path, split: str, list_ids: np.ndarray | None = None, behaviours: pd.DataFrame | None = None
+) -> np.ndarray:
     """Per list of `split` (in list_ids order, or the file's): how many behaviours its user logged
-    strictly before it, the history the list's features are cut from, uncapped."""
+    strictly before it, the history the list's features are cut from, uncapped. behaviours: the
+    data set's behaviours (user_id, timestamp) when the caller has read them already."""
     rows = read_parquet(Path(data_dir) / f"{split}.parquet", columns=["list_id", "user_id", "timestamp"])
     lists = rows.drop_duplicates("list_id").set_index("list_id")
     if list_ids is not None:
         lists = lists.loc[list_ids]
-    behaviours = read_parquet(Path(data_dir) / "behaviours.parquet", columns=["user_id", "timestamp"])
+    if behaviours is None:
+        behaviours = read_parquet(Path(data_dir) / "behaviours.parquet", columns=["user_id", "timestamp"])
     # a list sorts before its user's behaviours of the same time: those are not strictly before it
     events = pd.concat(
         [lists.assign(behaviour=0).reset_index(drop=True), behaviours.assign(behaviour=1)], ignore_index=True
@@ -134,8 +138,10 @@ def behaviours_before(data_dir: Path, split: str, list_ids: np.ndarray | None = 
 
 def activity_groups(data_dir: Path, split: str, data: ListData) -> tuple[np.ndarray, dict[str, float]]:
     """Group index (0 light, 1 medium, 2 heavy) per list of `split`, and the tercile boundaries."""
-    q1, q2 = (float(q) for q in np.quantile(behaviours_before(data_dir, "train"), [1 / 3, 2 / 3]))
-    activity = behaviours_before(data_dir, split, data.list_ids)
+    behaviours = read_parquet(Path(data_dir) / "behaviours.parquet", columns=["user_id", "timestamp"])
+    train = behaviours_before(data_dir, "train", behaviours=behaviours)
+    q1, q2 = (float(q) for q in np.quantile(train, [1 / 3, 2 / 3]))
+    activity = behaviours_before(data_dir, split, data.list_ids, behaviours)
     return np.digitize(activity, [q1, q2], right=True), {"light_max": q1, "medium_max": q2}
 
 

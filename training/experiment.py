@@ -262,17 +262,13 @@ def upn_by_group(per_list: dict[str, dict[str, np.ndarray]], list_groups: list[s
     activity group's test lists (and "all"), with paired bootstrap 95% intervals: where the history
     pays."""
     from training.evaluate import GROUPS
-    from training.metrics import paired_bootstrap
 
     groups = np.asarray(list_groups)
     out: dict[str, dict[str, Any]] = {}
     for group in ["all", *(g for g in GROUPS if g in list_groups)]:
         rows = np.ones(len(groups), bool) if group == "all" else groups == group
-        out[group] = {"lists": int(rows.sum())}
-        for metric, values in per_list["psad-s"].items():
-            diff = values[rows] - per_list["no-upn"][metric][rows]
-            low, high = paired_bootstrap(diff)
-            out[group][metric] = {"diff": float(diff.mean()), "low": low, "high": high}
+        sliced = {m: {k: v[rows] for k, v in per_list[m].items()} for m in ("psad-s", "no-upn")}
+        out[group] = {"lists": int(rows.sum()), **paired_differences(sliced, [("psad-s", "no-upn")])["psad-s - no-upn"]}
     return out
 
 
