@@ -205,10 +205,10 @@ class ProfileStore:
         if self.reader is not None:
             replies = await self.reader.execute(commands, timeout_s, raise_on_error=False)
         else:
-            pipe = self.client.pipeline(transaction=False)
-            for command in commands:
-                pipe.execute_command(*command)
-            replies = await within(pipe.execute(raise_on_error=False), timeout_s)
+            async with self.client.pipeline(transaction=False) as pipe:  # released however it ends
+                for command in commands:
+                    pipe.execute_command(*command)
+                replies = await within(pipe.execute(raise_on_error=False), timeout_s)
         return [_profile(u, h) for u, h in zip(replies[0::2], replies[1::2], strict=True)]
 
     async def append(self, events: Sequence[tuple[str, str, str, int, str | None]], cap: int) -> None:
@@ -218,14 +218,17 @@ class ProfileStore:
         by_user: dict[str, list] = {}
         for uid, item, action, ts, event_id in events:
             by_user.setdefault(uid, []).extend([ts, member(ts, action, event_id or uuid.uuid4().hex[:16], item)])
-        pipe = self.client.pipeline(transaction=False)
-        for uid, args in by_user.items():
-            keys = [history_key(self.prefix, uid), user_key(self.prefix, uid)]
-            if self.cluster:  # EVAL: routed by its keys; no node has to have cached the script
-                pipe.eval(APPEND_LUA, 2, *keys, cap, self.ttl_s, *args)
-            else:
-                await self._append(keys=keys, args=[cap, self.ttl_s, *args], client=pipe)
-        results = await pipe.execute(raise_on_error=False)
+        # `async with` releases the pipeline's connection however execute() ends: redis-py's
+        # execute() checks the scripts (SCRIPT EXISTS) before its own cleanup starts, so a failure or
+        # a timeout there would otherwise keep the connection out of the pool for good.
+        async with self.client.pipeline(transaction=False) as pipe:
+            for uid, args in by_user.items():
+                keys = [history_key(self.prefix, uid), user_key(self.prefix, uid)]
+                if self.cluster:  # EVAL: routed by its keys; no node has to have cached the script
+                    pipe.eval(APPEND_LUA, 2, *keys, cap, self.ttl_s, *args)
+                else:
+                    await self._append(keys=keys, args=[cap, self.ttl_s, *args], client=pipe)
+            results = await pipe.execute(raise_on_error=False)
         failed = {uid: str(r) for uid, r in zip(by_user, results, strict=True) if isinstance(r, Exception)}
         if failed:
             raise AppendFailed(failed, len(by_user) - len(failed))

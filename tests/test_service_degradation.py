@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
+import signal
+import subprocess
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -109,6 +112,38 @@ def test_redis_down_degrades_and_recovers(tiny_bundle, tiny_data, own_redis, dat
         ready = c.get("/readyz")
         assert ready.status_code == 200 and ready.json()["redis"] == "ok"
         assert metric_samples(c)[("psad_redis_up", ())] == 1
+
+
+def test_events_recover_after_a_stall_and_a_crash_of_redis_with_a_grown_pool(tiny_bundle, own_redis, data):
+    """Every pooled connection is in use when Redis stalls, then Redis dies and comes back: the
+    failed writes must hand their connections back, so /events and /readyz recover at once."""
+    settings = settings_for(tiny_bundle.parents[1], own_redis.url, redis_pool_size=4, events_timeout_ms=300)
+    event = {"user_id": "u", "item_id": "a", "action": "click"}
+
+    def burst(n: int) -> list[int]:
+        def send(k: int) -> int:
+            return c.post("/events", json={**event, "event_id": f"e{k}"}).status_code
+
+        with ThreadPoolExecutor(n) as pool:
+            return list(pool.map(send, range(n)))
+
+    with serve(settings) as c:
+        slow = subprocess.Popen(["redis-cli", "-p", str(own_redis.port), "DEBUG", "SLEEP", "0.2"])
+        time.sleep(0.05)
+        assert burst(8) == [200] * 8  # queued behind the sleep: the pool grows to its 4 connections
+        slow.wait()
+        os.kill(own_redis.proc.pid, signal.SIGSTOP)  # a stall: every write times out mid-command
+        assert set(burst(8)) == {503}
+        os.kill(own_redis.proc.pid, signal.SIGKILL)
+        own_redis.proc.wait()
+        own_redis.proc = None
+        assert set(burst(4)) == {503}  # the outage
+        own_redis.start()
+        deadline = time.monotonic() + 5
+        while c.post("/events", json=event).status_code != 200 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert burst(8) == [200] * 8
+        assert c.get("/readyz").json()["redis"] == "ok"
 
 
 def test_slow_redis_exceeds_the_budget(tiny_bundle, own_redis, data):
