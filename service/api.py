@@ -9,6 +9,7 @@ models; limits that come from settings (max_candidates, max_id_length, max_futur
 
 from __future__ import annotations
 
+import copy
 import re
 import time
 from collections.abc import Sequence
@@ -35,7 +36,10 @@ class _Strict(BaseModel):
 
 
 class Candidate(_Strict):
-    item_id: str = Field(min_length=1, description="Item id as the ranking stage knows it; unknown ids are fine.")
+    item_id: str = Field(
+        min_length=1,
+        description="Item id as the ranking stage knows it; unknown ids are fine; unique within the request.",
+    )
     score: float | None = Field(
         None,
         ge=-FLOAT32_SAFE,
@@ -48,7 +52,9 @@ class Candidate(_Strict):
 
 
 class Context(_Strict):
-    timestamp: float | None = Field(None, ge=0, description="Request time, unix seconds (default: now).")
+    timestamp: float | None = Field(
+        None, ge=0, description="Request time, unix seconds (default: now); at most max_future_s ahead."
+    )
 
 
 # A request id is echoed in the X-Request-ID header: visible ASCII only (no spaces, no control
@@ -70,9 +76,13 @@ class RerankRequest(_Strict):
         description="Visible ASCII, echoed back in the body and the X-Request-ID header; generated when absent.",
     )
     user_id: str = Field(min_length=1)
-    candidates: list[Candidate] = Field(min_length=1, description="In the ranking stage's order.")
+    candidates: list[Candidate] = Field(
+        min_length=1, description="In the ranking stage's order; item ids unique; a score for every one or for none."
+    )
     context: Context | None = None
-    top_k: int | None = Field(None, ge=1, description="Return only the first top_k items (1..len(candidates)).")
+    top_k: int | None = Field(
+        None, ge=1, description="Return only the first top_k items (1..len(candidates)). An integer: 5.0 is refused."
+    )
 
 
 class RankedItem(BaseModel):
@@ -100,7 +110,9 @@ class Event(_Strict):
     user_id: str = Field(min_length=1)
     item_id: str = Field(min_length=1)
     action: str = Field(min_length=1, description="One of the model schema's actions.")
-    timestamp: int | None = Field(None, ge=0, description="Unix seconds (default: now).")
+    timestamp: int | None = Field(
+        None, ge=0, description="Unix seconds (default: now); at most max_future_s ahead. An integer: 5.0 is refused."
+    )
     event_id: str | None = Field(
         None,
         min_length=1,
@@ -121,10 +133,20 @@ class Detail(BaseModel):
     detail: str
 
 
+class WorkerVersion(BaseModel):
+    pid: int
+    version: int = Field(description="the version this worker serves")
+
+
 class ReloadResult(BaseModel):
-    result: str = Field(description="loaded, unchanged, or refused (409)")
+    result: str = Field(
+        description="loaded, unchanged, refused (409), or partial (409: some workers do not serve it; detail says why)"
+    )
     version: int = Field(description="the version now serving")
     detail: str
+    workers: list[WorkerVersion] = Field(
+        default_factory=list, description="With several workers: what each serves after the reload."
+    )
 
 
 def _answers(*statuses: tuple[int, str], model: type[BaseModel] = Detail) -> dict[int | str, dict[str, Any]]:
@@ -132,17 +154,58 @@ def _answers(*statuses: tuple[int, str], model: type[BaseModel] = Detail) -> dic
 
 
 TOO_LARGE = (413, "Body over PSAD_MAX_BODY_BYTES; refused before parsing.")
+NOT_JSON = (415, "A Content-Type other than application/json (or application/*+json); none is read as JSON.")
 # The non-200 answers each route may give besides 422, for the OpenAPI schema.
-BODY_ANSWERS = _answers(TOO_LARGE)
-EVENTS_ANSWERS = _answers(TOO_LARGE, (503, "Not stored or not all stored: retry after Retry-After seconds."))
+BODY_ANSWERS = _answers(TOO_LARGE, NOT_JSON)
+EVENTS_ANSWERS = _answers(TOO_LARGE, NOT_JSON, (503, "Not stored or not all stored: retry after Retry-After seconds."))
 RELOAD_ANSWERS = {
-    **_answers((401, "No bearer token."), (403, "Wrong token, or admin disabled (no PSAD_ADMIN_TOKEN).")),
+    **_answers(
+        (401, "No bearer token."), (403, "Wrong token, or admin disabled (no PSAD_ADMIN_TOKEN)."), TOO_LARGE, NOT_JSON
+    ),
     **_answers((409, "The bundle was refused; the current version keeps serving."), model=ReloadResult),
 }
 
 
 class ReloadRequest(_Strict):
     version: int | None = Field(None, ge=1, description="Version to load (default: the latest).")
+
+
+def openapi_schema(
+    base: dict[str, Any], settings: Settings, actions: Sequence[str], features: Sequence[str]
+) -> dict[str, Any]:
+    """FastAPI's schema of the models plus what the server enforces from its settings and its
+    serving model: id lengths, list sizes, the model's actions and candidate features. Rules JSON
+    Schema cannot state (unique item ids, top_k <= len(candidates), a score for every candidate
+    or none, timestamps at most max_future_s ahead) are in the fields' descriptions."""
+    schema = copy.deepcopy(base)
+    models = schema["components"]["schemas"]
+
+    def string(model: str, name: str) -> dict[str, Any]:  # the string branch of a property
+        prop = models[model]["properties"][name]
+        return next((b for b in prop.get("anyOf", [prop]) if b.get("type") == "string"), prop)
+
+    for model, name in [
+        ("RerankRequest", "request_id"),
+        ("RerankRequest", "user_id"),
+        ("Candidate", "item_id"),
+        ("Event", "user_id"),
+        ("Event", "item_id"),
+        ("Event", "event_id"),
+    ]:
+        string(model, name)["maxLength"] = settings.max_id_length
+    request_id = models["RerankRequest"]["properties"]["request_id"]
+    string("RerankRequest", "request_id")["pattern"] = request_id.pop("pattern")
+    for model, name, limit in [
+        ("RerankRequest", "candidates", settings.max_candidates),
+        ("BatchRerankRequest", "requests", settings.max_batch_requests),
+        ("EventBatch", "events", settings.max_events),
+    ]:
+        models[model]["properties"][name]["maxItems"] = limit
+    string("Event", "action")["enum"] = list(actions)
+    given = next(b for b in models["Candidate"]["properties"]["features"]["anyOf"] if b.get("type") == "object")
+    number = given.pop("additionalProperties")
+    given.update(properties={f: number for f in features if f != RANK_SCORE}, additionalProperties=False)
+    return schema
 
 
 def _error(loc: Sequence[Any], msg: str, value: Any) -> dict[str, Any]:

@@ -2,8 +2,10 @@
 
 Startup (lifespan): JSON logging, the first model (a failure stops startup: there is nothing to
 serve), the Redis pool (Redis being down does not stop startup: requests degrade to cold-start
-profiles, /readyz reports it and psad_redis_up is 0 until it is back), the Redis health watch,
-the inference thread pool and micro-batcher, and the repository poller. Shutdown undoes them in
+profiles, /readyz reports it and psad_redis_up is 0 until it is back), the first check of the
+store (Redis and the profile load marker: service.health) and the health watch that repeats it,
+the inference thread pool and micro-batcher, the repository poller, and with several workers the
+follower of the server's model version (service.fleet). Shutdown undoes them in
 reverse.
 """
 
@@ -20,34 +22,16 @@ from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
 
 from export.runtime import Bundle
-from service import logs, metrics
+from service import api, logs
+from service.health import StoreHealth, watch_redis
 from service.inference import Reranker, Scorer
 from service.metrics import MetricsMiddleware
 from service.model_store import ModelStore
-from service.profiles import STORE_ERRORS, ProfileStore, connect
+from service.profiles import ProfileStore, connect
 from service.resp import RespClient
 from service.settings import Settings, load_settings
 
 GC_GEN0_THRESHOLD = 20_000
-HEALTH_PING_S = 0.25  # a PING slower than this counts as Redis down
-
-
-async def redis_reachable(profiles: ProfileStore) -> bool:
-    """One PING within HEALTH_PING_S; its answer is also what psad_redis_up shows."""
-    try:
-        ok = await asyncio.wait_for(profiles.ping(), HEALTH_PING_S)
-    except (asyncio.TimeoutError, *STORE_ERRORS):
-        ok = False
-    metrics.REDIS_UP.set(1 if ok else 0)
-    return ok
-
-
-async def watch_redis(profiles: ProfileStore, interval_s: float) -> None:
-    """Keep psad_redis_up current between /readyz probes, so an outage alerts without taking the
-    replicas out of the load balancer."""
-    while True:
-        await redis_reachable(profiles)
-        await asyncio.sleep(interval_s)
 
 
 @dataclass
@@ -59,6 +43,7 @@ class Service:
     profiles: ProfileStore
     reranker: Reranker
     log: logging.Logger
+    health: StoreHealth
 
     @staticmethod
     def candidate_features(bundle: Bundle) -> list[str]:
@@ -83,13 +68,17 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
             await asyncio.wait_for(reader.connect(), 1.0)
     except Exception as exc:
         log.warning("redis unreachable at startup; serving cold-start profiles", extra={"error": repr(exc)})
+    health = StoreHealth(profiles)
+    await health.check()  # before the first request: an unmarked store is flagged from the first answer
     scorer = Scorer(settings)
     scorer.start()
-    app.state.service = Service(settings, models, profiles, Reranker(settings, models, profiles, scorer), log)
-    watcher = asyncio.create_task(watch_redis(profiles, settings.redis_health_interval_s))
+    reranker = Reranker(settings, models, profiles, scorer, health)
+    app.state.service = Service(settings, models, profiles, reranker, log, health)
+    watcher = asyncio.create_task(watch_redis(health, settings.redis_health_interval_s))
     poller = None
     if settings.poll_interval_s > 0 and settings.model_version == "latest":
         poller = asyncio.create_task(models.poll(settings.poll_interval_s))
+    follower = asyncio.create_task(models.follow()) if models.fleet is not None else None
     # Startup objects (the model, vocabularies, FastAPI's routes) are never garbage: freeze them out of
     # the cyclic collector's scans, and collect the young generation less often (a 100-candidate
     # request allocates hundreds of objects, so the default threshold of 700 runs a collection
@@ -101,6 +90,8 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     try:
         yield
     finally:
+        if follower is not None:
+            follower.cancel()
         if poller is not None:
             poller.cancel()
         watcher.cancel()
@@ -115,7 +106,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or load_settings()
     # The routes are handed to FastAPI directly rather than through include_router: an included
     # router is matched through an extra layer of scope bookkeeping on every request.
-    own = [*routes.fast_router.routes, *routes.router.routes]
+    own = [*routes.body_router.routes, *routes.router.routes]
     if settings.enable_floor_endpoint:
         own += routes.floor_router.routes
     app = FastAPI(
@@ -126,6 +117,17 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         routes=own,
     )
     app.state.settings = settings
+
+    def openapi() -> dict:
+        """The schema with the serving model's actions and features (regenerated: a reload may change them)."""
+        base = FastAPI.openapi(app)  # FastAPI builds it once and caches it
+        svc: Service | None = getattr(app.state, "service", None)
+        if svc is None:
+            return base
+        schema = svc.models.current.schema
+        return api.openapi_schema(base, settings, schema.actions, Service.candidate_features(svc.models.current))
+
+    app.openapi = openapi
     app.add_exception_handler(RequestValidationError, routes.validation_error)
     app.add_exception_handler(Exception, routes.unexpected_error)
     app.add_middleware(routes.FastPath, routes=own)  # inside MetricsMiddleware: it sets scope["route"]

@@ -1,4 +1,4 @@
-"""`psad serve`, `psad profiles load`, `psad bench service` and `psad up`.
+"""`psad serve`, `psad profiles load` and `mark`, `psad bench service` and `psad up`.
 
 Settings reach the server as PSAD_* environment variables, so a command-line override is written
 into the environment before uvicorn starts: every worker process then reads the same settings.
@@ -52,17 +52,19 @@ def fresh_multiproc_dir() -> tuple[Path, bool]:
 
 
 def run_server(host: str, port: int, workers: int, log_level: str) -> None:
-    """uvicorn on uvloop + httptools, no access log. Several workers: one process and one
-    SO_REUSEPORT socket each (service.workers), sharing metrics through files."""
+    """uvicorn on uvloop + httptools (with the connection limits of service.http), no access log.
+    Several workers: one process and one SO_REUSEPORT socket each (service.workers), sharing
+    metrics through files."""
     import uvicorn
 
+    from service.http import uvicorn_options
     from service.workers import WorkersError, supervise
 
     config = {
         "app": APP_FACTORY,
         "factory": True,
         "loop": "uvloop",
-        "http": "httptools",
+        **uvicorn_options(load_settings()),  # the settings the caller validated (PSAD_* variables)
         "access_log": False,
         "log_level": log_level,
     }
@@ -71,12 +73,15 @@ def run_server(host: str, port: int, workers: int, log_level: str) -> None:
         return
     path, ours = fresh_multiproc_dir()
     os.environ[MULTIPROC_ENV] = str(path)
+    fleet = Path(tempfile.mkdtemp(prefix="psad-fleet-"))  # where the workers agree on one model version
+    os.environ[f"{ENV_PREFIX}FLEET_DIR"] = str(fleet)
     try:
-        supervise(config, host, port, workers)
+        supervise(config, host, port, workers, fleet)
     except WorkersError as exc:
         typer.echo(str(exc), err=True)
         raise typer.Exit(1) from None
     finally:
+        shutil.rmtree(fleet, ignore_errors=True)
         if ours:
             shutil.rmtree(path, ignore_errors=True)
 
@@ -139,6 +144,23 @@ def profiles_load_command(
         f"loaded {stats['users']:,} users and {stats['behaviours']:,} behaviours into {settings.redis_url} "
         f"in {stats['seconds']:.1f}s ({stats['rate']:,.0f} records/s)"
     )
+
+
+@profiles_app.command("mark")
+def profiles_mark_command(redis_url: str | None = REDIS_URL) -> None:
+    """Mark the store as loaded without loading anything: for a store fed only by /events. Run it
+    once on the new store; the service flags its answers `profiles_missing` while the marker is gone
+    (`profiles load` writes it too)."""
+    from service.profiles import STORE_ERRORS, mark_loaded, marker_key
+
+    settings = apply_overrides(redis_url=redis_url)
+    try:
+        marker = mark_loaded(settings.redis_url, settings.key_prefix, cluster=settings.redis_cluster)
+    except STORE_ERRORS as exc:
+        typer.echo(f"error: Redis at {settings.redis_url}: {exc}; start redis-server or pass --redis-url", err=True)
+        raise typer.Exit(1) from None
+    key = marker_key(settings.key_prefix)
+    typer.echo(f"marked {settings.redis_url} as loaded: {key} generation {marker['generation']}")
 
 
 @contextlib.contextmanager

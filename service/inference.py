@@ -9,7 +9,9 @@ lengths); results are scattered back to each request.
 
 Degradation, never a 5xx storm: a profile read that fails or exceeds its budget gives a
 cold-start profile; a model failure (an exception or non-finite scores) gives the ranking stage's
-order. Each is flagged in the response (degraded_reasons) and counted in psad_degraded_total.
+order; a store that answers without its load marker (emptied: service.health.StoreHealth) gives
+whatever it holds, flagged `profiles_missing`. Each is flagged in the response (degraded_reasons)
+and counted in psad_degraded_total.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from export.runtime import Bundle
 from service import metrics
 from service.api import RerankRequest
 from service.features import Job, build_inputs, given_scores
+from service.health import StoreHealth
 from service.model_store import ModelStore
 from service.profiles import STORE_ERRORS, ProfileStore, RawProfile
 from service.settings import Settings
@@ -147,20 +150,29 @@ class Scorer:
 class Reranker:
     """The rerank pipeline: profile read (within budget) -> scoring -> response dicts."""
 
-    def __init__(self, settings: Settings, models: ModelStore, profiles: ProfileStore, scorer: Scorer):
+    def __init__(
+        self,
+        settings: Settings,
+        models: ModelStore,
+        profiles: ProfileStore,
+        scorer: Scorer,
+        health: StoreHealth | None = None,
+    ):
         self.settings = settings
         self.models = models
         self.profiles = profiles
         self.scorer = scorer
+        self.health = health  # None: the load marker is not checked
         self.budget_s = settings.redis_budget_ms / 1000
 
     async def read_profiles(self, requests: list[RerankRequest], now: list[float], max_history: int):
-        """Raw profiles (None = cold start after a failed read) and the degradation reason, if any."""
+        """Raw profiles (None = cold start after a failed read) and the degradation reason, if any:
+        the failed read's, else profiles_missing while the store has no load marker."""
         t0 = time.perf_counter()
         try:
             users = [r.user_id for r in requests]
             raws: list[RawProfile | None] = await self.profiles.read(users, now, max_history, self.budget_s)
-            reason = None
+            reason = "profiles_missing" if self.health is not None and self.health.missing else None
         except asyncio.TimeoutError:
             raws, reason = [None] * len(requests), "redis_timeout"
         except STORE_ERRORS:

@@ -57,6 +57,12 @@ REDIS_UP = Gauge(
     "1 when this worker's latest PING of the profile store answered, else 0 (the lowest worker's value).",
     multiprocess_mode="livemin",
 )
+PROFILES_MISSING = Gauge(
+    "psad_profiles_missing",
+    "1 when this worker's latest check found Redis up but without the profile load marker (an emptied "
+    "store), else 0, also while Redis is unreachable (the highest worker's value).",
+    multiprocess_mode="livemax",
+)
 RELOADS = Counter("psad_model_reload", "Model reload attempts, by result (loaded, unchanged, refused).", ["result"])
 
 

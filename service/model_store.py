@@ -6,27 +6,34 @@ assignment. A request takes the reference once at its start, so in-flight reques
 bundle they started with. A bundle that fails to load is refused and remembered (polling does
 not retry it), and the current one keeps serving. A version whose directory does not exist yet is
 refused but not remembered: it is missing, not broken, so polling loads it once it appears.
+
+With several workers (service.fleet) a version loaded here becomes the server's target, which
+the other workers follow; the reload's answer says what each worker then serves.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 from dataclasses import dataclass
 from pathlib import Path
 
 from export.runtime import Bundle, BundleError, latest_version, load_bundle
 from service import metrics
+from service.fleet import FOLLOW_S, Fleet, WorkerState
 from service.settings import Settings
 
 log = logging.getLogger("psad.service")
+FLEET_WAIT_S = 60.0  # how long a reload waits for the other workers to load the version
 
 
 @dataclass(frozen=True)
 class ReloadResult:
-    result: str  # "loaded", "unchanged" or "refused"
-    version: int  # the version serving after the attempt
+    result: str  # "loaded", "unchanged", "refused", or "partial" (some workers do not serve it)
+    version: int  # the version serving here after the attempt
     detail: str = ""
+    workers: tuple[WorkerState, ...] = ()  # with several workers: what each serves afterwards
 
 
 class ModelStore:
@@ -35,7 +42,8 @@ class ModelStore:
         self.repo = Path(settings.model_repo)
         self.current: Bundle | None = None
         self._lock = asyncio.Lock()
-        self._refused: set[int] = set()
+        self._refused: dict[int, str] = {}
+        self.fleet = Fleet(settings.fleet_dir) if settings.fleet_dir is not None else None
 
     def target_version(self, requested: int | None = None) -> int:
         """The version to serve: the requested one, the pinned PSAD_MODEL_VERSION, or the latest."""
@@ -58,12 +66,51 @@ class ModelStore:
         return load_bundle(self.path(version), device=self.settings.device, threads=self.settings.threads)
 
     async def start(self) -> Bundle:
-        """Load the first model; a failure here stops startup (nothing to serve)."""
-        bundle = await asyncio.to_thread(self._load, self.target_version())
+        """Load the first model, the server's target when other workers already serve one; a
+        failure here stops startup (nothing to serve)."""
+        joined = self.fleet.target() if self.fleet is not None else None
+        bundle = await asyncio.to_thread(self._load, joined or self.target_version())
         self._swap(bundle)
+        if self.fleet is not None:
+            if joined is None:  # the first workers: the last to start decides, the others follow
+                self.fleet.set_target(bundle.version)
+            self.fleet.report(bundle.version, self._refused)
         return bundle
 
     async def reload(self, requested: int | None = None) -> ReloadResult:
+        """Load here; with several workers, make it the server's version and wait for the others."""
+        result = await self._reload_here(requested)
+        if self.fleet is None or result.result == "refused":
+            return result
+        self.fleet.set_target(result.version)
+        states = tuple(await self.fleet.settle(result.version, FLEET_WAIT_S))
+        behind = [s for s in states if s.version != result.version]
+        if not behind:
+            return dataclasses.replace(result, workers=states)
+        why = "; ".join(f"worker {s.pid}: {s.refused.get(result.version, 'still loading')}" for s in behind)
+        detail = f"{len(behind)} of {len(states)} workers do not serve version {result.version} ({why})"
+        log.warning("model reload partial", extra={"version": result.version, "detail": detail})
+        return ReloadResult("partial", result.version, detail, states)
+
+    async def follow(self) -> None:
+        """Serve the server's target: load it when another worker has set a new one."""
+        assert self.fleet is not None
+        while True:
+            await asyncio.sleep(FOLLOW_S)
+            try:
+                target = self.fleet.target()
+                if target is not None and target != self.current.version and target not in self._refused:
+                    await self._reload_here(target)
+            except Exception:  # keep following whatever the shared directory throws
+                log.warning("following the server's model version failed", exc_info=True)
+
+    async def _reload_here(self, requested: int | None) -> ReloadResult:
+        result = await self._reload_locked(requested)
+        if self.fleet is not None:
+            self.fleet.report(self.current.version, self._refused)
+        return result
+
+    async def _reload_locked(self, requested: int | None) -> ReloadResult:
         async with self._lock:
             current = self.current.version if self.current else 0
             try:
@@ -80,8 +127,8 @@ class ModelStore:
             try:
                 bundle = await asyncio.to_thread(self._load, version)
             except Exception as exc:  # whatever the cause, refuse it once: polling must not retry it forever
-                self._refused.add(version)
-                return self._refuse(current, str(exc) if isinstance(exc, BundleError) else repr(exc))
+                self._refused[version] = str(exc) if isinstance(exc, BundleError) else repr(exc)
+                return self._refuse(current, self._refused[version])
             self._swap(bundle)
             metrics.RELOADS.labels("loaded").inc()
             log.info("model loaded", extra={"model": bundle.name, "version": bundle.version, "previous": current})

@@ -8,6 +8,11 @@ Cluster slot and a pipeline or script may touch both):
     <prefix>:{<user_id>}:h   sorted set of behaviours, score = timestamp (unix s), member
                              "<timestamp>|<action>|<event id>|<item_id>" (item id last, so it may
                              contain '|'); capped to the last N behaviours
+    <prefix>:profiles        string, no TTL: the load marker, JSON {"generation", "loaded_at", "source",
+                             "users", "behaviours"}, written when `psad profiles load` (bulk_load)
+                             completes or by `psad profiles mark` (stores fed only by /events). A
+                             store that answers without it has lost its data (an empty restart, a
+                             FLUSHALL): the service flags its answers `profiles_missing`
 
 Raw values (item ids, action names, categorical values) are stored rather than indices, so a new
 model version with new vocabularies reads the same profiles: encoding happens at read time with
@@ -19,6 +24,7 @@ already in the user's history is not stored again, whatever its timestamp.
 
 from __future__ import annotations
 
+import json
 import math
 import time
 import uuid
@@ -33,6 +39,8 @@ import redis
 import redis.asyncio as aredis
 import redis.cluster
 from redis.asyncio.cluster import RedisCluster
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
 from tqdm import tqdm
 
 from service.resp import RespClient, within
@@ -92,6 +100,42 @@ def history_key(prefix: str, user_id: str) -> str:
 
 def member(timestamp: int, action: str, event_id: str, item_id: str) -> str:
     return f"{timestamp}|{action}|{event_id}|{item_id}"
+
+
+def marker_key(prefix: str) -> str:
+    """The load marker's key (no hash tag: with Redis Cluster it lives on one node)."""
+    return f"{prefix}:profiles"
+
+
+def write_marker(
+    client: redis.Redis | redis.cluster.RedisCluster,
+    prefix: str,
+    source: str,
+    users: int | None = None,
+    behaviours: int | None = None,
+) -> dict[str, Any]:
+    """Mark the store as loaded: a new generation id, replacing any earlier marker, with no TTL
+    (SET clears one). Returns what was written."""
+    marker = {
+        "generation": uuid.uuid4().hex,
+        "loaded_at": int(time.time()),
+        "source": source,
+        "users": users,
+        "behaviours": behaviours,
+    }
+    client.set(marker_key(prefix), json.dumps(marker))
+    return marker
+
+
+def mark_loaded(
+    redis_url: str, prefix: str = "psad", cluster: bool = False, source: str = "psad profiles mark"
+) -> dict[str, Any]:
+    """`psad profiles mark`: write the marker without loading data, for a store fed only by /events."""
+    client = redis.cluster.RedisCluster.from_url(redis_url) if cluster else redis.Redis.from_url(redis_url)
+    try:
+        return write_marker(client, prefix, source)
+    finally:
+        client.close()
 
 
 @dataclass
@@ -236,6 +280,10 @@ class ProfileStore:
     async def ping(self) -> bool:
         return bool(await self.client.ping())
 
+    async def marked(self) -> bool:
+        """Whether the load marker is there (one EXISTS)."""
+        return bool(await self.client.exists(marker_key(self.prefix)))
+
     async def aclose(self) -> None:
         if self.reader is not None:
             self.reader.close()
@@ -244,13 +292,23 @@ class ProfileStore:
 
 def connect(url: str, pool_size: int, timeout_s: float, cluster: bool = False) -> aredis.Redis | RedisCluster:
     """An async redis-py client (hiredis parses replies): over a bounded pool for one node, or a
-    Redis Cluster client that discovers the nodes from `url` (pool_size connections per node)."""
+    Redis Cluster client that discovers the nodes from `url` (pool_size connections per node).
+
+    One node: a command that meets a connection error is retried once, at once, on a fresh
+    connection, so the pooled connections a Redis restart closed reconnect instead of failing a
+    call each. Appends are idempotent by event id (ids are fixed before the pipeline is sent),
+    so a retried pipeline stores nothing twice."""
     if cluster:
         return RedisCluster.from_url(
             url, max_connections=pool_size, socket_connect_timeout=timeout_s, socket_timeout=timeout_s
         )
     pool = aredis.BlockingConnectionPool.from_url(
-        url, max_connections=pool_size, timeout=timeout_s, socket_connect_timeout=timeout_s, socket_timeout=timeout_s
+        url,
+        max_connections=pool_size,
+        timeout=timeout_s,
+        socket_connect_timeout=timeout_s,
+        socket_timeout=timeout_s,
+        retry=Retry(NoBackoff(), 1, supported_errors=(redis.exceptions.ConnectionError,)),
     )
     return aredis.Redis(connection_pool=pool)
 
@@ -291,7 +349,7 @@ def bulk_load(
 
     An upsert: re-loading the same data set stores nothing twice (behaviour event ids are the row
     numbers of behaviours.parquet) and keeps events appended online. history_len defaults to the
-    data set's schema.max_history.
+    data set's schema.max_history. Once everything is written, the load marker is (re)written.
     """
     data_dir = Path(data_dir)
     schema = load_schema(data_dir)
@@ -344,6 +402,7 @@ def bulk_load(
         if pending >= batch:
             flush()
     flush()
+    write_marker(client, prefix, str(data_dir), users=len(users), behaviours=n_behaviours)  # only once all is in
     bar.close()
     client.close()
     seconds = time.perf_counter() - start

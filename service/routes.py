@@ -9,7 +9,8 @@ import json
 import secrets
 import time
 import uuid
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Mapping
+from dataclasses import dataclass
 from typing import Annotated, Any, get_type_hints
 
 import orjson
@@ -18,12 +19,12 @@ from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from fastapi.routing import APIRoute
-from pydantic import BaseModel, Discriminator, Tag, ValidationError
+from pydantic import Discriminator, Tag, TypeAdapter, ValidationError
 from starlette.routing import BaseRoute
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service import api, logs, metrics
-from service.app import Service, redis_reachable
+from service.app import Service
 from service.profiles import STORE_ERRORS, AppendFailed
 
 EVENTS_RETRY_AFTER_S = 1
@@ -59,43 +60,84 @@ def body_errors(exc: ValidationError) -> list[dict[str, Any]]:
     return errors
 
 
-def parse_body(model: type[BaseModel], raw: bytes) -> Any:
-    """The raw JSON body parsed and validated in one pass by pydantic-core (Rust); a failure raises
-    RequestValidationError in FastAPI's format, each error naming its field."""
+def is_json(content_type: str | None) -> bool:
+    """application/json, application/<anything>+json (parameters such as charset allowed), or none."""
+    if content_type is None:
+        return True
+    media = content_type.partition(";")[0].strip().lower()
+    return media == "application/json" or (media.startswith("application/") and media.endswith("+json"))
+
+
+@dataclass(frozen=True)
+class BodyEndpoint:
+    """An endpoint `(body: T, svc: Svc, **headers)` (called by keyword) and what answering it needs, read once from its
+    signature: the body's validator, its header parameters, and the guards (the route's
+    dependencies, each `(svc, **headers)`) that run before any byte of the body is read.
+
+    pydantic-core (Rust) parses and validates the raw body in one pass, so every route answers
+    malformed JSON (invalid UTF-8, huge integers, deep nesting) with the same 422 naming the
+    problem, where FastAPI's generic body handling answers some of it with an undeclared 400.
+    """
+
+    endpoint: Callable[..., Coroutine[Any, Any, Response]]
+    validate: Callable[[bytes], Any]
+    optional: bool  # an empty body is None
+    headers: dict[str, str]  # parameter -> header name
+    guards: tuple[tuple[Callable[..., None], dict[str, str]], ...]
+
+    @classmethod
+    def of(cls, route: APIRoute) -> BodyEndpoint:
+        hints = get_type_hints(route.endpoint, include_extras=True)
+        optional = inspect.signature(route.endpoint).parameters["body"].default is None
+        guards = tuple((d.dependency, header_params(d.dependency)) for d in route.dependencies)
+        validate = TypeAdapter(hints["body"]).validate_json
+        return cls(route.endpoint, validate, optional, header_params(route.endpoint), guards)
+
+    def header_names(self) -> set[str]:
+        return {"content-type", *self.headers.values(), *(h for _, names in self.guards for h in names.values())}
+
+    def admit(self, svc: Service, headers: Mapping[str, str]) -> None:
+        """The guards (401/403 from the admin check), then the content type (415)."""
+        for guard, names in self.guards:
+            guard(svc=svc, **{p: headers.get(h) for p, h in names.items()})
+        if not is_json(headers.get("content-type")):
+            raise HTTPException(415, "send the body as JSON with 'Content-Type: application/json'")
+
+    async def answer(self, svc: Service, raw: bytes, headers: Mapping[str, str]) -> Response:
+        body = None if self.optional and not raw else parse_body(self.validate, raw)
+        return await self.endpoint(body=body, svc=svc, **{p: headers.get(h) for p, h in self.headers.items()})
+
+
+def header_params(fn: Callable) -> dict[str, str]:
+    """A function's parameters other than body and svc, which are headers: name -> header name."""
+    return {p: p.replace("_", "-") for p in inspect.signature(fn).parameters if p not in ("body", "svc")}
+
+
+def parse_body(validate: Callable[[bytes], Any], raw: bytes) -> Any:
+    """The raw JSON body validated; a failure raises RequestValidationError in FastAPI's format,
+    each error naming its field."""
     if not raw:
         raise RequestValidationError([{"type": "missing", "loc": ("body",), "msg": "Field required", "input": None}])
     try:
-        return model.model_validate_json(raw)
+        return validate(raw)
     except ValidationError as exc:
         raise RequestValidationError(body_errors(exc), body=raw) from None
 
 
-def body_model(endpoint: Callable) -> type[BaseModel]:
-    return get_type_hints(endpoint)["body"]
-
-
-def call_endpoint(endpoint: Callable) -> Callable[[Any, Service, str | None], Coroutine[Any, Any, Response]]:
-    """endpoint(body, svc[, x_request_id]) as a function of all three."""
-    if "x_request_id" in inspect.signature(endpoint).parameters:
-        return endpoint
-    return lambda body, svc, header: endpoint(body, svc)
-
-
 class BodyRoute(APIRoute):
-    """A route whose JSON body goes through parse_body, with no per-request dependency resolution.
+    """A route answered by its BodyEndpoint, with no per-request dependency resolution.
 
-    FastAPI's generic body handling decodes the JSON with the stdlib, validates the Python objects,
-    then resolves the endpoint's dependencies. Here the endpoint's signature must be
-    `(body: Model, svc: Svc, x_request_id: <header> = None)`: FastAPI still reads it for the OpenAPI
-    schema (the body model, the header), while the handler calls the endpoint directly.
+    FastAPI still reads the endpoint's signature and the route's dependencies for the OpenAPI
+    schema (the body, the headers), while the handler admits, parses and calls the endpoint itself.
     """
 
     def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
-        model, endpoint = body_model(self.endpoint), call_endpoint(self.endpoint)
+        body_endpoint = BodyEndpoint.of(self)
 
         async def handler(request: Request) -> Response:
-            body = parse_body(model, await request.body())
-            return await endpoint(body, request.app.state.service, request.headers.get("x-request-id"))
+            svc = request.app.state.service
+            body_endpoint.admit(svc, request.headers)
+            return await body_endpoint.answer(svc, await request.body(), request.headers)
 
         return handler
 
@@ -138,32 +180,32 @@ class BodyLimit:
 
 
 class FastPath:
-    """ASGI layer in front of FastAPI's routing for the hot BodyRoutes (POST /rerank, /rerank/batch,
-    /bench/floor): an exact path lookup, then the same endpoint as the BodyRoute with the same
-    parsing, 422 and 500 answers. It skips the router's matching, the per-request Request and
-    exit stacks, and the exception middleware: about 0.2 ms of CPU per request on the benchmark
-    machine. Every other request, and these paths with another method, go to FastAPI unchanged.
-    It sets scope["route"], so MetricsMiddleware (outside it) labels them by route as before.
+    """ASGI layer in front of FastAPI's routing for the BodyRoutes (every POST with a JSON body):
+    an exact path lookup, then the BodyRoute's own admission, parsing and endpoint, with the same
+    401/403/415/422/500 answers. It skips the router's matching, the per-request Request and exit
+    stacks, and the exception middleware: about 0.2 ms of CPU per request on the benchmark machine.
+    Every other request, and these paths with another method, go to FastAPI unchanged. It sets
+    scope["route"], so MetricsMiddleware (outside it) labels them by route as before.
     """
 
     def __init__(self, app: ASGIApp, routes: list[BaseRoute]):
         self.app = app
         self.routes = {
-            r.path: (r, body_model(r.endpoint), call_endpoint(r.endpoint))
-            for r in routes
-            if isinstance(r, BodyRoute) and r.methods == {"POST"}
+            r.path: (r, BodyEndpoint.of(r)) for r in routes if isinstance(r, BodyRoute) and r.methods == {"POST"}
         }
+        self.wanted = {h.encode("latin-1") for _, e in self.routes.values() for h in e.header_names()}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         hit = self.routes.get(scope["path"]) if scope["type"] == "http" and scope["method"] == "POST" else None
         if hit is None:
             await self.app(scope, receive, send)
             return
-        route, model, endpoint = hit
+        route, body_endpoint = hit
         scope["route"] = route
         svc: Service = scope["app"].state.service
-        header = next((v.decode("latin-1") for k, v in scope["headers"] if k == b"x-request-id"), None)
+        headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"] if k in self.wanted}
         try:
+            body_endpoint.admit(svc, headers)
             chunks = []
             while True:
                 message = await receive()
@@ -172,11 +214,13 @@ class FastPath:
                 chunks.append(message.get("body", b""))
                 if not message.get("more_body", False):
                     break
-            response = await endpoint(parse_body(model, b"".join(chunks)), svc, header)
+            response = await body_endpoint.answer(svc, b"".join(chunks), headers)
         except RequestValidationError as exc:
             response = validation_response(exc)
+        except HTTPException as exc:
+            response = JSON({"detail": exc.detail}, status_code=exc.status_code, headers=exc.headers)
         except Exception as exc:
-            response = unexpected_response(svc, exc, scope["path"], header)
+            response = unexpected_response(svc, exc, scope["path"], headers.get("x-request-id"))
         await response(scope, receive, send)
 
 
@@ -207,10 +251,10 @@ def _request_id(given: str | None, header: str | None, limit: int) -> str:
     return new_request_id()
 
 
-fast_router = APIRouter(default_response_class=JSON, route_class=BodyRoute)
+body_router = APIRouter(default_response_class=JSON, route_class=BodyRoute)
 
 
-@fast_router.post("/rerank", response_model=api.RerankResponse, responses=api.BODY_ANSWERS)
+@body_router.post("/rerank", response_model=api.RerankResponse, responses=api.BODY_ANSWERS)
 async def rerank(body: api.RerankRequest, svc: Svc, x_request_id: Annotated[str | None, Header()] = None) -> JSON:
     started = time.perf_counter()
     bundle = svc.models.current
@@ -222,7 +266,7 @@ async def rerank(body: api.RerankRequest, svc: Svc, x_request_id: Annotated[str 
     return JSON(answer, headers={"X-Request-ID": rid})
 
 
-@fast_router.post("/rerank/batch", response_model=api.BatchRerankResponse, responses=api.BODY_ANSWERS)
+@body_router.post("/rerank/batch", response_model=api.BatchRerankResponse, responses=api.BODY_ANSWERS)
 async def rerank_batch(body: api.BatchRerankRequest, svc: Svc) -> JSON:
     started = time.perf_counter()
     bundle = svc.models.current
@@ -236,7 +280,7 @@ async def rerank_batch(body: api.BatchRerankRequest, svc: Svc) -> JSON:
     return JSON({"responses": answers})
 
 
-@router.post("/events", response_model=api.EventsAccepted, responses=api.EVENTS_ANSWERS)
+@body_router.post("/events", response_model=api.EventsAccepted, responses=api.EVENTS_ANSWERS)
 async def events(body: EventsBody, svc: Svc) -> JSON:
     """Append behaviours. 503 + Retry-After when the profile store is down or refuses some users' appends;
     the detail says what was stored."""
@@ -272,17 +316,19 @@ async def livez() -> JSON:
 
 @router.get("/readyz", responses={503: {"description": "Not ready: no model loaded (same body)."}})
 async def readyz(svc: Svc) -> JSON:
-    """200 when a model is loaded: this process can answer, degraded or not. Redis is reported but
-    does not decide it: /rerank serves cold-start profiles through an outage, so a shared Redis
-    outage must not take every replica out of the load balancer (psad_redis_up alerts instead)."""
+    """200 when a model is loaded: this process can answer, degraded or not. Redis and the profile
+    load marker are reported (checked now) but do not decide it: /rerank serves cold-start profiles
+    through an outage, so a shared Redis outage or an emptied store must not take every replica out
+    of the load balancer (psad_redis_up and psad_profiles_missing alert instead)."""
     bundle = svc.models.current
-    redis_ok = await redis_reachable(svc.profiles)
+    redis_ok = await svc.health.check()
     body = {
         "ready": bundle is not None,
         "model": None
         if bundle is None
         else {"name": bundle.name, "version": bundle.version, "provider": bundle.provider},
         "redis": "ok" if redis_ok else "unreachable",
+        "profiles": svc.health.profiles,
     }
     return JSON(body, status_code=200 if body["ready"] else 503)
 
@@ -309,14 +355,16 @@ def admin(svc: Svc, authorization: Annotated[str | None, Header()] = None) -> No
         raise HTTPException(403, "wrong admin token")
 
 
-@router.post(
+@body_router.post(
     "/admin/reload", dependencies=[Depends(admin)], response_model=api.ReloadResult, responses=api.RELOAD_ANSWERS
 )
 async def reload(svc: Svc, body: api.ReloadRequest | None = None) -> JSON:
-    """Load the latest (or the given) version: verified and warmed before the swap; 409 if refused."""
+    """Load the latest (or the given) version: verified and warmed before the swap, on every worker of
+    the server; 409 if refused here, or if some workers do not serve it (partial)."""
     result = await svc.models.reload(body.version if body else None)
-    status = 409 if result.result == "refused" else 200
-    return JSON({"result": result.result, "version": result.version, "detail": result.detail}, status_code=status)
+    workers = [{"pid": w.pid, "version": w.version} for w in result.workers]
+    answer = {"result": result.result, "version": result.version, "detail": result.detail, "workers": workers}
+    return JSON(answer, status_code=409 if result.result in ("refused", "partial") else 200)
 
 
 floor_router = APIRouter(default_response_class=JSON, route_class=BodyRoute)

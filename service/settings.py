@@ -58,6 +58,7 @@ class Settings(BaseSettings):
     microbatch_max_size: int = Field(8, ge=0)  # 0 or 1 = off; else requests merged into one model call
     microbatch_max_wait_us: int = Field(0, ge=0)  # 0: batch only what is already queued, never wait
     poll_interval_s: float = Field(0.0, ge=0)  # 0 = no polling; reload through /admin/reload only
+    fleet_dir: Path | None = None  # set by `psad serve --workers N`: where its workers agree on one version
     admin_token: SecretStr | None = None  # unset = /admin/* disabled (403)
 
     # Redis profile store.
@@ -78,6 +79,12 @@ class Settings(BaseSettings):
     max_events: int = Field(1000, ge=1)
     max_body_bytes: int = Field(8 * 1024 * 1024, ge=1024)  # larger bodies: 413 before any parsing
     max_future_s: int = Field(3600, ge=0)  # event and request timestamps at most this far ahead of now
+    # Connections (service.http): a longer request head is answered 431 as it arrives; a head or a
+    # body not complete in time, 408 and closed; an idle keep-alive connection, closed.
+    max_header_bytes: int = Field(64 * 1024, ge=1024)
+    header_timeout_s: float = Field(10.0, gt=0)  # from connect (or a request's first byte) to its full head
+    body_timeout_s: float = Field(30.0, gt=0)  # from the full head to the body's last byte
+    keepalive_timeout_s: float = Field(5.0, gt=0)  # idle time after a response (uvicorn's timeout_keep_alive)
 
     enable_floor_endpoint: bool = False
     log_level: Literal["debug", "info", "warning", "error"] = "info"

@@ -293,7 +293,7 @@ def export_step(cfg: UpConfig, name: str) -> Step:
 def profiles_step(cfg: UpConfig, settings: Settings, url: str) -> Step:
     import redis
 
-    from service.profiles import bulk_load, history_key
+    from service.profiles import bulk_load, history_key, marker_key
 
     key = {"redis": url, "run_id": redis_run_id(url), "prefix": settings.key_prefix, "data": str(cfg.data_dir)}
 
@@ -301,8 +301,8 @@ def profiles_step(cfg: UpConfig, settings: Settings, url: str) -> Step:
         sample = record.get("sample_user")
         if not isinstance(sample, str):
             return False
-        client = redis.Redis.from_url(url)
-        return bool(client.exists(history_key(settings.key_prefix, sample)))
+        client = redis.Redis.from_url(url)  # the sample user's history, and the load marker (a completed load)
+        return client.exists(history_key(settings.key_prefix, sample), marker_key(settings.key_prefix)) == 2
 
     def run(_: bool) -> dict[str, Any]:
         stats = bulk_load(

@@ -21,9 +21,11 @@ import threading
 import time
 from collections import deque
 from multiprocessing.process import BaseProcess
+from pathlib import Path
 from typing import Any
 
 from service import logs
+from service.fleet import Fleet
 
 STARTUP_FAILURE = 3  # uvicorn's exit code when the app's startup (model load) fails
 SHUTDOWN_WAIT_S = 30.0  # workers still running this long after SIGTERM are killed
@@ -68,8 +70,9 @@ def serve_one(config: dict[str, Any], host: str, port: int) -> None:
     uvicorn.Server(uvicorn.Config(**config, host=host, port=port)).run(sockets=[sock])
 
 
-def supervise(config: dict[str, Any], host: str, port: int, workers: int) -> None:
-    """Run `workers` processes until SIGINT/SIGTERM; WorkersError when they cannot serve."""
+def supervise(config: dict[str, Any], host: str, port: int, workers: int, fleet_dir: Path) -> None:
+    """Run `workers` processes until SIGINT/SIGTERM; WorkersError when they cannot serve.
+    fleet_dir: where the workers agree on one model version (service.fleet)."""
     log = logs.configure(config["log_level"])
     check_port_free(host, port)
     ctx = multiprocessing.get_context("spawn")
@@ -100,7 +103,7 @@ def supervise(config: dict[str, Any], host: str, port: int, workers: int) -> Non
                 if len(restarts) >= MAX_RESTARTS:
                     raise WorkersError(f"{MAX_RESTARTS} workers died within {RESTART_WINDOW_S:.0f} s; stopping")
                 log.warning("worker exited; starting another", extra={"pid": proc.pid, "exitcode": proc.exitcode})
-                _mark_dead(proc.pid)
+                _mark_dead(proc.pid, Fleet(fleet_dir))
                 restarts.append(now)
                 procs[i] = start()
     finally:
@@ -122,9 +125,11 @@ def _stop_all(procs: list[BaseProcess]) -> None:
             proc.join()
 
 
-def _mark_dead(pid: int | None) -> None:
-    """Drop a dead worker's live gauges from the multiprocess metrics (its counters stay summed)."""
+def _mark_dead(pid: int | None, fleet: Fleet) -> None:
+    """Drop a dead worker's live gauges from the multiprocess metrics (its counters stay summed),
+    and its state from the fleet: a reload no longer waits for it."""
     from prometheus_client import multiprocess
 
     if pid is not None:
         multiprocess.mark_process_dead(pid)
+        fleet.forget(pid)

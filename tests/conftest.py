@@ -31,15 +31,17 @@ def free_port() -> int:
 
 
 class RedisServer:
-    """A real redis-server process that tests may stop and restart on the same port."""
+    """A real redis-server process that tests may stop and restart on the same port. `args` are
+    extra redis-server options, after (so overriding) the defaults: no persistence."""
 
-    def __init__(self, workdir: Path):
+    def __init__(self, workdir: Path, args: tuple[str, ...] = ()):
         binary = shutil.which("redis-server")
         if binary is None:
             pytest.fail("redis-server is not installed: run `make setup` (apt-get install redis-server)")
         self.binary = binary
         self.workdir = workdir
         self.port = free_port()
+        self.args = args
         self.proc: subprocess.Popen | None = None
 
     @property
@@ -60,6 +62,7 @@ class RedisServer:
                 "no",
                 "--dir",
                 str(self.workdir),
+                *self.args,
             ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,

@@ -16,6 +16,7 @@ import uvicorn
 from prometheus_client.parser import text_string_to_metric_families
 
 from service.app import create_app
+from service.http import uvicorn_options
 from service.profiles import bulk_load
 from service.settings import Settings, SettingsError, load_settings, usable_cpus
 from tests.conftest import free_port
@@ -27,7 +28,9 @@ PREFIX = "apitest"
 def serve(settings: Settings) -> Iterator[httpx.Client]:
     """The real app (lifespan included) on a free port; yields a client bound to it."""
     port = free_port()
-    server = uvicorn.Server(uvicorn.Config(create_app(settings), host="127.0.0.1", port=port, log_level="warning"))
+    options = uvicorn_options(settings)  # the connection limits `psad serve` runs with
+    config = uvicorn.Config(create_app(settings), host="127.0.0.1", port=port, log_level="warning", **options)
+    server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     while not server.started:
@@ -54,12 +57,17 @@ def metric_samples(client: httpx.Client) -> dict[tuple[str, tuple], float]:
     return {(s.name, tuple(sorted(s.labels.items()))): s.value for f in families for s in f.samples}
 
 
-@pytest.fixture(scope="module")
-def data(tiny_data: Path, redis_server) -> dict:
-    bulk_load(redis_server.url, tiny_data, prefix=PREFIX, ttl_s=0, progress=False)
+def loaded_data(tiny_data: Path, redis_url: str) -> dict:
+    """The tiny data set's profiles loaded into Redis; returns its users and items."""
+    bulk_load(redis_url, tiny_data, prefix=PREFIX, ttl_s=0, progress=False)
     users = pd.read_parquet(tiny_data / "users.parquet")["user_id"].tolist()
     items = json.loads((tiny_data / "vocab.json").read_text())["items"]
     return {"users": users, "items": items}
+
+
+@pytest.fixture(scope="module")
+def data(tiny_data: Path, redis_server) -> dict:
+    return loaded_data(tiny_data, redis_server.url)
 
 
 @pytest.fixture(scope="module")
@@ -293,6 +301,7 @@ def test_health_and_metrics(client, data):
     assert client.get("/livez").status_code == 200
     ready = client.get("/readyz")
     assert ready.status_code == 200 and ready.json()["model"]["version"] == 1 and ready.json()["redis"] == "ok"
+    assert ready.json()["profiles"] == "loaded"  # the data fixture's bulk_load wrote the marker
     key = ("psad_requests_total", (("route", "/rerank"), ("status", "200")))
     before = metric_samples(client).get(key, 0.0)
     client.post("/rerank", json=request(data))

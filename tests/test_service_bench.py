@@ -38,7 +38,8 @@ def test_bench_service_measures_and_reports(tiny_data: Path, tiny_bundle: Path, 
     ):
         assert heading in report
     assert "`psad serve --workers 2`" in report and f"| {BATCH_ROW} |" in report
-    assert report.count("| pass |") + report.count("| MISS |") == 5
+    assert report.count("| pass |") + report.count("| MISS |") == 6
+    assert f"| degraded answers under load | < 0.1% | {result.loaded.degraded / len(result.loaded.ms):.3%}" in report
 
 
 @pytest.mark.parametrize("field, value", [("requests", 5), ("concurrency", 0)])

@@ -39,9 +39,11 @@ DASHBOARD = REPO / "deploy" / "grafana" / "dashboard.json"
 
 @pytest.fixture
 def clean_env(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
-    """The commands write their overrides to PSAD_* variables: restore them after each test."""
+    """The commands write their overrides to PSAD_* variables: restore them after each test. Each is
+    set before it is deleted, so monkeypatch records it and removes what a command wrote."""
     for name in ("REDIS_URL", "MODEL_REPO", "MODEL_NAME", "PROFILE_TTL_S", "KEY_PREFIX"):
-        monkeypatch.delenv(f"PSAD_{name}", raising=False)
+        monkeypatch.setenv(f"PSAD_{name}", "")
+        monkeypatch.delenv(f"PSAD_{name}")
     return monkeypatch
 
 
@@ -381,43 +383,78 @@ def test_dashboard_expressions_parse_as_promql(tmp_path: Path) -> None:
     assert config.returncode == 0, config.stdout + config.stderr
 
 
-@pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool not installed")
-def test_the_redis_alert_fires_when_one_worker_loses_redis_and_not_before(tmp_path: Path) -> None:
-    """promtool's rule unit test on deploy/alerts.yml: two workers, one of which loses Redis."""
+def run_rule_test(tmp_path: Path, series: list[dict], expected: list[dict]) -> None:
+    """promtool's rule unit test of deploy/alerts.yml: input series sampled every 30 s, alert expectations."""
     case = {
         "rule_files": [str(REPO / "deploy" / "alerts.yml")],
         "evaluation_interval": "30s",
-        "tests": [
-            {
-                "interval": "30s",
-                "input_series": [
-                    {"series": 'psad_redis_up{pid="1"}', "values": "1 1 0 0 0 0 0"},
-                    {"series": 'psad_redis_up{pid="2"}', "values": "1 1 1 1 1 1 1"},
-                ],
-                "alert_rule_test": [
-                    {"eval_time": "1m", "alertname": "PsadRedisDown", "exp_alerts": []},  # down for 0 s
-                    {
-                        "eval_time": "3m",
-                        "alertname": "PsadRedisDown",
-                        "exp_alerts": [
-                            {
-                                "exp_labels": {"severity": "page"},
-                                "exp_annotations": {
-                                    "summary": "PSAD cannot reach its Redis profile store",
-                                    "description": (
-                                        "Answers are degraded to cold-start profiles "
-                                        '(psad_degraded_total{reason="redis_unavailable"}) and /events answers 503 '
-                                        "until Redis is back."
-                                    ),
-                                },
-                            }
-                        ],
-                    },
-                ],
-            }
-        ],
+        "tests": [{"interval": "30s", "input_series": series, "alert_rule_test": expected}],
     }
     path = tmp_path / "alerts_test.yml"
     path.write_text(yaml.safe_dump(case))
     result = subprocess.run(["promtool", "test", "rules", str(path)], capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def paging(alert: str, at: str, summary: str, description: str) -> dict:
+    """A promtool expectation: `alert` pages at `at` with these annotations."""
+    annotations = {"summary": summary, "description": description}
+    return {
+        "eval_time": at,
+        "alertname": alert,
+        "exp_alerts": [{"exp_labels": {"severity": "page"}, "exp_annotations": annotations}],
+    }
+
+
+@pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool not installed")
+def test_the_redis_alert_fires_when_one_worker_loses_redis_and_not_before(tmp_path: Path) -> None:
+    """promtool's rule unit test on deploy/alerts.yml: two workers, one of which loses Redis."""
+    series = [
+        {"series": 'psad_redis_up{pid="1"}', "values": "1 1 0 0 0 0 0"},
+        {"series": 'psad_redis_up{pid="2"}', "values": "1 1 1 1 1 1 1"},
+    ]
+    expected = [
+        {"eval_time": "1m", "alertname": "PsadRedisDown", "exp_alerts": []},  # down for 0 s
+        paging(
+            "PsadRedisDown",
+            "3m",
+            "PSAD cannot reach its Redis profile store",
+            (
+                "Answers are degraded to cold-start profiles "
+                '(psad_degraded_total{reason="redis_unavailable"}) and /events answers 503 '
+                "until Redis is back."
+            ),
+        ),
+    ]
+    run_rule_test(tmp_path, series, expected)
+
+
+@pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool not installed")
+def test_the_profiles_alert_fires_when_one_worker_finds_the_store_emptied_and_not_during_an_outage(
+    tmp_path: Path,
+) -> None:
+    """promtool's rule unit test on deploy/alerts.yml: a Redis outage (the marker state unknown:
+    psad_profiles_missing stays 0, PsadRedisDown pages) and then Redis back empty, seen by one
+    worker first (psad_profiles_missing 1) until the profiles are loaded again."""
+    series = [
+        {"series": 'psad_redis_up{pid="1"}', "values": "1 0 0 0 1 1 1 1 1 1 1"},
+        {"series": 'psad_profiles_missing{pid="1"}', "values": "0 0 0 0 1 1 1 1 0 0 0"},
+        {"series": 'psad_profiles_missing{pid="2"}', "values": "0 0 0 0 0 1 1 1 0 0 0"},
+    ]
+    expected = [
+        {"eval_time": "1m30s", "alertname": "PsadProfilesMissing", "exp_alerts": []},  # the outage
+        {"eval_time": "2m", "alertname": "PsadProfilesMissing", "exp_alerts": []},  # missing for 0 s
+        paging(
+            "PsadProfilesMissing",
+            "3m30s",
+            "PSAD's Redis profile store has lost its profiles",
+            (
+                "Redis answers without the profile load marker (restarted empty, flushed): "
+                'answers, mostly cold starts, are flagged psad_degraded_total{reason="'
+                'profiles_missing"} until `psad profiles load` (or `psad profiles mark` for a '
+                "store fed only by /events) runs again."
+            ),
+        ),
+        {"eval_time": "5m", "alertname": "PsadProfilesMissing", "exp_alerts": []},  # reloaded
+    ]
+    run_rule_test(tmp_path, series, expected)

@@ -21,7 +21,7 @@ import redis
 from onnx import TensorProto, helper
 
 from export.runtime import MANIFEST_FILE, MODEL_FILE
-from service.profiles import bulk_load
+from service.profiles import bulk_load, mark_loaded
 from tests.conftest import RedisServer
 from tests.test_service_api import metric_samples, request, serve, settings_for
 from training.schema import FeatureSchema, model_inputs
@@ -102,15 +102,16 @@ def test_redis_down_degrades_and_recovers(tiny_bundle, tiny_data, own_redis, dat
         assert ev.status_code == 503 and ev.headers["retry-after"] == "1" and "may not be stored" in ev.json()["detail"]
         ready = c.get("/readyz")  # still ready: it answers, degraded; the gauge and its alert say why
         assert ready.status_code == 200 and ready.json()["redis"] == "unreachable"
+        assert ready.json()["profiles"] == "unknown"
         samples = metric_samples(c)
         assert samples[("psad_degraded_total", (("reason", "redis_unavailable"),))] >= 3
         assert samples[("psad_redis_up", ())] == 0
         own_redis.start()
         bulk_load(own_redis.url, tiny_data, prefix="apitest", ttl_s=0, progress=False)
+        ready = c.get("/readyz")  # checks now: the reloaded store is marked again
+        assert ready.status_code == 200 and ready.json()["redis"] == "ok" and ready.json()["profiles"] == "loaded"
         answers = [c.post("/rerank", json=request(data)).json() for _ in range(3)]
         assert answers[-1]["degraded"] is False
-        ready = c.get("/readyz")
-        assert ready.status_code == 200 and ready.json()["redis"] == "ok"
         assert metric_samples(c)[("psad_redis_up", ())] == 1
 
 
@@ -146,7 +147,31 @@ def test_events_recover_after_a_stall_and_a_crash_of_redis_with_a_grown_pool(tin
         assert c.get("/readyz").json()["redis"] == "ok"
 
 
+def test_events_after_a_redis_restart_reconnect_instead_of_failing(tiny_bundle, own_redis, data):
+    """A restart closes every pooled connection: each must reconnect on its next use, not answer
+    one 503 per stale connection while Redis is up."""
+    settings = settings_for(tiny_bundle.parents[1], own_redis.url, redis_pool_size=4)
+
+    def burst(tag: str) -> list[int]:
+        def send(k: int) -> int:
+            event = {"user_id": f"u{k}", "item_id": "a", "action": "click", "event_id": f"{tag}{k}"}
+            return c.post("/events", json=event).status_code
+
+        with ThreadPoolExecutor(8) as pool:
+            return list(pool.map(send, range(8)))
+
+    with serve(settings) as c:
+        slow = subprocess.Popen(["redis-cli", "-p", str(own_redis.port), "DEBUG", "SLEEP", "0.2"])
+        time.sleep(0.05)
+        assert burst("a") == [200] * 8  # queued behind the sleep: the pool grows to its 4 connections
+        slow.wait()
+        own_redis.stop()
+        own_redis.start()
+        assert burst("b") == [200] * 8
+
+
 def test_slow_redis_exceeds_the_budget(tiny_bundle, own_redis, data):
+    mark_loaded(own_redis.url, "apitest")  # a loaded store (whose users have no profiles)
     with serve(settings_for(tiny_bundle.parents[1], own_redis.url, redis_budget_ms=20)) as c:
         assert c.post("/rerank", json=request(data)).json()["degraded"] is False
         redis.Redis.from_url(own_redis.url).execute_command("CLIENT", "PAUSE", 1000)  # Redis answers nobody for 1 s
@@ -193,7 +218,8 @@ def test_hot_swap_under_load_and_bad_bundle_refused(tiny_bundle, redis_server, t
             time.sleep(0.3)
             stop.set()
             seen = [x for f in futures for x in f.result()]
-        assert reload.status_code == 200 and reload.json() == {"result": "loaded", "version": 2, "detail": ""}
+        assert reload.status_code == 200
+        assert reload.json() == {"result": "loaded", "version": 2, "detail": "", "workers": []}
         assert {status for status, _ in seen} == {200}
         versions = [v for _, v in seen]
         assert versions[0] == "1" and versions[-1] == "2" and set(versions) == {"1", "2"}

@@ -12,7 +12,16 @@ import pandas as pd
 import pytest
 import redis
 
-from service.profiles import ProfileStore, RawProfile, bulk_load, connect, encode_profile, history_key, user_key
+from service.profiles import (
+    ProfileStore,
+    RawProfile,
+    bulk_load,
+    connect,
+    encode_profile,
+    history_key,
+    mark_loaded,
+    user_key,
+)
 from tests.test_service_api import request, serve, settings_for
 from training.data.store import load_schema, load_vocabs
 from training.schema import OOV
@@ -62,6 +71,7 @@ def test_encoding_uses_the_vocabularies_and_skips_corrupt_entries(tiny_data):
 
 
 def test_corrupt_redis_contents_are_flagged_not_fatal(tiny_bundle, tiny_data, redis_server, loaded):
+    mark_loaded(redis_server.url, "apitest")  # the served prefix is a loaded store: only corruption is flagged
     r = redis.Redis.from_url(redis_server.url)
     r.zadd(history_key("apitest", "corrupt-user"), {"no-pipes-here": 5, "7|click|e|i001": 7})
     r.hset(user_key("apitest", "corrupt-user"), "activity", "NaN")
