@@ -6,7 +6,10 @@ worker follows the target within FOLLOW_S, and a worker that starts (a replaceme
 one) starts on it rather than on the repository's latest. Each worker also writes what it serves,
 so the worker that took the reload can answer for the whole server. Files are replaced
 atomically (os.replace), so a reader never sees half of one. No lock is needed: every writer of
-the target writes a version it has loaded and verified, and the last one wins.
+the target writes a version it has loaded and verified, and the last one wins. A write that fails
+(the directory removed, the disk full) is logged and skipped: the worker keeps serving what it
+has. A reload waits for the workers that have reported; one that is still starting reports, and
+follows the target, once it has loaded its first model.
 
     target.json         {"version": N}
     worker-<pid>.json   {"pid", "version": serving, "refused": {version: reason}}
@@ -16,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import time
 from dataclasses import dataclass
@@ -23,6 +27,7 @@ from pathlib import Path
 
 FOLLOW_S = 0.2  # how often a worker looks at the target
 TARGET_FILE = "target.json"
+log = logging.getLogger("psad.service")
 
 
 @dataclass(frozen=True)
@@ -34,8 +39,11 @@ class WorkerState:
 
 def _write(path: Path, content: dict) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(content))
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(json.dumps(content))
+        os.replace(tmp, path)
+    except OSError as exc:
+        log.warning("cannot write the fleet's shared state", extra={"path": str(path), "error": repr(exc)})
 
 
 def _read(path: Path) -> dict | None:

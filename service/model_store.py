@@ -69,7 +69,15 @@ class ModelStore:
         """Load the first model, the server's target when other workers already serve one; a
         failure here stops startup (nothing to serve)."""
         joined = self.fleet.target() if self.fleet is not None else None
-        bundle = await asyncio.to_thread(self._load, joined or self.target_version())
+        try:
+            bundle = await asyncio.to_thread(self._load, joined or self.target_version())
+        except Exception:
+            if joined is None:
+                raise
+            # the others serve it from memory, but its files are gone: this worker must still start
+            log.warning("cannot load the server's version; starting on the repository's", exc_info=True)
+            joined = None
+            bundle = await asyncio.to_thread(self._load, self.target_version())
         self._swap(bundle)
         if self.fleet is not None:
             if joined is None:  # the first workers: the last to start decides, the others follow
@@ -99,7 +107,12 @@ class ModelStore:
             await asyncio.sleep(FOLLOW_S)
             try:
                 target = self.fleet.target()
-                if target is not None and target != self.current.version and target not in self._refused:
+                if (
+                    target is not None
+                    and target != self.current.version
+                    and target not in self._refused
+                    and self.path(target).is_dir()  # a missing version waits here, unretried and unlogged
+                ):
                     await self._reload_here(target)
             except Exception:  # keep following whatever the shared directory throws
                 log.warning("following the server's model version failed", exc_info=True)
@@ -130,6 +143,7 @@ class ModelStore:
                 self._refused[version] = str(exc) if isinstance(exc, BundleError) else repr(exc)
                 return self._refuse(current, self._refused[version])
             self._swap(bundle)
+            self._refused.pop(version, None)  # refused once (say, while being copied), loaded now
             metrics.RELOADS.labels("loaded").inc()
             log.info("model loaded", extra={"model": bundle.name, "version": bundle.version, "previous": current})
             return ReloadResult("loaded", bundle.version)

@@ -3,9 +3,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import http.client
 import json
 import os
+import shutil
 import signal
 from pathlib import Path
 
@@ -13,6 +15,9 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from export.runtime import MODEL_FILE
+from service.fleet import Fleet
+from service.model_store import ModelStore
+from service.settings import load_settings
 from tests.test_service_cli import get, start_serve, stop_serve, wait_for, worker_pids
 from tests.test_service_degradation import copy_version
 
@@ -102,3 +107,25 @@ def test_a_version_one_worker_refuses_is_reported_and_not_served(repo, redis_ser
         assert served_versions(port) == {"1"}
     finally:
         stop_serve(proc, log)
+
+
+def test_a_worker_joins_on_the_latest_when_the_servers_version_is_gone_and_forgets_a_cured_refusal(repo, tmp_path):
+    """In-process, one ModelStore as one worker: a target whose files are gone must not stop a
+    replacement from starting, and a version refused once and loaded later is followed again."""
+    fleet_dir = tmp_path / "fleet"
+    fleet_dir.mkdir()
+    Fleet(fleet_dir).set_target(9)  # served from memory by the others, deleted from the repository
+    store = ModelStore(load_settings(model_repo=repo, device="cpu", fleet_dir=fleet_dir))
+
+    async def scenario() -> None:
+        assert (await store.start()).version == 1
+        good = repo / "psad" / "2"
+        copy_version(repo / "psad" / "1", repo, 2)
+        shutil.move(good / MODEL_FILE, tmp_path / MODEL_FILE)  # still being copied: refused
+        assert (await store.reload(2)).result == "refused"
+        assert 2 in Fleet(fleet_dir).states()[0].refused
+        shutil.move(tmp_path / MODEL_FILE, good / MODEL_FILE)
+        assert (await store.reload(2)).result == "loaded"
+        assert Fleet(fleet_dir).states()[0].refused == {}
+
+    asyncio.run(scenario())
