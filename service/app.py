@@ -124,8 +124,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         svc: Service | None = getattr(app.state, "service", None)
         if svc is None:
             return base
-        schema = svc.models.current.schema
-        return api.openapi_schema(base, settings, schema.actions, Service.candidate_features(svc.models.current))
+        bundle = svc.models.current
+        return api.openapi_schema(base, settings, bundle.schema.actions, Service.candidate_features(bundle))
 
     app.openapi = openapi
     app.add_exception_handler(RequestValidationError, routes.validation_error)

@@ -54,9 +54,9 @@ def _read(path: Path) -> dict | None:
 
 
 class Fleet:
-    def __init__(self, directory: Path, pid: int | None = None):
+    def __init__(self, directory: Path):
         self.dir = Path(directory)
-        self.pid = os.getpid() if pid is None else pid
+        self.pid = os.getpid()
 
     def target(self) -> int | None:
         content = _read(self.dir / TARGET_FILE)

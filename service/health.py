@@ -32,10 +32,13 @@ class StoreHealth:
 
     def __init__(self, profiles: ProfileStore):
         self.store = profiles
-        self.redis_up = False
         self.profiles = "unknown"
-        self.missing = False  # profiles == "missing", read by the rerank pipeline
         self._started = self._applied = 0
+
+    @property
+    def missing(self) -> bool:
+        """What the rerank pipeline reads: Redis answers, without the load marker."""
+        return self.profiles == "missing"
 
     async def check(self) -> bool:
         """Check now; returns whether Redis answered. Checks may overlap (the watch and /readyz):
@@ -46,14 +49,12 @@ class StoreHealth:
         marked = await _answers(self.store.marked) if up else None
         if n > self._applied:
             self._applied = n
-            self.redis_up = up
             state = "unknown" if marked is None else "loaded" if marked else "missing"
             if state == "missing" and self.profiles != "missing":
                 log.warning("no profile load marker in the store: answers flagged profiles_missing until it is loaded")
             elif state == "loaded" and self.profiles == "missing":
                 log.info("profile load marker found: answers are no longer flagged profiles_missing")
             self.profiles = state
-            self.missing = state == "missing"
             metrics.REDIS_UP.set(1 if up else 0)
             metrics.PROFILES_MISSING.set(1 if self.missing else 0)
         return up

@@ -156,13 +156,13 @@ class Reranker:
         models: ModelStore,
         profiles: ProfileStore,
         scorer: Scorer,
-        health: StoreHealth | None = None,
+        health: StoreHealth,
     ):
         self.settings = settings
         self.models = models
         self.profiles = profiles
         self.scorer = scorer
-        self.health = health  # None: the load marker is not checked
+        self.health = health
         self.budget_s = settings.redis_budget_ms / 1000
 
     async def read_profiles(self, requests: list[RerankRequest], now: list[float], max_history: int):
@@ -172,7 +172,7 @@ class Reranker:
         try:
             users = [r.user_id for r in requests]
             raws: list[RawProfile | None] = await self.profiles.read(users, now, max_history, self.budget_s)
-            reason = "profiles_missing" if self.health is not None and self.health.missing else None
+            reason = "profiles_missing" if self.health.missing else None
         except asyncio.TimeoutError:
             raws, reason = [None] * len(requests), "redis_timeout"
         except STORE_ERRORS:

@@ -127,13 +127,11 @@ def write_marker(
     return marker
 
 
-def mark_loaded(
-    redis_url: str, prefix: str = "psad", cluster: bool = False, source: str = "psad profiles mark"
-) -> dict[str, Any]:
+def mark_loaded(redis_url: str, prefix: str = "psad", cluster: bool = False) -> dict[str, Any]:
     """`psad profiles mark`: write the marker without loading data, for a store fed only by /events."""
     client = redis.cluster.RedisCluster.from_url(redis_url) if cluster else redis.Redis.from_url(redis_url)
     try:
-        return write_marker(client, prefix, source)
+        return write_marker(client, prefix, "psad profiles mark")
     finally:
         client.close()
 

@@ -70,9 +70,9 @@ def is_json(content_type: str | None) -> bool:
 
 @dataclass(frozen=True)
 class BodyEndpoint:
-    """An endpoint `(body: T, svc: Svc, **headers)` (called by keyword) and what answering it needs, read once from its
-    signature: the body's validator, its header parameters, and the guards (the route's
-    dependencies, each `(svc, **headers)`) that run before any byte of the body is read.
+    """An endpoint `(body: T, svc: Svc, **headers)`, called by keyword, and what answering it needs,
+    read once from its signature: the body's validator, its header parameters, and the guards (the
+    route's dependencies, each `(svc, **headers)`) that run before any byte of the body is read.
 
     pydantic-core (Rust) parses and validates the raw body in one pass, so every route answers
     malformed JSON (invalid UTF-8, huge integers, deep nesting) with the same 422 naming the
