@@ -1,9 +1,11 @@
 # syntax=docker/dockerfile:1
-# The PSAD serving image: FastAPI + ONNX Runtime + Redis client, no torch.
+# The PSAD serving image: FastAPI + ONNX Runtime + Redis client, and only the request path's code
+# (service/ and export/, see docs/architecture.md): no torch, pandas or training code.
 # Training and export run elsewhere (`pip install .[train]`); this image serves exported bundles.
 #
 #   docker build -t psad .                                                 # CPU
 #   docker build -t psad:gpu --build-arg ORT_PACKAGE="onnxruntime-gpu[cuda,cudnn]" .
+#   docker build -t psad-tools --target tools .                            # `psad profiles load` etc.
 #
 # The GPU variant takes CUDA and cuDNN from NVIDIA's pip wheels (LD_LIBRARY_PATH below), so the
 # base image stays python:slim; run it with `--gpus all` and check the active providers in the log.
@@ -17,17 +19,29 @@ RUN python -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH
 WORKDIR /src
 COPY pyproject.toml README.md ./
-COPY training ./training
 COPY export ./export
 COPY service ./service
-COPY loadtest ./loadtest
-# The base dependencies are the serving ones (torch lives in the `train` extra).
+# The base dependencies are the serving ones (pandas lives in the `tools` extra, torch in `train`).
 # Swap the CPU runtime for the requested one when it differs. Versions come from pyproject.toml's
 # bounds and the ORT_PACKAGE build argument (pin it there, e.g. onnxruntime==1.22.1).
+# Without psad/ in the context the `psad` script could not start: the image runs `psad-serve`.
+# The import check fails the build if the request path reaches for any offline package.
 # hadolint ignore=DL3013
 RUN pip install . \
  && if [ "$ORT_PACKAGE" != "onnxruntime" ]; then pip uninstall -y onnxruntime && pip install "$ORT_PACKAGE"; fi \
- && python -c "import sys; sys.modules['torch'] = None; import service.app, training.cli"
+ && rm /opt/venv/bin/psad \
+ && python -c "import sys; sys.modules.update(dict.fromkeys(('torch', 'pandas', 'pyarrow', 'tqdm', 'training', 'psad', 'loadtest'))); import service.app, service.cli"
+
+# The offline tools over the same code (`psad profiles load`, `psad up`): what docker-compose's
+# one-shot `profiles` service runs.
+FROM build AS tools
+COPY training ./training
+COPY loadtest ./loadtest
+COPY psad ./psad
+# hadolint ignore=DL3013
+RUN pip install ".[tools]" && python -c "import psad.load_profiles"
+USER 10001:10001
+CMD ["psad", "--help"]
 
 FROM python:${PYTHON_VERSION}-slim AS serve
 ARG PYTHON_VERSION
@@ -49,4 +63,4 @@ VOLUME ["/models", "/data"]
 # python:slim has no curl; the standard library is enough for a liveness probe.
 HEALTHCHECK --interval=10s --timeout=3s --start-period=20s --retries=3 \
   CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/livez', timeout=2)"]
-CMD ["psad", "serve", "--host", "0.0.0.0"]
+CMD ["psad-serve", "serve", "--host", "0.0.0.0"]

@@ -1,4 +1,4 @@
-# One venv, two commands: `make up` (set up + run the service) and `make test` (ruff + pytest).
+# One venv, two commands: `make up` (set up + run the service) and `make test` (`make lint` + pytest).
 PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -25,9 +25,13 @@ redis:
 up: setup
 	$(BIN)/psad up
 
+# ruff; the layers of docs/architecture.md (import-linter); the types of the request path and the
+# contract (mypy); no block of 6 or more lines repeated in the package code (pylint's duplicate check).
 lint:
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/lint-imports
+	$(BIN)/pylint --rcfile pyproject.toml training export service loadtest psad
 
 format:
 	$(BIN)/ruff check --fix .

@@ -1,4 +1,4 @@
-"""`psad export` and `psad bench model`: command-line front ends of export.bundle and export.bench."""
+"""`psad export`: the command-line front end of export.exporter."""
 
 from __future__ import annotations
 
@@ -8,9 +8,7 @@ from typing import Annotated
 
 import typer
 
-from export.bench import bench_model_command
-
-__all__ = ["bench_model_command", "export_command"]
+from export.contract.errors import FAILED, fail
 
 
 def export_command(
@@ -23,14 +21,13 @@ def export_command(
     fp16: Annotated[bool, typer.Option("--fp16", help="Also write model_fp16.onnx (GPUs), parity-checked.")] = False,
 ) -> None:
     """Export a run as a versioned model bundle (ONNX UPN + student), gated on ONNX/PyTorch parity."""
-    from export.bundle import ExportError, export_run
+    from export.exporter import ExportError, export_run
     from export.parity import ParityError
 
     try:
         bundle = export_run(run, repo, name=name, version=version, fp16=fp16, progress=True)
     except (ExportError, ParityError) as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(code=1) from None
+        raise fail(exc, FAILED) from None
     manifest = json.loads((bundle / "manifest.json").read_text())
     for report in manifest["parity"].values():
         typer.echo(

@@ -21,12 +21,14 @@ from pathlib import Path
 
 import numpy as np
 
-from training.schema import INPUT_NAMES, MODEL_OUTPUT, N_RESERVED, OOV, FeatureSchema
+from export.contract.fixtures import BatchMaker
+from export.contract.schema import INPUT_NAMES, MODEL_OUTPUT
+from export.runtime import CPU, session_options
 
 BATCHES = (1, 2, 64)
 LISTS = (1, 10, 200)
 HISTORIES = (0, 1, 50)
-MAX_AGE_DAYS = 365.0
+SHAPES = tuple(itertools.product(BATCHES, LISTS, HISTORIES))  # (batch, list, history)
 
 
 class ParityError(RuntimeError):
@@ -96,94 +98,6 @@ class ParityReport:
         }
 
 
-SHAPES = tuple(itertools.product(BATCHES, LISTS, HISTORIES))  # (batch, list, history)
-
-
-class BatchMaker:
-    """Builds model inputs of any (batch, list, history) shape from real lists or from the schema.
-
-    Real lists are flattened into pools of valid candidates and behaviours; a row of length L
-    is a window of L consecutive pool entries (wrapping), so short lists are tiled from their
-    neighbours and long ones cropped, and every item index is one the model saw in validation.
-    """
-
-    def __init__(self, schema: FeatureSchema, inputs: dict[str, np.ndarray] | None = None, seed: int = 0):
-        self.schema = schema
-        self.rng = np.random.default_rng(seed)
-        self.pool = _flatten(inputs) if inputs is not None and inputs["cand_mask"].any() else None
-        if self.pool is not None and len(self.pool["hist_items"]) == 0:
-            self.pool = {**self.pool, **self._synthetic_history(64)}
-
-    @property
-    def source(self) -> str:
-        return "validation lists" if self.pool is not None else "batches synthesised from the schema"
-
-    def make(self, batch: int, length: int, history: int, pad_last: bool = True) -> dict[str, np.ndarray]:
-        pool = self.pool or self._synthetic_pool(batch, length, history)
-        out = {
-            "user_cat": self._rows(pool["user_cat"], batch),
-            "user_num": self._rows(pool["user_num"], batch),
-            **{n: self._windows(pool[n], batch, length) for n in ("cand_items", "cand_num")},
-            **{n: self._windows(pool[n], batch, history) for n in ("hist_items", "hist_actions", "hist_age")},
-            "cand_mask": np.ones((batch, length), dtype=bool),
-            "hist_mask": np.ones((batch, history), dtype=bool),
-        }
-        if pad_last and batch >= 2:
-            _pad_row(out, batch - 1, keep_list=max(1, (length + 1) // 2), keep_history=history // 2)
-        return {n: out[n] for n in INPUT_NAMES}
-
-    def _rows(self, pool: np.ndarray, batch: int) -> np.ndarray:
-        return pool[self.rng.integers(0, len(pool), size=batch)]
-
-    def _windows(self, pool: np.ndarray, batch: int, length: int) -> np.ndarray:
-        starts = self.rng.integers(0, len(pool), size=(batch, 1))
-        return pool[(starts + np.arange(length)) % len(pool)]
-
-    def _synthetic_pool(self, batch: int, length: int, history: int) -> dict[str, np.ndarray]:
-        s, rng = self.schema, self.rng
-        n = max(batch, length, history, 1)
-        ucat = [rng.integers(N_RESERVED, f.cardinality, size=n) for f in s.user_categorical]
-        return {
-            "user_cat": np.stack(ucat, axis=1) if ucat else np.zeros((n, 0), np.int64),
-            "user_num": rng.standard_normal((n, len(s.user_numeric))).astype(np.float32),
-            "cand_items": rng.integers(N_RESERVED, s.n_items, size=n),
-            "cand_num": rng.standard_normal((n, len(s.candidate_numeric))).astype(np.float32),
-            **self._synthetic_history(n),
-        }
-
-    def _synthetic_history(self, n: int) -> dict[str, np.ndarray]:
-        s, rng = self.schema, self.rng
-        first_action = N_RESERVED if s.actions else OOV
-        return {
-            "hist_items": rng.integers(N_RESERVED, s.n_items, size=n),
-            "hist_actions": rng.integers(first_action, max(s.n_actions, first_action + 1), size=n),
-            "hist_age": rng.uniform(0.0, MAX_AGE_DAYS, size=n).astype(np.float32),
-        }
-
-
-def _flatten(inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    cm, hm = inputs["cand_mask"], inputs["hist_mask"]
-    return {
-        "user_cat": inputs["user_cat"],
-        "user_num": inputs["user_num"],
-        "cand_items": inputs["cand_items"][cm],
-        "cand_num": inputs["cand_num"][cm],
-        "hist_items": inputs["hist_items"][hm],
-        "hist_actions": inputs["hist_actions"][hm],
-        "hist_age": inputs["hist_age"][hm],
-    }
-
-
-def _pad_row(out: dict[str, np.ndarray], row: int, keep_list: int, keep_history: int) -> None:
-    """Mask the tail of one row the way assemble() pads a shorter list and history."""
-    out["cand_mask"][row, keep_list:] = False
-    out["hist_mask"][row, keep_history:] = False
-    for name, keep in (("cand_items", keep_list), ("cand_num", keep_list)):
-        out[name][row, keep:] = 0
-    for name in ("hist_items", "hist_actions", "hist_age"):
-        out[name][row, keep_history:] = 0
-
-
 def compare(reference: np.ndarray, candidate: np.ndarray, mask: np.ndarray, tol: Tolerance) -> tuple[float, float]:
     """(max abs diff, fraction of lists whose ranking agrees) over the valid candidates."""
     if reference.shape != candidate.shape:
@@ -209,8 +123,6 @@ def check_parity(
     """Score every shape with PyTorch and ONNX Runtime (CPU) and compare; never raises on a mismatch."""
     import onnxruntime as ort
     import torch
-
-    from export.runtime import CPU, session_options
 
     session = ort.InferenceSession(str(onnx_path), session_options(threads=1), providers=[CPU])
     rows = []

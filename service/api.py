@@ -18,10 +18,8 @@ from typing import Annotated, Any
 from fastapi.exceptions import RequestValidationError
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
+from export.contract.schema import RANK_SCORE
 from service.settings import Settings
-
-RANK_SCORE = "rank_score"  # the candidate_numeric feature fed by Candidate.score
-
 
 # Numbers reach the model as float32: bound them well inside its range so no input becomes inf.
 FLOAT32_SAFE = 1e30

@@ -14,15 +14,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
-import logging
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 
 from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
 
-from export.runtime import Bundle
-from service import api, logs
+from service import api, logs, routes
+from service.deps import Service
 from service.health import StoreHealth, watch_redis
 from service.inference import Reranker, Scorer
 from service.metrics import MetricsMiddleware
@@ -32,22 +30,6 @@ from service.resp import RespClient
 from service.settings import Settings, load_settings
 
 GC_GEN0_THRESHOLD = 20_000
-
-
-@dataclass
-class Service:
-    """Everything a route needs, created by the lifespan and kept on app.state.service."""
-
-    settings: Settings
-    models: ModelStore
-    profiles: ProfileStore
-    reranker: Reranker
-    log: logging.Logger
-    health: StoreHealth
-
-    @staticmethod
-    def candidate_features(bundle: Bundle) -> list[str]:
-        return [f.name for f in bundle.schema.candidate_numeric]
 
 
 @contextlib.asynccontextmanager
@@ -101,8 +83,6 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     """The ASGI app; settings default to the PSAD_* environment (load_settings)."""
-    from service import routes  # routes import Service from here
-
     settings = settings or load_settings()
     # The routes are handed to FastAPI directly rather than through include_router: an included
     # router is matched through an extra layer of scope bookkeeping on every request.

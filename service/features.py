@@ -1,4 +1,4 @@
-"""Requests and stored profiles -> model inputs, through training.features.assemble (the function
+"""Requests and stored profiles -> model inputs, through export.contract.inputs.assemble (the function
 training uses, so serving cannot drift from it).
 
 Candidate features: ``rank_score`` is the candidate's ``score``. When a request carries no scores,
@@ -16,10 +16,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from service.api import RANK_SCORE, RerankRequest
+from export.contract.inputs import EncodedProfile, assemble, cold_start_profile
+from export.contract.schema import RANK_SCORE, FeatureSchema, NumericFeature, Vocabularies
+from service.api import RerankRequest
 from service.profiles import RawProfile, encode_profile
-from training.features import EncodedProfile, assemble, cold_start_profile
-from training.schema import FeatureSchema, NumericFeature, Vocabularies
 
 log = logging.getLogger("psad.service")
 

@@ -19,7 +19,7 @@ async def _answers(call: Callable[[], Awaitable[bool]]) -> bool | None:
     """The call's answer within HEALTH_PING_S; None when it failed or was late."""
     try:
         return await asyncio.wait_for(call(), HEALTH_PING_S)
-    except (asyncio.TimeoutError, *STORE_ERRORS):
+    except (TimeoutError, *STORE_ERRORS):
         return None
 
 

@@ -122,7 +122,7 @@ class Scorer:
                     break
                 try:
                     batch.append(await asyncio.wait_for(self.queue.get(), remaining))
-                except asyncio.TimeoutError:
+                except TimeoutError:
                     break
             asyncio.create_task(self._run(batch))
 
@@ -173,7 +173,7 @@ class Reranker:
             users = [r.user_id for r in requests]
             raws: list[RawProfile | None] = await self.profiles.read(users, now, max_history, self.budget_s)
             reason = "profiles_missing" if self.health.missing else None
-        except asyncio.TimeoutError:
+        except TimeoutError:
             raws, reason = [None] * len(requests), "redis_timeout"
         except STORE_ERRORS:
             raws, reason = [None] * len(requests), "redis_unavailable"

@@ -19,7 +19,8 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from export.runtime import Bundle, BundleError, latest_version, load_bundle
+from export.contract.bundle import BundleError, latest_version
+from export.runtime import Bundle, load_bundle
 from service import metrics
 from service.fleet import FOLLOW_S, Fleet, WorkerState
 from service.settings import Settings

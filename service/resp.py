@@ -22,7 +22,6 @@ ResponseError), so callers handle one family.
 from __future__ import annotations
 
 import asyncio
-import sys
 import time
 from collections import deque
 from collections.abc import Awaitable, Sequence
@@ -114,21 +113,14 @@ def _expire(fut: asyncio.Future, hops: int) -> None:
     if hops:
         asyncio.get_running_loop().call_soon(_expire, fut, hops - 1)
     else:
-        fut.set_exception(asyncio.TimeoutError())
+        fut.set_exception(TimeoutError())
 
 
-if sys.version_info >= (3, 11):
-
-    async def within(aw: Awaitable[T], seconds: float | None) -> T:
-        """`await aw` with a time limit (asyncio.TimeoutError past it; None = no limit).
-        asyncio.timeout runs the awaitable in the calling task; wait_for wraps it in a new one."""
-        async with asyncio.timeout(seconds):
-            return await aw
-
-else:  # pragma: no cover - Python 3.10
-
-    async def within(aw: Awaitable[T], seconds: float | None) -> T:
-        return await asyncio.wait_for(aw, seconds)
+async def within(aw: Awaitable[T], seconds: float | None) -> T:
+    """`await aw` with a time limit (asyncio.TimeoutError past it; None = no limit).
+    asyncio.timeout runs the awaitable in the calling task; wait_for wraps it in a new one."""
+    async with asyncio.timeout(seconds):
+        return await aw
 
 
 class RespClient:
@@ -205,7 +197,7 @@ class RespClient:
     async def _connect(self) -> _Protocol:
         try:
             return await asyncio.wait_for(self._open(), self.connect_timeout_s)
-        except (OSError, asyncio.TimeoutError) as exc:
+        except (TimeoutError, OSError) as exc:
             where = self.path or f"{self.host}:{self.port}"
             raise RedisConnectionError(f"cannot connect to Redis at {where}: {exc!r}") from exc
 

@@ -24,7 +24,7 @@ from starlette.routing import BaseRoute
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service import api, logs, metrics
-from service.app import Service
+from service.deps import Service, service
 from service.profiles import STORE_ERRORS, AppendFailed
 
 EVENTS_RETRY_AFTER_S = 1
@@ -44,10 +44,6 @@ class JSON(JSONResponse):
             return orjson.dumps(content, option=orjson.OPT_SERIALIZE_NUMPY)
         except TypeError:  # an integer beyond 64 bits, echoed as a 422's "input": stdlib JSON has them
             return json.dumps(content, default=str).encode()
-
-
-def service(request: Request) -> Service:
-    return request.app.state.service
 
 
 def body_errors(exc: ValidationError) -> list[dict[str, Any]]:
@@ -301,7 +297,7 @@ async def events(body: EventsBody, svc: Svc) -> JSON:
             f"{exc.stored_users} user(s) were; {EVENTS_RETRY}"
         )
         return JSON({"detail": detail}, status_code=503, headers={"Retry-After": str(EVENTS_RETRY_AFTER_S)})
-    except (asyncio.TimeoutError, *STORE_ERRORS) as exc:
+    except (TimeoutError, *STORE_ERRORS) as exc:
         svc.log.warning("events not stored", extra={"events": len(rows), "error": repr(exc)})
         detail = f"profile store unavailable ({type(exc).__name__}): the {len(rows)} event(s) may not be stored"
         detail += f"; {EVENTS_RETRY}"

@@ -16,7 +16,7 @@ from typing import Literal
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from export.runtime import NAME_PATTERN
+from export.contract.bundle import NAME_PATTERN
 
 ENV_PREFIX = "PSAD_"
 # PSAD_* variables read by other tools, not by the service: the test suite's MovieLens path,

@@ -142,7 +142,7 @@ def tiny_run(tiny_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_bundle(tiny_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from export.bundle import export_run
+    from export.exporter import export_run
 
     repo = tmp_path_factory.mktemp("models")
     return export_run(tiny_run, repo, name="psad", version=1)

@@ -10,13 +10,13 @@ import numpy as np
 import pytest
 import torch
 
+from export.contract.schema import INPUT_NAMES
 from training.data.store import load_items, load_schema, load_split
 from training.evaluate import to_tensors
 from training.models.baselines import BASELINES
 from training.models.config import ModelConfig
 from training.models.registry import build_model
 from training.models.student import PAD_SCORE
-from training.schema import INPUT_NAMES
 
 ARCHS = sorted(BASELINES)
 

@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
+from export.contract.schema import SchemaError
 from training.checkpoint import RunError
 from training.compare import CompareError, compare_runs, format_comparison
 from training.config import TrainConfig
-from training.schema import SchemaError
 from training.train import train
 
 
@@ -89,7 +89,7 @@ def test_runs_that_keep_other_list_lengths_are_refused(twin_runs, tmp_path: Path
 
 
 def test_command_prints_the_table_writes_json_and_names_bad_flags(twin_runs, tmp_path: Path) -> None:
-    from training.cli import app
+    from psad.cli import app
 
     runner = CliRunner()
     path = tmp_path / "cmp.json"

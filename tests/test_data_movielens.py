@@ -10,11 +10,11 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from export.contract.schema import OOV, FeatureSchema, SchemaError
 from tests.conftest import ML100K, REPO
 from training.data.movielens import ML1M_GENRES, ML100K_GENRES, build_movielens, core_filter
 from training.data.store import SPLITS, DataError, load_schema, load_split
 from training.metrics import ndcg_at_k
-from training.schema import OOV, FeatureSchema, SchemaError
 
 BASE_DAY = 11_323  # 2001-01-01, a day boundary
 DAY = 86_400

@@ -14,11 +14,11 @@ import pytest
 from typer.testing import CliRunner
 
 import training.data.trivago as trivago
+from export.contract.schema import OOV, Vocabularies
 from training.data.cli import app
 from training.data.generic import SPLIT_FRACTIONS, Logs, split_by_time, write_logs
 from training.data.store import SPLITS, DataError, load_schema, load_split, read_parquet
 from training.data.trivago import ACTIONS, CLICKOUT, COLUMNS, ITEM_ACTIONS, build_trivago
-from training.schema import OOV, Vocabularies
 
 T0 = 1_541_548_800  # 2018-11-07
 TRIVAGO = Path(os.environ.get("PSAD_TRIVAGO", "../shared/data/trivago-100k/trivago_val_100k.parquet"))

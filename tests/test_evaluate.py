@@ -12,11 +12,11 @@ import pandas as pd
 import pytest
 from typer.testing import CliRunner
 
+from export.contract.schema import FeatureSchema, SchemaError
 from training.commands import app
 from training.config import TrainConfig
 from training.data.store import ListData
 from training.evaluate import GROUPS, behaviours_before, evaluate_run, fixed_rankings, format_table
-from training.schema import FeatureSchema, SchemaError
 from training.train import train
 
 METRICS = {

@@ -220,7 +220,7 @@ def other_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_several_data_sets_get_one_report_each_and_resume_each(tiny_data: Path, other_data: Path, tmp_path: Path):
     from typer.testing import CliRunner
 
-    from training.cli import app
+    from psad.cli import app
 
     (tmp_path / "c.toml").write_text(toml_text(tiny_config()))
     out = tmp_path / "reports"

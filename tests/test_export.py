@@ -11,13 +11,15 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from export.bundle import ExportError, export_run, next_version
-from export.parity import FP32, SHAPES, BatchMaker, ParityError, check_parity, require_parity
-from export.runtime import latest_version, load_bundle, sha256
+from export.contract.bundle import latest_version, sha256
+from export.contract.fixtures import BatchMaker
+from export.contract.schema import INPUT_NAMES, OOV, SCHEMA_VERSION, FeatureSchema, model_inputs
+from export.exporter import ExportError, export_run, next_version
+from export.parity import FP32, SHAPES, ParityError, check_parity, require_parity
+from export.runtime import load_bundle
+from psad.cli import app
 from training.checkpoint import load_run
-from training.cli import app
 from training.data.store import load_split
-from training.schema import INPUT_NAMES, OOV, SCHEMA_VERSION, FeatureSchema, model_inputs
 
 BUNDLE_FILES = {
     "model.onnx",

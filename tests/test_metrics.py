@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import ndcg_score
 
+from export.contract.schema import OOV, PAD
 from training.metrics import (
     clicks_at_k,
     history_first,
@@ -18,7 +19,6 @@ from training.metrics import (
     ranking_from_scores,
     ranking_metrics,
 )
-from training.schema import OOV, PAD
 
 
 def random_batch(rng: np.random.Generator, batch: int = 64, length: int = 12, graded: bool = True):

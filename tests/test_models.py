@@ -9,11 +9,11 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from training.features import EncodedProfile, assemble
+from export.contract.inputs import EncodedProfile, assemble
+from export.contract.schema import INPUT_NAMES, CategoricalFeature, FeatureSchema, NumericFeature
 from training.models.config import ModelConfig
 from training.models.psad import PSAD, SHOWN
 from training.models.student import PAD_SCORE, Student
-from training.schema import INPUT_NAMES, CategoricalFeature, FeatureSchema, NumericFeature
 
 N_ITEMS = 40
 SCHEMA = FeatureSchema(
@@ -58,7 +58,7 @@ def profile(rng: np.random.Generator, history: int) -> EncodedProfile:
 
 
 def make_inputs(lengths: list[int], histories: list[int], seed: int = 0) -> dict[str, torch.Tensor]:
-    """A batch assembled by the real input assembly (training.features.assemble)."""
+    """A batch assembled by the real input assembly (export.contract.inputs.assemble)."""
     rng = np.random.default_rng(seed)
     profiles = [profile(rng, h) for h in histories]
     items = [rng.integers(2, N_ITEMS, n) for n in lengths]

@@ -13,8 +13,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from export.parity import BatchMaker
-from export.runtime import CPU, BundleError, load_bundle, sha256, verify_bundle
+from export.contract.bundle import BundleError, sha256, verify_bundle
+from export.contract.fixtures import BatchMaker
+from export.runtime import CPU, load_bundle
 
 
 @pytest.fixture

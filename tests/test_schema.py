@@ -5,8 +5,8 @@ import json
 import numpy as np
 import pytest
 
-from training.features import EncodedProfile, assemble, cold_start_profile
-from training.schema import (
+from export.contract.inputs import EncodedProfile, assemble, cold_start_profile
+from export.contract.schema import (
     OOV,
     CategoricalFeature,
     FeatureSchema,

@@ -15,9 +15,9 @@ import pytest
 import uvicorn
 from prometheus_client.parser import text_string_to_metric_families
 
+from psad.load_profiles import bulk_load
 from service.app import create_app
 from service.http import uvicorn_options
-from service.profiles import bulk_load
 from service.settings import Settings, SettingsError, load_settings, usable_cpus
 from tests.conftest import free_port
 

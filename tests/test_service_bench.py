@@ -9,8 +9,7 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
-from service.bench import BATCH_ROW, BenchConfig, run_bench
-from service.cli import bench_service_command
+from loadtest.service_bench.run import BATCH_ROW, BenchConfig, bench_service_command, run_bench
 from service.settings import load_settings
 
 
@@ -51,7 +50,7 @@ def test_bench_service_rejects_bad_flags(field: str, value: int):
 
 
 def test_a_url_without_a_server_fails_fast_with_a_hint(monkeypatch):
-    from service import bench
+    from loadtest.service_bench import run as bench
     from tests.conftest import free_port
 
     monkeypatch.setattr(bench, "URL_READY_TIMEOUT_S", 0.5)

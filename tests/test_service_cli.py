@@ -28,10 +28,10 @@ from prometheus_client.metrics import MetricWrapperBase
 from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
+from psad.cli import profiles_app
+from psad.up import Step, UpConfig, run_steps, up
 from service import metrics
-from service.cli import profiles_app
 from service.profiles import history_key
-from service.up import Step, UpConfig, run_steps, up
 from tests.conftest import REPO, free_port
 
 DASHBOARD = REPO / "deploy" / "grafana" / "dashboard.json"
@@ -75,7 +75,7 @@ def test_profiles_load_writes_every_user_and_behaviour(tiny_data: Path, redis_se
 
 def test_profiles_load_names_a_missing_data_set(tmp_path: Path, redis_server, clean_env) -> None:
     result = psad_profiles("load", "--data", str(tmp_path), "--redis-url", redis_server.url)
-    assert result.exit_code == 1
+    assert result.exit_code == 2  # the input is wrong (export.contract.errors)
     assert "schema.json missing" in result.output
 
 
@@ -85,7 +85,7 @@ def test_profiles_load_names_a_corrupt_table(tiny_data: Path, tmp_path: Path, re
     table = data / "behaviours.parquet"
     table.write_bytes(table.read_bytes()[:100])  # a truncated copy
     result = psad_profiles("load", "--data", str(data), "--redis-url", redis_server.url)
-    assert result.exit_code == 1
+    assert result.exit_code == 2
     assert "behaviours.parquet: cannot be read" in result.output and "Traceback" not in result.output
 
 
@@ -172,7 +172,7 @@ def test_serve_exits_when_no_model_loads(tiny_bundle: Path, redis_server, worker
 def test_serve_names_a_missing_model_in_one_line(redis_server, tmp_path: Path):
     (tmp_path / "empty").mkdir()
     proc, _, log = start_serve(tmp_path / "empty" / "psad" / "1", redis_server.url, 2, tmp_path)
-    assert proc.wait(timeout=60) == 1
+    assert proc.wait(timeout=60) == 2
     assert log.read_text().startswith("error: ") and "no model version found" in log.read_text()
     assert "Traceback" not in log.read_text()
 

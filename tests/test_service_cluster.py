@@ -15,8 +15,9 @@ import pytest
 import redis
 from redis.cluster import RedisCluster
 
-from service.profiles import ProfileStore, bulk_load, connect, history_key
-from service.up import port_free
+from psad.load_profiles import bulk_load
+from psad.up import port_free
+from service.profiles import ProfileStore, connect, history_key
 from tests.test_service_api import request, serve, settings_for
 
 NODES = 3

@@ -20,11 +20,12 @@ import pytest
 import redis
 from onnx import TensorProto, helper
 
-from export.runtime import MANIFEST_FILE, MODEL_FILE
-from service.profiles import bulk_load, mark_loaded
+from export.contract.bundle import MANIFEST_FILE, MODEL_FILE
+from export.contract.schema import FeatureSchema, model_inputs
+from psad.load_profiles import bulk_load
+from service.profiles import mark_loaded
 from tests.conftest import RedisServer
 from tests.test_service_api import metric_samples, request, serve, settings_for
-from training.schema import FeatureSchema, model_inputs
 
 ADMIN = {"Authorization": "Bearer secret"}
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from export.runtime import MODEL_FILE
+from export.contract.bundle import MODEL_FILE
 from service.fleet import Fleet
 from service.model_store import ModelStore
 from service.settings import load_settings

@@ -14,7 +14,7 @@ import httpx
 import pandas as pd
 import pytest
 
-from service.profiles import bulk_load
+from psad.load_profiles import bulk_load
 from tests.test_service_api import PREFIX, request, serve, settings_for
 
 TIMEOUTS = {"header_timeout_s": 1, "body_timeout_s": 1, "keepalive_timeout_s": 1}  # test-short

@@ -12,10 +12,11 @@ import pandas as pd
 import pytest
 import redis
 
+from export.contract.schema import OOV
+from psad.load_profiles import bulk_load
 from service.profiles import (
     ProfileStore,
     RawProfile,
-    bulk_load,
     connect,
     encode_profile,
     history_key,
@@ -24,7 +25,6 @@ from service.profiles import (
 )
 from tests.test_service_api import request, serve, settings_for
 from training.data.store import load_schema, load_vocabs
-from training.schema import OOV
 
 
 @pytest.fixture(scope="module")

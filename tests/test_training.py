@@ -17,10 +17,10 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 from torch import nn
 
+from export.contract.schema import SchemaError
 from tests.conftest import predate_per_model_checkpoints
 from training.checkpoint import RunError, load_run
 from training.config import ConfigError, TrainConfig
-from training.schema import SchemaError
 from training.train import record_best, train, update_average
 
 REPO = Path(__file__).resolve().parents[1]

@@ -29,14 +29,15 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, load_model, save_file, save_model
 from torch import nn
 
+from export.contract.schema import FeatureSchema, SchemaError
 from training.config import ConfigError, TrainConfig
 from training.data.store import load_schema
 from training.models.registry import build_model
-from training.schema import FeatureSchema, SchemaError
 
 RUN_FILES = ("config.json", "schema.json", "items.safetensors", "model.safetensors")
 MODELS = ("student", "teacher")  # each kept at its own best validation epoch
 BEST_FILES = {"student": "model.safetensors", "teacher": "teacher.safetensors"}
+VALIDATION_METRIC = "ndcg@10"  # what "best" means: the epoch kept per model, and what export reports
 
 
 class RunError(ValueError):

@@ -9,15 +9,9 @@ from pathlib import Path
 
 import typer
 
+from export.contract.errors import fail
+from training.data.store import SPLITS
 from training.models.config import ARCHS, DISTILL_LOSSES
-
-SPLITS = ("train", "val", "test")
-
-
-def fail(problem: object) -> typer.Exit:
-    """A bad input or run, said in one `error:` line (it names the file and the fix): exit code 2."""
-    typer.secho(f"error: {problem}", fg=typer.colors.RED, err=True)
-    return typer.Exit(2)
 
 
 def train_command(
@@ -33,10 +27,10 @@ def train_command(
     device: str = typer.Option(None, "--device", help="Override train.device: auto|cpu|cuda."),
 ) -> None:
     """Train teacher and student jointly; under torchrun, data-parallel across processes."""
+    from export.contract.schema import SchemaError
     from training.checkpoint import RunError
     from training.config import ConfigError, TrainConfig
     from training.data.store import DataError
-    from training.schema import SchemaError
     from training.train import train
 
     for flag, value, choices in (("--arch", arch, ARCHS), ("--distill", distill, DISTILL_LOSSES)):
@@ -67,10 +61,10 @@ def evaluate_command(
     json_path: Path = typer.Option(None, "--json", help="Where to write the metrics (default: RUN/eval_SPLIT.json)."),
 ) -> None:
     """Student, teacher and initial order on one split: overall and per user-activity group."""
+    from export.contract.schema import SchemaError
     from training.checkpoint import RunError
     from training.data.store import DataError
     from training.evaluate import evaluate_run, format_table
-    from training.schema import SchemaError
 
     if split not in SPLITS:
         raise typer.BadParameter(f"must be one of {list(SPLITS)}, got {split!r}", param_hint="--split")

@@ -129,10 +129,10 @@ def compare_command(
     json_path: Path = typer.Option(None, "--json", help="Also write the comparison as JSON to this path."),
 ) -> None:
     """Two rankers on the same lists: per metric, the mean difference A - B and its paired 95% interval."""
+    from export.contract.errors import fail
+    from export.contract.schema import SchemaError
     from training.checkpoint import RunError
-    from training.commands import SPLITS, fail
-    from training.data.store import DataError
-    from training.schema import SchemaError
+    from training.data.store import SPLITS, DataError
 
     choices_of = {"--split": (split, SPLITS), "--ranker-a": (ranker_a, RANKERS), "--ranker-b": (ranker_b, RANKERS)}
     for flag, (value, choices) in choices_of.items():

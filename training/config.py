@@ -9,16 +9,14 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import tomllib
-
+from export.contract.bundle import DEVICES
+from export.contract.schema import ANNOTATED_TYPES, typed
 from training.models.config import ModelConfig
-from training.schema import ANNOTATED_TYPES, typed
-
-DEVICES = ("auto", "cpu", "cuda")
 
 
 class ConfigError(ValueError):

@@ -32,11 +32,11 @@ import pandas as pd
 import torch
 from torch import nn
 
+from export.contract.schema import FeatureSchema
 from training.checkpoint import MODELS, check_data_matches_run, load_run, read_config
 from training.data.store import DataError, ListData, check_schema_files, load_split, read_parquet
 from training.metrics import history_first, paired_bootstrap, per_list_metrics, ranking_from_scores, verdict
 from training.models.registry import GENERATOR_ARCHS
-from training.schema import FeatureSchema
 
 GROUPS = ("light", "medium", "heavy")
 # what an evaluation's groups mean: bumped when they change, so `psad experiment` re-evaluates old runs

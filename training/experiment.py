@@ -282,7 +282,7 @@ def measure_latency(run_dir: Path, ranker: str, data_dir: Path, length: int, his
     """Median ms per list on ONE CPU thread, eager PyTorch, inference_mode, batch 1; and decoding steps."""
     import torch
 
-    from export.parity import BatchMaker
+    from export.contract.fixtures import BatchMaker
     from training.checkpoint import load_run
     from training.evaluate import load_lists, to_tensors
 
@@ -788,11 +788,11 @@ def experiment_command(
     ),
 ) -> None:
     """Train and evaluate every reranker on the same splits; write results.md/.json and a plot per data set."""
+    from export.contract.errors import fail
+    from export.contract.schema import SchemaError
     from training.checkpoint import RunError
-    from training.commands import fail
     from training.config import ConfigError, TrainConfig
     from training.data.store import DataError
-    from training.schema import SchemaError
 
     try:
         reports = run_experiments(

@@ -24,7 +24,7 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from training.schema import OOV
+from export.contract.schema import OOV
 
 STANDARD_KS = {"ndcg": (1, 3, 5, 10), "map": (5, 10), "clicks": (5, 10)}
 

@@ -32,6 +32,7 @@ from tqdm import tqdm
 from training.checkpoint import (
     BEST_FILES,
     MODELS,
+    VALIDATION_METRIC,
     RunError,
     load_state,
     load_weights,
@@ -49,7 +50,6 @@ from training.models.psad import SHOWN
 from training.models.registry import GENERATOR_ARCHS, build_model
 from training.plots import plot_history
 
-VALIDATION_METRIC = "ndcg@10"
 # Keys that may change when resuming: they do not alter what the finished epochs computed.
 EMA_FILE = "ema.safetensors"  # the moving average of the weights, for --resume
 RESULT_NEUTRAL = {"device", "threads", "eval_batch_size"}  # settings that do not change what a run learns

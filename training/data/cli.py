@@ -8,9 +8,9 @@ from pathlib import Path
 
 import typer
 
-from training.commands import fail
+from export.contract.errors import fail
 from training.data.store import DataError, format_summary
-from training.schema import SchemaError
+from export.contract.schema import SchemaError
 
 app = typer.Typer(help="Build and inspect data sets.", no_args_is_help=True)
 build = typer.Typer(help="Build a data set into DIR (see docs/data.md).", no_args_is_help=True)

@@ -21,10 +21,10 @@ from tqdm import tqdm
 
 from training.data.initial_ranker import order_quality
 from training.data.store import SPLITS, DataError, staged, write_dataset
-from training.schema import N_RESERVED, CategoricalFeature, FeatureSchema, NumericFeature, Vocab, Vocabularies
+from export.contract.schema import RANK_SCORE, N_RESERVED, CategoricalFeature, FeatureSchema, NumericFeature, Vocab, Vocabularies
 
 IMPRESSION_REQUIRED = ("request_id", "user_id", "timestamp", "item_id", "position", "label")
-IMPRESSION_OPTIONAL = ("rank_score", "split")
+IMPRESSION_OPTIONAL = (RANK_SCORE, "split")
 BEHAVIOUR_COLUMNS = ("user_id", "item_id", "timestamp", "action")
 ID_COLUMNS = ("request_id", "user_id", "item_id")
 DERIVED_ACTIONS = ("view", "click")  # behaviours derived from impressions: label > 0 -> click
@@ -214,7 +214,7 @@ def read_impressions(directory: Path) -> pd.DataFrame:
     check_timestamps(df, path)
     check_numeric(df, path, "position", integer=True, minimum=0)
     check_numeric(df, path, "label", minimum=0)
-    for col in [c for c in df.columns if c == "rank_score" or str(c).startswith("f_")]:
+    for col in [c for c in df.columns if c == RANK_SCORE or str(c).startswith("f_")]:
         check_numeric(df, path, col)
     if "split" in df.columns:
         check_split(df, path)
@@ -223,8 +223,8 @@ def read_impressions(directory: Path) -> pd.DataFrame:
     for col in [c for c in ("user_id", "timestamp", "split") if c in df.columns]:
         varies = df[col] != df.groupby("request_id")[col].transform("first")  # the row that departs from the first
         fail_rows(path, col, varies, f"differs between rows of the same request_id; a request has one {col}")
-    if "rank_score" not in df.columns:
-        df["rank_score"] = -df["position"].astype(np.float64)  # the shown order is the ranking stage's order
+    if RANK_SCORE not in df.columns:
+        df[RANK_SCORE] = -df["position"].astype(np.float64)  # the shown order is the ranking stage's order
     return df
 
 
@@ -457,7 +457,7 @@ def write_logs(
         .reset_index(drop=True)
     )
     histories = _histories(behaviours, vocab, actions)
-    cand_cols = ["rank_score", *sorted(c for c in imp.columns if str(c).startswith("f_"))]
+    cand_cols = [RANK_SCORE, *sorted(c for c in imp.columns if str(c).startswith("f_"))]
     splits = {name: _lists(imp[split == name], vocab, histories, cand_cols, max_history, progress) for name in SPLITS}
     first_id = 0
     for name in SPLITS:

@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from export.contract.schema import RANK_SCORE
 from training.data.generic import (
     DERIVED_ACTIONS,
     SPLIT_FRACTIONS,
@@ -234,7 +235,7 @@ def build_movielens(source: Path, out: Path, *, fmt: str, max_history: int, seed
         raise DataError(f"{source}: the training period spans too few days to fit the initial ranker on its first half")
     ranker = InitialRanker(_features(users, "user_id", user_ids), _features(items, "item_id", item_ids))
     ranker.fit(user_idx[fit], item_idx[fit], ratings["label"].to_numpy()[fit], seed=seed, progress=progress)
-    ratings["rank_score"] = ranker.score(user_idx, item_idx)
+    ratings[RANK_SCORE] = ranker.score(user_idx, item_idx)
     ratings = ratings.astype({"user_id": str, "item_id": str})
     users, items = users.astype({"user_id": str}), items.astype({"item_id": str})
 
@@ -242,11 +243,11 @@ def build_movielens(source: Path, out: Path, *, fmt: str, max_history: int, seed
     run = shown.groupby(["user_id", "period"], sort=False).cumcount() // LIST_RUN
     shown = shown.assign(request_id=shown["user_id"] + ":" + shown["period"] + ":" + run.astype(str))
     shown["timestamp"] = shown.groupby("request_id")["timestamp"].transform("min")
-    shown = shown.sort_values(["request_id", "rank_score", "item_id"], ascending=[True, False, True], kind="stable")
+    shown = shown.sort_values(["request_id", RANK_SCORE, "item_id"], ascending=[True, False, True], kind="stable")
     shown["position"] = shown.groupby("request_id").cumcount()
 
     logs = Logs(
-        impressions=shown[["request_id", "user_id", "timestamp", "item_id", "position", "label", "rank_score"]],
+        impressions=shown[["request_id", "user_id", "timestamp", "item_id", "position", "label", RANK_SCORE]],
         behaviours=ratings[["user_id", "item_id", "timestamp"]].assign(
             action=np.where(ratings["label"] > 0, "click", "view")
         ),

@@ -40,8 +40,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from training.features import EncodedProfile, assemble
-from training.schema import FeatureSchema, SchemaError, Vocabularies
+from export.contract.inputs import EncodedProfile, assemble
+from export.contract.schema import FeatureSchema, SchemaError, Vocabularies
 
 SPLITS = ("train", "val", "test")
 SHOWN_POSITION = "shown_position"  # optional list column: the 0-based rank each candidate was displayed at
@@ -56,7 +56,7 @@ class DataError(ValueError):
 class ListData:
     """One split, padded and ready for batching: model inputs plus labels and extras."""
 
-    inputs: dict[str, np.ndarray]  # as training.features.assemble returns
+    inputs: dict[str, np.ndarray]  # as export.contract.inputs.assemble returns
     labels: np.ndarray  # float32 [N, L]
     list_ids: np.ndarray  # int64 [N]
     user_ids: np.ndarray  # object [N]

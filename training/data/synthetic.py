@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from training.data.store import SHOWN_POSITION, SPLITS, DataError, ListData, staged, write_dataset
 from training.metrics import valid_first
-from training.schema import CategoricalFeature, FeatureSchema, NumericFeature, Vocab, Vocabularies, read_json
+from export.contract.schema import RANK_SCORE, CategoricalFeature, FeatureSchema, NumericFeature, Vocab, Vocabularies, read_json
 
 SIMULATOR_VERSION = 1
 ACTIONS = ("view", "click")
@@ -499,7 +499,7 @@ def build_synthetic(
         user_numeric=(_numeric("activity", activity),),
         item_categorical=(CategoricalFeature("category", model.n_categories + 2),),
         item_numeric=(_numeric("quality", world.item_quality_obs), _numeric("popularity", popularity)),
-        candidate_numeric=(_numeric("rank_score", rank_score[train]),),
+        candidate_numeric=(_numeric(RANK_SCORE, rank_score[train]),),
         label="click",
         extra={"source": "synthetic", "seed": seed, "click_model": "simulator.json", **policy.describe()},
     )

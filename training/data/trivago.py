@@ -58,7 +58,7 @@ from training.data.store import (
     write_side_tables,
     write_stats,
 )
-from training.schema import N_RESERVED, OOV, CategoricalFeature, FeatureSchema, NumericFeature, Vocab, Vocabularies
+from export.contract.schema import RANK_SCORE, N_RESERVED, OOV, CategoricalFeature, FeatureSchema, NumericFeature, Vocab, Vocabularies
 
 COLUMNS = (
     "user_id", "session_id", "timestamp", "step", "action_type", "reference",
@@ -78,7 +78,7 @@ ACTIONS = tuple(sorted(ITEM_ACTIONS.values()))
 UNKNOWN_REFERENCE = "unknown"  # the log's placeholder for a hotel it did not record: not a behaviour
 CONTEXT = ("platform", "device", "city")  # user features: the values of the user's first logged row
 MIN_CONTEXT_USERS = 3  # a context value needs this many training-period users, else it is out of vocabulary
-CANDIDATE_FEATURES = ("rank_score", "price", "price_rank")
+CANDIDATE_FEATURES = (RANK_SCORE, "price", "price_rank")
 BATCH_ROWS = 1 << 18  # source rows per validated batch
 CHUNK_USERS = 100_000  # users whose lists are built and written together
 
@@ -523,6 +523,6 @@ def _ragged(begin: np.ndarray, end: np.ndarray) -> tuple[np.ndarray, np.ndarray]
 
 
 def _encode(items: pd.Index, ids: np.ndarray) -> np.ndarray:
-    """Item ids -> vocabulary indices (training/schema.py: unseen -> OOV)."""
+    """Item ids -> vocabulary indices (export/contract/schema.py: unseen -> OOV)."""
     found = items.get_indexer(ids)
     return np.where(found < 0, OOV, found + N_RESERVED).astype(np.int64)

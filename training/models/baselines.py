@@ -39,7 +39,7 @@ from training.models.config import ModelConfig
 from training.models.embeddings import EncoderBlock, ItemEmbedding, UserEmbedding
 from training.models.student import PAD_SCORE
 from training.models.upn import HistoryMatch
-from training.schema import INPUT_NAMES, FeatureSchema
+from export.contract.schema import INPUT_NAMES, FeatureSchema
 
 
 class PersonalCandidates(nn.Module):

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from training.models.config import ModelConfig
-from training.schema import FeatureSchema, NumericFeature
+from export.contract.schema import FeatureSchema, NumericFeature
 
 MASKED_LOGIT = -1e4  # finite: a row with every key masked stays finite, then reads out zeros
 

@@ -20,7 +20,7 @@ from training.models.config import ModelConfig
 from training.models.student import Student
 from training.models.teacher import Teacher, decode_steps
 from training.models.upn import UPN
-from training.schema import INPUT_NAMES, FeatureSchema
+from export.contract.schema import INPUT_NAMES, FeatureSchema
 
 SHOWN = "shown_order"  # training batches only: [B,L] candidate index at each displayed rank (train.py)
 

@@ -1,6 +1,6 @@
 """Builds a reranker from its config: PSAD or one of the baselines, all trained by one loop.
 
-Every model takes the same inputs (training/schema.py) and offers:
+Every model takes the same inputs (export/contract/schema.py) and offers:
   forward(inputs, labels, step) -> dict of scalar losses, "loss" being the one to minimise;
   rank_scores(inputs) -> [B, L] scores, higher first (the student for PSAD);
   serving_module() -> nn.Module scoring the positional model inputs (what export writes to ONNX).
@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from training.models.config import ModelConfig
-from training.schema import FeatureSchema
+from export.contract.schema import FeatureSchema
 
 GENERATOR_ARCHS = frozenset({"psad"})  # archs whose models offer teacher_decode (and keep a teacher checkpoint)
 

@@ -30,7 +30,7 @@ from torch import nn
 
 from training.models.config import ModelConfig
 from training.models.embeddings import MASKED_LOGIT, ItemEmbedding, UserEmbedding
-from training.schema import OOV, FeatureSchema
+from export.contract.schema import OOV, FeatureSchema
 
 NEVER = 1e9  # days since the last behaviour on an item the history does not hold
 

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from training.schema import FeatureSchema
+from export.contract.schema import FeatureSchema
 
 SECONDS_PER_DAY = 86_400.0
 

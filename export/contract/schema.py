@@ -22,6 +22,9 @@ SCHEMA_VERSION = 1
 PAD = 0
 OOV = 1
 N_RESERVED = 2
+# The candidate_numeric feature that carries the ranking stage's score: data builders write it, the
+# service fills it from each candidate's `score`.
+RANK_SCORE = "rank_score"
 
 
 class SchemaError(ValueError):

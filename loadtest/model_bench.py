@@ -20,7 +20,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from functools import partial
 from pathlib import Path
 from typing import Annotated, Any
@@ -28,7 +28,7 @@ from typing import Annotated, Any
 import numpy as np
 import typer
 
-from training.commands import fail
+from export.contract.errors import fail
 
 TARGET_SHAPE = (1, 100, 50)  # batch, list, history
 TARGET_P50_MS = 0.5
@@ -98,8 +98,8 @@ def run_bench(
     import torch
     from tqdm import tqdm
 
-    from export.bundle import load_torch_model
-    from export.parity import BatchMaker
+    from export.contract.fixtures import BatchMaker
+    from export.exporter import load_torch_model
     from export.runtime import CUDA, load_bundle
 
     torch.set_num_threads(threads)
@@ -133,7 +133,7 @@ def run_bench(
 def _eager_call(module, inputs: dict[str, np.ndarray], device: str) -> None:
     import torch
 
-    from training.schema import INPUT_NAMES
+    from export.contract.schema import INPUT_NAMES
 
     with torch.inference_mode():
         module(*(torch.from_numpy(inputs[n]).to(device) for n in INPUT_NAMES)).cpu()
@@ -185,9 +185,10 @@ def profile_ort(bundle_dir: Path, threads: int, runs: int = 200) -> str:
     import onnx
     import onnxruntime as ort
 
-    from export.parity import BatchMaker
-    from export.runtime import CPU, MODEL_FILE, session_options, verify_bundle
-    from training.schema import MODEL_OUTPUT
+    from export.contract.bundle import MODEL_FILE, verify_bundle
+    from export.contract.fixtures import BatchMaker
+    from export.contract.schema import MODEL_OUTPUT
+    from export.runtime import CPU, session_options
 
     _, schema, _ = verify_bundle(bundle_dir)
     inputs = BatchMaker(schema, seed=0).make(*TARGET_SHAPE, pad_last=False)
@@ -253,7 +254,7 @@ def environment(bundle_dir: Path, threads: int, spinning: bool) -> list[str]:
     cpuinfo = Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").is_file() else []
     cpu = next((line.split(":", 1)[1].strip() for line in cpuinfo if "model name" in line), platform.processor())
     return [
-        f"- machine: {cpu}, {os.cpu_count()} logical cores; {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC",
+        f"- machine: {cpu}, {os.cpu_count()} logical cores; {datetime.now(UTC):%Y-%m-%d %H:%M} UTC",
         f"- software: onnxruntime {onnxruntime.__version__}, torch {torch.__version__}, "
         f"python {platform.python_version()}",
         f"- model: {manifest['name']}/{manifest['version']} ({knobs})",
@@ -289,9 +290,9 @@ def bench_model_command(
     command += ["--out", str(out)] if out else []
     if out is not None:
         _check_out(out)
-    from export.bundle import ExportError, export_run
+    from export.contract.bundle import BundleError
+    from export.exporter import ExportError, export_run
     from export.parity import ParityError
-    from export.runtime import BundleError
 
     try:
         with tempfile.TemporaryDirectory() as tmp:

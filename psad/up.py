@@ -32,6 +32,7 @@ from typing import Any
 
 import typer
 
+from export.contract.errors import reported
 from service.settings import ENV_PREFIX, Settings, load_settings
 
 DEFAULT_REDIS_PORT = 6379
@@ -193,8 +194,8 @@ def ensure_redis(settings: Settings, var: Path) -> tuple[str, subprocess.Popen |
 
 
 def data_step(cfg: UpConfig) -> Step:
+    from export.contract.schema import SchemaError
     from training.data.store import check_schema_files
-    from training.schema import SchemaError
 
     use_ml100k = (cfg.ml100k / "u.data").is_file()
     key: dict[str, Any] = (
@@ -271,7 +272,7 @@ def train_step(cfg: UpConfig) -> Step:
 
 
 def export_step(cfg: UpConfig, name: str) -> Step:
-    from export.runtime import BundleError, verify_bundle
+    from export.contract.bundle import BundleError, verify_bundle
 
     def valid(record: dict[str, Any]) -> bool:
         try:
@@ -281,7 +282,7 @@ def export_step(cfg: UpConfig, name: str) -> Step:
         return True
 
     def run(_: bool) -> dict[str, Any]:
-        from export.bundle import export_run
+        from export.exporter import export_run
 
         bundle = export_run(cfg.run_dir, cfg.repo, name=name, progress=cfg.progress)
         typer.echo(f"bundle: {bundle}")
@@ -293,7 +294,8 @@ def export_step(cfg: UpConfig, name: str) -> Step:
 def profiles_step(cfg: UpConfig, settings: Settings, url: str) -> Step:
     import redis
 
-    from service.profiles import bulk_load, history_key, marker_key
+    from psad.load_profiles import bulk_load
+    from service.profiles import history_key, marker_key
 
     key = {"redis": url, "run_id": redis_run_id(url), "prefix": settings.key_prefix, "data": str(cfg.data_dir)}
 
@@ -407,3 +409,14 @@ def up(cfg: UpConfig) -> list[str]:
             redis_proc.terminate()
             redis_proc.wait(timeout=10)
             say("[redis] stopped")
+
+
+def up_command(
+    ml100k: Path = typer.Option(Path("../shared/data/ml-100k"), help="MovieLens-100K files (else the simulator)."),
+    rebuild: bool = typer.Option(False, "--rebuild", help="Redo every step even when its output is valid."),
+    port: int = typer.Option(8000, min=1, max=65535, help="Port to serve on."),
+    config: Path = typer.Option(Path("configs/small.toml"), help="Training config of the demo model."),
+) -> None:
+    """Everything on this machine, no Docker: Redis, demo data, training, export, profiles, serving."""
+    with reported():
+        up(UpConfig(ml100k=ml100k, rebuild=rebuild, port=port, train_config=config))

@@ -1,15 +1,20 @@
 """The `psad` command line: one entry point for data, training, export, serving and benchmarks.
 
-Each command lives beside the code it drives; heavy imports (torch, onnxruntime) happen inside
-the commands so that `psad --help` and the service start fast.
+The top layer: it only composes the commands that live beside the code they drive (see
+docs/architecture.md). Heavy imports (torch, onnxruntime) happen inside the commands so that
+`psad --help` and the service start fast.
 """
 
 from __future__ import annotations
 
 import typer
 
-from export.cli import bench_model_command, export_command
-from service.cli import bench_service_command, profiles_app, serve_command, up_command
+from export.cli import export_command
+from loadtest.model_bench import bench_model_command
+from loadtest.service_bench.run import bench_service_command
+from psad.load_profiles import profiles_load_command
+from psad.up import up_command
+from service.cli import profiles_mark_command, serve_command
 from training.commands import evaluate_command, train_command
 from training.compare import compare_command
 from training.data.cli import app as data_app
@@ -24,6 +29,10 @@ app.command("experiment")(experiment_command)
 app.command("export")(export_command)
 app.command("serve")(serve_command)
 app.command("up")(up_command)
+
+profiles_app = typer.Typer(help="User profiles in Redis.", no_args_is_help=True)
+profiles_app.command("load")(profiles_load_command)
+profiles_app.command("mark")(profiles_mark_command)
 app.add_typer(profiles_app, name="profiles")
 
 bench = typer.Typer(help="Benchmarks that print figures (see docs/benchmarks.md).", no_args_is_help=True)

@@ -41,6 +41,8 @@ import numpy as np
 import orjson
 import typer
 
+from export.contract.errors import reported
+from service.cli import MODEL_REPO, REDIS_URL, apply_overrides
 from service.settings import ENV_PREFIX, Settings, load_settings
 
 T = TypeVar("T")
@@ -566,8 +568,8 @@ def command_line(cfg: BenchConfig, out: Path | None) -> str:
 
 def run_bench(cfg: BenchConfig, settings: Settings, out: Path | None) -> Result:
     """Set up (or use --url), measure, print the report, and write it when `out` is given."""
-    from service.profiles import bulk_load
-    from service.up import start_redis
+    from psad.load_profiles import bulk_load
+    from psad.up import start_redis
 
     cfg.load_average = os.getloadavg()[0]
     workload, missing = plan_workload(cfg.data, cfg.history, settings.history_len)
@@ -619,3 +621,32 @@ def run_bench(cfg: BenchConfig, settings: Settings, out: Path | None) -> Result:
         out.write_text(report)
         typer.echo(f"wrote {out}")
     return result
+
+
+def bench_service_command(
+    url: str | None = typer.Option(None, help="Benchmark a running server (its floor endpoint enabled)."),
+    data: Path = typer.Option(Path("data/demo"), help="Data set whose users and items make the requests."),
+    model_repo: Path | None = MODEL_REPO,
+    redis_url: str | None = REDIS_URL,
+    workers: int = typer.Option(1, min=1, max=64, help="Server workers (when the benchmark starts the server)."),
+    list_length: int = typer.Option(100, min=1, max=10_000, help="Candidates per request."),
+    history: int = typer.Option(50, min=0, max=10_000, help="Behaviours per bench user's profile."),
+    requests: int = typer.Option(2000, min=10, max=1_000_000, help="Requests per endpoint, one client."),
+    duration_s: float = typer.Option(10.0, min=1.0, max=600.0, help="Length of the throughput phase."),
+    concurrency: int = typer.Option(16, min=1, max=1024, help="Connections of the throughput phase."),
+    out: Path | None = typer.Option(None, help="Also write the report as markdown (docs/benchmarks-service.md)."),
+) -> None:
+    """Closed-loop latency (rerank vs the no-model floor) and throughput on this machine."""
+    settings = apply_overrides(model_repo=model_repo, redis_url=redis_url)
+    config = BenchConfig(
+        url=url,
+        data=data,
+        workers=workers,
+        list_length=list_length,
+        history=history,
+        requests=requests,
+        duration_s=duration_s,
+        concurrency=concurrency,
+    )
+    with reported():
+        run_bench(config, settings, out)

@@ -29,7 +29,7 @@ import shutil
 import uuid
 import warnings
 from collections.abc import Iterator
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -38,8 +38,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from export.parity import FP16, FP32, BatchMaker, ParityReport, check_parity, require_parity
-from export.runtime import (
+from export.contract.bundle import (
     FORMAT_VERSION,
     FP16_FILE,
     MANIFEST_FILE,
@@ -48,6 +47,9 @@ from export.runtime import (
     BundleError,
     sha256,
 )
+from export.contract.fixtures import BatchMaker
+from export.contract.schema import INPUT_NAMES, MODEL_OUTPUT, FeatureSchema, SchemaError, TensorSpec, model_inputs
+from export.parity import FP16, FP32, ParityReport, check_parity, require_parity
 from training.checkpoint import (
     BEST_FILES,
     MODELS,
@@ -59,7 +61,6 @@ from training.checkpoint import (
 )
 from training.data.store import DataError, load_split, load_vocabs
 from training.models.registry import GENERATOR_ARCHS, build_model
-from training.schema import INPUT_NAMES, MODEL_OUTPUT, FeatureSchema, SchemaError, TensorSpec, model_inputs
 
 OPSET = 18
 EXAMPLE_SHAPE = (2, 3, 5)  # batch, list, history: >= 2 and distinct, so no axis is frozen or merged
@@ -160,7 +161,7 @@ def best_validation(run_dir: Path) -> dict[str, Any]:
     """The student's best epoch (whose weights are model.onnx) and its validation metrics; for
     generators also the teacher's (whose weights are teacher.safetensors). max() keeps the first
     of equal scores, as training does (a tie is no improvement)."""
-    from training.train import VALIDATION_METRIC
+    from training.checkpoint import VALIDATION_METRIC
 
     path = Path(run_dir) / "history.json"
     try:
@@ -291,7 +292,7 @@ def build_manifest(
         "format_version": FORMAT_VERSION,
         "name": name,
         "version": version,
-        "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
         "arch": arch,
         "models": models,
         "inputs": [spec(s) for s in model_inputs(schema)],

@@ -1,0 +1,35 @@
+"""What a route depends on: the Service the lifespan builds, and the dependency that hands it over."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from fastapi import Request
+
+from export.runtime import Bundle
+from service.health import StoreHealth
+from service.inference import Reranker
+from service.model_store import ModelStore
+from service.profiles import ProfileStore
+from service.settings import Settings
+
+
+@dataclass
+class Service:
+    """Everything a route needs, created by the lifespan and kept on app.state.service."""
+
+    settings: Settings
+    models: ModelStore
+    profiles: ProfileStore
+    reranker: Reranker
+    log: logging.Logger
+    health: StoreHealth
+
+    @staticmethod
+    def candidate_features(bundle: Bundle) -> list[str]:
+        return [f.name for f in bundle.schema.candidate_numeric]
+
+
+def service(request: Request) -> Service:
+    return request.app.state.service
