@@ -48,46 +48,172 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="forbid", protected_namespaces=())
 
     # Model repository: bundles live at <model_repo>/<model_name>/<version>/.
-    model_repo: Path = Path("models")
-    model_name: str = Field("psad", pattern=NAME_PATTERN)  # what `psad export --name` accepts
-    model_version: str = "latest"  # "latest" or a version number; "latest" also follows new versions
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    threads: int = Field(1, ge=1)  # ONNX Runtime intra-op threads per model call
-    processes: int = Field(1, ge=1)  # server processes on this host; `psad serve --workers N` sets it
-    inference_workers: int | None = Field(None, ge=1)  # threads running assembly + model; None: CPU share
-    microbatch_max_size: int = Field(8, ge=0)  # 0 or 1 = off; else requests merged into one model call
-    microbatch_max_wait_us: int = Field(0, ge=0)  # 0: batch only what is already queued, never wait
-    poll_interval_s: float = Field(0.0, ge=0)  # 0 = no polling; reload through /admin/reload only
-    fleet_dir: Path | None = None  # set by `psad serve --workers N`: where its workers agree on one version
-    admin_token: SecretStr | None = None  # unset = /admin/* disabled (403)
+    model_repo: Path = Field(Path("models"), description="model repository directory")
+    model_name: str = Field(
+        "psad",
+        pattern=NAME_PATTERN,
+        description="model name in the repository (letters, digits, `_`, `.`, `-`: what `psad export --name` accepts)",
+    )
+    model_version: str = Field("latest", description="`latest` or a version number (pinned: polling is off)")
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto", description="`auto`, `cpu` or `cuda`; the active provider is reported in /readyz and `psad_model_info`"
+    )
+    threads: int = Field(1, ge=1, description="ONNX Runtime intra-op threads per model call")
+    processes: int = Field(
+        1,
+        ge=1,
+        description=(
+            "server processes on this host; `psad serve --workers N` sets it, so the inference-thread "
+            "default divides the CPUs among them"
+        ),
+    )
+    inference_workers: int | None = Field(
+        None,
+        ge=1,
+        description=(
+            "threads per process running feature assembly + model calls (the event loop never does). When"
+            " the processes fill the cores, one thread each is best: more only add thread switches and "
+            "shrink micro-batches (measured below)"
+        ),
+        json_schema_extra={
+            "docs_default": (
+                "min(4, CPUs / `PSAD_PROCESSES`), at least 1 (CPUs: the affinity set, capped by a cgroup "
+                "v2 quota such as `docker --cpus`)"
+            )
+        },
+    )
+    microbatch_max_size: int = Field(
+        8,
+        ge=0,
+        description=(
+            "0 or 1 = off; else lists that queue up while the inference workers are busy are merged into "
+            "model calls of up to this many lists. An idle service scores a list at once, with no "
+            "collector round trip"
+        ),
+    )
+    microbatch_max_wait_us: int = Field(
+        0,
+        ge=0,
+        description=(
+            "how long a batch waits for more lists once a worker is free; 0 = take only what is already "
+            "queued, never wait (event loops round waits up to 1 ms)"
+        ),
+    )
+    poll_interval_s: float = Field(0.0, ge=0, description="seconds between repository polls; 0 = off")
+    fleet_dir: Path | None = Field(
+        None,
+        description=(
+            "set by `psad serve --workers N` (a temporary directory): where its workers agree on one "
+            "model version; leave it unset"
+        ),
+    )
+    admin_token: SecretStr | None = Field(None, description="bearer token of /admin/*; unset = admin disabled")
 
     # Redis profile store.
-    redis_url: str = "redis://127.0.0.1:6379/0"
-    redis_cluster: bool = False  # true: redis_url is one node of a Redis Cluster (the client finds the rest)
-    redis_budget_ms: float = Field(5.0, gt=0)  # time budget of the profile read per request
-    redis_pool_size: int = Field(64, ge=1)
-    events_timeout_ms: float = Field(1000.0, gt=0)  # time limit of an /events write
-    redis_health_interval_s: float = Field(2.0, gt=0)  # PING period behind the psad_redis_up gauge
-    profile_ttl_s: int = Field(30 * 86_400, ge=0)  # 0 = profiles never expire
-    key_prefix: str = Field("psad", min_length=1, max_length=64)
-    history_len: int = Field(0, ge=0)  # behaviours kept per user; 0 = the bundle schema's max_history
+    redis_url: str = Field(
+        "redis://127.0.0.1:6379/0",
+        description="`redis://`, `rediss://` or `unix://`; with `PSAD_REDIS_CLUSTER`, any one node of the cluster",
+    )
+    redis_cluster: bool = Field(
+        False, description="`true`: Redis Cluster (`redis.asyncio.cluster.RedisCluster`, nodes discovered from the URL)"
+    )
+    redis_budget_ms: float = Field(
+        5.0,
+        gt=0,
+        description=(
+            "time budget of the profile read per request (a reconnect included), from sending the "
+            "commands to the replies reaching the socket (over it: cold start, `redis_timeout`)"
+        ),
+    )
+    redis_pool_size: int = Field(
+        64,
+        ge=1,
+        description=(
+            "redis-py connections per worker process (per cluster node): appends, PING, and reads over "
+            "TLS or a cluster. Single-node `redis://` / `unix://` reads share one multiplexed connection "
+            "per process (below)"
+        ),
+    )
+    events_timeout_ms: float = Field(1000.0, gt=0, description="time limit of an /events write (over it: 503)")
+    redis_health_interval_s: float = Field(
+        2.0,
+        gt=0,
+        description=(
+            "period of the store check (PING + the profile load marker) behind `psad_redis_up`, "
+            "`psad_profiles_missing` and `profiles_missing`"
+        ),
+    )
+    profile_ttl_s: int = Field(
+        30 * 86_400,
+        ge=0,
+        description="profile keys expire this long after the last write; 0 = never",
+        json_schema_extra={"docs_default": "`2592000` (30 days)"},
+    )
+    key_prefix: str = Field(
+        "psad", min_length=1, max_length=64, description="Redis key prefix, 1-64 characters, no braces or whitespace"
+    )
+    history_len: int = Field(
+        0, ge=0, description="behaviours kept per user by /events; 0 = the bundle schema's `max_history`"
+    )
 
     # Request limits.
-    max_candidates: int = Field(1000, ge=1)
-    max_id_length: int = Field(128, ge=1)
-    max_batch_requests: int = Field(64, ge=1)
-    max_events: int = Field(1000, ge=1)
-    max_body_bytes: int = Field(8 * 1024 * 1024, ge=1024)  # larger bodies: 413 before any parsing
-    max_future_s: int = Field(3600, ge=0)  # event and request timestamps at most this far ahead of now
+    max_candidates: int = Field(1000, ge=1, description="candidates per request")
+    max_id_length: int = Field(128, ge=1, description="characters per user, item, request or event id")
+    max_batch_requests: int = Field(64, ge=1, description="requests per /rerank/batch")
+    max_events: int = Field(1000, ge=1, description="events per /events call")
+    max_body_bytes: int = Field(
+        8 * 1024 * 1024,
+        ge=1024,
+        description=(
+            "request body size; a larger body is answered 413 before it is parsed (a batch of 64 lists of"
+            " 1,000 candidates takes about 4 MB)"
+        ),
+        json_schema_extra={"docs_default": "`8388608` (8 MiB)"},
+    )
+    max_future_s: int = Field(
+        3600,
+        ge=0,
+        description=(
+            "how far an event's `timestamp` or a request's `context.timestamp` may be ahead of the server"
+            " clock (clock skew); beyond it: 422. Catches milliseconds sent as seconds, which would "
+            "otherwise fill a history with behaviours that are never read and push the real ones out"
+        ),
+    )
     # Connections (service.http): a longer request head is answered 431 as it arrives; a head or a
     # body not complete in time, 408 and closed; an idle keep-alive connection, closed.
-    max_header_bytes: int = Field(64 * 1024, ge=1024)
-    header_timeout_s: float = Field(10.0, gt=0)  # from connect (or a request's first byte) to its full head
-    body_timeout_s: float = Field(30.0, gt=0)  # from the full head to the body's last byte
-    keepalive_timeout_s: float = Field(5.0, gt=0)  # idle time after a response (uvicorn's timeout_keep_alive)
+    max_header_bytes: int = Field(
+        64 * 1024,
+        ge=1024,
+        description=(
+            "request line + headers; a longer head is answered 431 as soon as it passes the limit, and the "
+            'connection is closed (below, "Connection limits")'
+        ),
+        json_schema_extra={"docs_default": "`65536` (64 KiB), at least 1024"},
+    )
+    header_timeout_s: float = Field(
+        10.0,
+        gt=0,
+        description=(
+            "time to send a complete request head, from connecting (or from a later request's first "
+            "byte); over it: 408, or a plain close if nothing was sent"
+        ),
+    )
+    body_timeout_s: float = Field(
+        30.0, gt=0, description="time to send the body, from the end of the head; over it: 408 and a close"
+    )
+    keepalive_timeout_s: float = Field(
+        5.0,
+        gt=0,
+        description=(
+            "an idle keep-alive connection is closed this long after its last response (uvicorn's "
+            "`timeout_keep_alive`); keep it above a load balancer's idle timeout (below)"
+        ),
+    )
 
-    enable_floor_endpoint: bool = False
-    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    enable_floor_endpoint: bool = Field(False, description="expose /bench/floor")
+    log_level: Literal["debug", "info", "warning", "error"] = Field(
+        "info", description="`debug`, `info`, `warning`, `error`"
+    )
 
     @field_validator("model_version")
     @classmethod
@@ -156,3 +282,28 @@ def load_settings(**overrides: object) -> Settings:
     if lines:
         raise SettingsError("invalid service settings:\n  " + "\n  ".join(lines)) from None
     return settings
+
+
+def _shown(default: object) -> str:
+    if default is None:
+        return "unset"
+    if isinstance(default, bool):
+        return f"`{str(default).lower()}`"
+    if isinstance(default, float) and default.is_integer():
+        return f"`{int(default)}`"
+    return f"`{default}`"
+
+
+def settings_table() -> str:
+    """docs/service.md's settings table, made from the fields' descriptions, so the two cannot drift
+    (tests/test_service_settings.py checks the docs hold it; `python -m service.settings` prints it)."""
+    lines = ["| variable | default | meaning |", "|---|---|---|"]
+    for name, field in Settings.model_fields.items():
+        extra = field.json_schema_extra if isinstance(field.json_schema_extra, dict) else {}
+        default = extra.get("docs_default") or _shown(field.default)
+        lines.append(f"| `{ENV_PREFIX}{name.upper()}` | {default} | {field.description} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    print(settings_table())

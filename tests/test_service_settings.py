@@ -1,0 +1,20 @@
+"""docs/service.md's settings table is the one the settings describe: a new or changed setting
+cannot ship with the docs saying something else."""
+
+from __future__ import annotations
+
+from service.settings import ENV_PREFIX, Settings, settings_table
+from tests.conftest import REPO
+
+
+def test_every_setting_is_described() -> None:
+    missing = [name for name, field in Settings.model_fields.items() if not field.description]
+    assert missing == []
+
+
+def test_the_docs_hold_the_table_the_settings_make() -> None:
+    docs = (REPO / "docs" / "service.md").read_text()
+    table = settings_table()
+    assert table in docs, f"docs/service.md's settings table differs; replace it with:\n\n{table}"
+    rows = [line for line in table.splitlines() if line.startswith(f"| `{ENV_PREFIX}")]
+    assert len(rows) == len(Settings.model_fields)
