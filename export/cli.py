@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from export.contract.errors import FAILED, fail
+from export.contract.errors import reported
 
 
 def export_command(
@@ -21,13 +21,10 @@ def export_command(
     fp16: Annotated[bool, typer.Option("--fp16", help="Also write model_fp16.onnx (GPUs), parity-checked.")] = False,
 ) -> None:
     """Export a run as a versioned model bundle (ONNX UPN + student), gated on ONNX/PyTorch parity."""
-    from export.exporter import ExportError, export_run
-    from export.parity import ParityError
+    from export.exporter import export_run
 
-    try:
+    with reported():  # a bad run or flag exits 2; a failed export or parity gate, 1
         bundle = export_run(run, repo, name=name, version=version, fp16=fp16, progress=True)
-    except (ExportError, ParityError) as exc:
-        raise fail(exc, FAILED) from None
     manifest = json.loads((bundle / "manifest.json").read_text())
     for report in manifest["parity"].values():
         typer.echo(

@@ -31,7 +31,7 @@ import warnings
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -61,6 +61,10 @@ from training.checkpoint import (
 )
 from training.data.store import DataError, load_split, load_vocabs
 from training.models.registry import GENERATOR_ARCHS, build_model
+from training.models.reranker import Reranker
+
+if TYPE_CHECKING:
+    import onnx
 
 OPSET = 18
 EXAMPLE_SHAPE = (2, 3, 5)  # batch, list, history: >= 2 and distinct, so no axis is frozen or merged
@@ -68,7 +72,12 @@ ONNX_DTYPES = {"int64": 7, "float32": 1, "bool": 9}  # onnx.TensorProto element 
 
 
 class ExportError(RuntimeError):
-    """A run cannot be exported; the message names the file or check that failed and the fix."""
+    """The export failed on the way (exit code 1); the message names the step and the fix."""
+
+
+class ExportInputError(ExportError, ValueError):
+    """The run or a flag cannot be exported as given (exit code 2): an ExportError to callers that
+    catch those, a ValueError to the command-line error policy (export.contract.errors)."""
 
 
 def export_run(
@@ -82,15 +91,15 @@ def export_run(
     """Export `run_dir` to `repo_dir/name/version` (next free version when None); returns that directory."""
     run_dir, repo_dir = Path(run_dir), Path(repo_dir)
     if not re.match(NAME_PATTERN, name):
-        raise ExportError(f"--name {name!r}: use letters, digits, '_', '.', '-' (it becomes a directory name)")
+        raise ExportInputError(f"--name {name!r}: use letters, digits, '_', '.', '-' (it becomes a directory name)")
     model_dir = repo_dir / name
     if version is None:
         version = next_version(repo_dir, name)
     if version < 1:
-        raise ExportError(f"--version {version}: versions are integers >= 1")
+        raise ExportInputError(f"--version {version}: versions are integers >= 1")
     final = model_dir / str(version)
     if final.exists():
-        raise ExportError(
+        raise ExportInputError(
             f"{final} already exists and versions are immutable: omit --version to take the next one "
             f"({next_version(repo_dir, name)})"
         )
@@ -105,7 +114,7 @@ def export_run(
         vocabs = load_vocabs(data_dir, schema)
         validation = best_validation(run_dir)
     except (RunError, DataError, SchemaError) as exc:
-        raise ExportError(f"cannot export {run_dir}: {exc}") from None
+        raise ExportInputError(f"cannot export {run_dir}: {exc}") from None
 
     model_dir.mkdir(parents=True, exist_ok=True)
     tmp = model_dir / f".{version}.tmp-{uuid.uuid4().hex[:8]}"
@@ -171,9 +180,11 @@ def best_validation(run_dir: Path) -> dict[str, Any]:
         }
         student = best["student"]
     except FileNotFoundError:
-        raise ExportError(f"{path}: not found; export a run written by `psad train`") from None
+        raise ExportInputError(f"{path}: not found; export a run written by `psad train`") from None
     except (json.JSONDecodeError, TypeError, KeyError, ValueError, IndexError) as exc:
-        raise ExportError(f"{path}: cannot read per-epoch validation metrics ({exc!r}); re-run `psad train`") from None
+        raise ExportInputError(
+            f"{path}: cannot read per-epoch validation metrics ({exc!r}); re-run `psad train`"
+        ) from None
     out = {"selected_by": f"student {VALIDATION_METRIC}", "epoch": student["epoch"], "metrics": student["val"]}
     if "teacher" in best:
         teacher = best["teacher"]
@@ -186,7 +197,9 @@ def best_validation(run_dir: Path) -> dict[str, Any]:
 
 
 def export_onnx(module: nn.Module, maker: BatchMaker, path: Path) -> None:
-    """torch.onnx (dynamo) with batch, list and history dynamic; axes renamed to the schema's names."""
+    """torch.onnx (dynamo) with batch, list and history dynamic; axes renamed to the schema's names.
+
+    `module` is a serving module: its forward(*tensors) takes the model inputs in INPUT_NAMES order."""
     import onnx
     from torch.export import Dim
 
@@ -194,7 +207,7 @@ def export_onnx(module: nn.Module, maker: BatchMaker, path: Path) -> None:
     args = tuple(torch.from_numpy(example[n]) for n in INPUT_NAMES)
     specs = model_inputs(maker.schema)
     dims = {"batch": Dim("batch", min=1), "list": Dim("list", min=1), "history": Dim("history", min=0)}
-    dynamic = {s.name: {axis: dims[d] for axis, d in enumerate(s.dims) if d in dims} for s in specs}
+    dynamic = tuple({axis: dims[d] for axis, d in enumerate(s.dims) if d in dims} for s in specs)
     try:
         with _quiet_exporter():
             program = torch.onnx.export(
@@ -202,7 +215,7 @@ def export_onnx(module: nn.Module, maker: BatchMaker, path: Path) -> None:
                 args,
                 input_names=list(INPUT_NAMES),
                 output_names=[MODEL_OUTPUT.name],
-                dynamic_shapes=dynamic,
+                dynamic_shapes=(dynamic,),  # one entry per forward parameter: *tensors takes all nine
                 opset_version=OPSET,
                 dynamo=True,
                 optimize=True,
@@ -210,6 +223,8 @@ def export_onnx(module: nn.Module, maker: BatchMaker, path: Path) -> None:
             )
     except Exception as exc:
         raise ExportError(f"torch.onnx.export failed for the serving module: {exc}") from exc
+    if program is None:  # only the legacy exporter (dynamo=False) returns None
+        raise ExportError(f"torch.onnx.export(dynamo=True) returned no ONNX program (torch {torch.__version__})")
     graph = program.model_proto
     _name_axes(graph, specs)
     onnx.checker.check_model(graph, full_check=True)
@@ -230,7 +245,7 @@ def _quiet_exporter() -> Iterator[None]:
         logger.setLevel(level)
 
 
-def _name_axes(model, specs: tuple[TensorSpec, ...]) -> None:
+def _name_axes(model: onnx.ModelProto, specs: tuple[TensorSpec, ...]) -> None:
     """Give the exporter's symbolic axes the schema's names and check every input and the output."""
     graph = model.graph
     got = [i.name for i in graph.input]
@@ -319,7 +334,7 @@ def file_entry(path: Path) -> dict[str, Any]:
     return {"sha256": sha256(path), "bytes": path.stat().st_size}
 
 
-def load_torch_model(bundle_dir: Path) -> nn.Module:
+def load_torch_model(bundle_dir: Path) -> Reranker:
     """Rebuild the whole PyTorch model (teacher included, eval mode) from a bundle alone, with the
     weights of the teacher's best epoch (which may differ from the epoch model.onnx was exported from)."""
     from safetensors.torch import load_file

@@ -18,12 +18,16 @@ from __future__ import annotations
 import itertools
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from export.contract.fixtures import BatchMaker
 from export.contract.schema import INPUT_NAMES, MODEL_OUTPUT
 from export.runtime import CPU, session_options
+
+if TYPE_CHECKING:
+    from torch import nn
 
 BATCHES = (1, 2, 64)
 LISTS = (1, 10, 200)
@@ -87,7 +91,7 @@ class ParityReport:
             )
         return "\n".join(lines)
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
         return {
             "model_file": self.model_file,
             "passed": self.passed,
@@ -118,9 +122,14 @@ def _same_ranking(ref: np.ndarray, cand: np.ndarray, tol: Tolerance) -> bool:
 
 
 def check_parity(
-    module, onnx_path: Path, maker: BatchMaker, tol: Tolerance = FP32, shapes: tuple[tuple[int, int, int], ...] = SHAPES
+    module: nn.Module,
+    onnx_path: Path,
+    maker: BatchMaker,
+    tol: Tolerance = FP32,
+    shapes: tuple[tuple[int, int, int], ...] = SHAPES,
 ) -> ParityReport:
-    """Score every shape with PyTorch and ONNX Runtime (CPU) and compare; never raises on a mismatch."""
+    """Score every shape with PyTorch (a serving module: the model inputs positionally) and ONNX
+    Runtime (CPU) and compare; never raises on a mismatch."""
     import onnxruntime as ort
     import torch
 

@@ -1,6 +1,6 @@
 """Baselines (DNN, PRM, DLCM, SetRank), with and without the history-match features: padding never
 changes a real candidate's score, training lowers the loss, the serving module scores exactly like
-rank_scores, and SetRank ignores the initial order."""
+rank_scores, and SetRank ignores the initial order. Every model, PSAD included, has the one signature."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from training.data.store import load_items, load_schema, load_split
 from training.evaluate import to_tensors
 from training.models.baselines import BASELINES
 from training.models.config import ModelConfig
+from training.models.psad import SHOWN
 from training.models.registry import build_model
 from training.models.student import PAD_SCORE
 
@@ -110,6 +111,23 @@ def test_serving_module_scores_like_rank_scores(arch: str, features: dict, setup
     assert {id(p) for p in serving.parameters()} == {id(p) for p in model.parameters()}  # shared, not copied
     with torch.no_grad():
         torch.testing.assert_close(serving(*(inputs[n] for n in INPUT_NAMES)), model.rank_scores(inputs))
+
+
+@pytest.mark.parametrize("arch", ["psad", *ARCHS])
+def test_every_model_reads_the_inputs_by_name_and_serves_them_in_signature_order(arch: str, setup) -> None:
+    """rank_scores picks the model inputs out of a batch by name (key order and other keys do not
+    matter); the serving module takes exactly the nine tensors, in INPUT_NAMES order."""
+    model = make(arch, setup)
+    inputs, _ = batch(setup, slice(0, 4))
+    tensors = [inputs[n] for n in INPUT_NAMES]
+    reordered = {SHOWN: torch.zeros_like(inputs["cand_items"]), **dict(reversed(inputs.items()))}
+    serving = model.serving_module()
+    with torch.no_grad():
+        torch.testing.assert_close(model.rank_scores(reordered), serving(*tensors))
+        with pytest.raises(TypeError, match="cand_mask"):
+            serving(*tensors[:-1])
+        with pytest.raises(TypeError):
+            serving(*tensors, tensors[0])
 
 
 @pytest.mark.parametrize("features", FEATURES)

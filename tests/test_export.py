@@ -71,6 +71,24 @@ def test_onnx_axes_are_named_and_dynamic(tiny_bundle: Path) -> None:
     assert [d.dim_param for d in graph.output[0].type.tensor_type.shape.dim] == ["batch", "list"]
 
 
+def test_graph_inputs_are_the_model_signature(tiny_bundle: Path) -> None:
+    """Every input of the exported graph, in order: the name, element type and axes of model_inputs(schema)
+    (the serving module takes the tensors positionally; the service feeds them by name)."""
+    import onnx
+
+    schema = FeatureSchema.load(tiny_bundle / "schema.json")
+    graph = onnx.load(str(tiny_bundle / "model.onnx")).graph
+    got = [
+        (
+            value.name,
+            onnx.helper.tensor_dtype_to_np_dtype(value.type.tensor_type.elem_type).name,
+            tuple(str(d.dim_param or d.dim_value) for d in value.type.tensor_type.shape.dim),
+        )
+        for value in graph.input
+    ]
+    assert got == [(s.name, s.dtype, s.dims) for s in model_inputs(schema)]
+
+
 @pytest.mark.parametrize("shape", [(1, 1, 0), (2, 10, 1), (64, 200, 50), (3, 7, 13)])
 def test_round_trip_matches_pytorch_rank_scores(tiny_bundle: Path, tiny_run: Path, shape) -> None:
     model, _, schema = load_run(tiny_run)

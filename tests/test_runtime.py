@@ -15,6 +15,7 @@ import pytest
 
 from export.contract.bundle import BundleError, sha256, verify_bundle
 from export.contract.fixtures import BatchMaker
+from export.contract.schema import CategoricalFeature, FeatureSchema, NumericFeature, model_inputs
 from export.runtime import CPU, load_bundle
 
 
@@ -172,6 +173,31 @@ def test_a_version_that_fails_to_load_is_refused_once_while_polling(
 def test_intact_copy_verifies(bundle_copy: Path) -> None:
     manifest, schema, vocabs = verify_bundle(bundle_copy)
     assert manifest["version"] == 1 and len(vocabs.items) == schema.n_items
+
+
+def test_the_model_signature_is_the_one_exported_bundles_carry() -> None:
+    """Spelled out here on purpose: every bundle already exported lists these inputs in its manifest,
+    and load_bundle refuses one whose list differs from model_inputs(schema). Renaming, reordering or
+    retyping an input orphans every bundle in every model repository."""
+    schema = FeatureSchema(
+        n_items=10,
+        actions=("click",),
+        max_history=4,
+        max_list=5,
+        user_categorical=(CategoricalFeature("a", 3), CategoricalFeature("b", 4)),
+        user_numeric=(NumericFeature("x"), NumericFeature("y"), NumericFeature("z")),
+    )
+    assert [(s.name, s.dtype, s.dims) for s in model_inputs(schema)] == [
+        ("user_cat", "int64", ("batch", "2")),
+        ("user_num", "float32", ("batch", "3")),
+        ("hist_items", "int64", ("batch", "history")),
+        ("hist_actions", "int64", ("batch", "history")),
+        ("hist_age", "float32", ("batch", "history")),
+        ("hist_mask", "bool", ("batch", "history")),
+        ("cand_items", "int64", ("batch", "list")),
+        ("cand_num", "float32", ("batch", "list", "1")),
+        ("cand_mask", "bool", ("batch", "list")),
+    ]
 
 
 def test_cuda_request_falls_back_to_cpu_and_says_so(tiny_bundle: Path, caplog: pytest.LogCaptureFixture) -> None:

@@ -413,3 +413,60 @@ def test_the_shown_order_is_read_from_shown_position_and_checked() -> None:
     data.extras["shown_position"] = np.array([[2.0, 0.0, 1.0], [1.0, 1.0, 0.0]], np.float32)
     with pytest.raises(DataError, match="list 11: `shown_position` must give each candidate its own finite"):
         data.shown_order()
+
+
+@pytest.mark.parametrize(
+    ("table", "entry", "expected"),
+    [
+        ("train", "epochz = 3", "[train] unknown key(s) ['epochz']; allowed: ['epochs', 'batch_size',"),
+        ("train", "model = 3", "[train] unknown key(s) ['model']; allowed: ['epochs',"),
+        ("train", "seed = 1.0", "train.seed must be an integer, got 1.0"),
+        ("train", "device = 1", "train.device must be one of ['auto', 'cpu', 'cuda'], got 1"),
+        ("model", "blok_size = 4", "[model] unknown key(s) ['blok_size']; allowed: ['arch', 'd_model',"),
+        ("model", "block_size = '4'", "model.block_size = '4' is invalid: allowed an integer"),
+        ("model", "rd_dynamic = 1", "model.rd_dynamic = 1 is invalid: allowed true or false"),
+    ],
+)
+def test_each_table_refuses_an_unknown_key_and_a_wrong_type_naming_the_table_and_key(
+    tmp_path: Path, table: str, entry: str, expected: str
+) -> None:
+    path = tmp_path / "bad.toml"
+    path.write_text(f"[{table}]\n{entry}\n")
+    with pytest.raises(ConfigError) as info:
+        TrainConfig.load(path)
+    assert str(info.value).startswith(f"{path}: {expected}")
+
+
+def test_a_config_built_in_code_is_refused_like_a_loaded_one() -> None:
+    from training.models.config import ModelConfig
+
+    base = TrainConfig.small_for_tests()
+    with pytest.raises(ConfigError, match=r"^train\.epochs must be an integer >= 1, got 0$"):
+        dataclasses.replace(base, epochs=0)
+    with pytest.raises(ConfigError, match=r"^model\.d_model = 30 is invalid: allowed a multiple of n_heads \(4\)$"):
+        dataclasses.replace(base.model, d_model=30, n_heads=4)
+    with pytest.raises(ConfigError, match=r"^\[model\] unknown key\(s\) \['blok_size'\]"):
+        ModelConfig(blok_size=4)
+    assert json.dumps(ModelConfig(distill_weight=2).to_dict()["distill_weight"]) == "2.0"  # config.json: a float
+    assigned = copy.deepcopy(base)
+    assigned.model.arch = "gru"  # an assignment is checked by validate(), which every build_model calls
+    with pytest.raises(ConfigError, match=r"^model\.arch = 'gru' is invalid: allowed one of \['psad', 'dnn'"):
+        assigned.validate()
+
+
+def test_train_command_refuses_an_unknown_device_naming_the_flag(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from training.commands import app
+
+    done = CliRunner().invoke(app, ["train", "--data", str(tmp_path), "--device", "tpu"])
+    message = " ".join(done.output.replace("│", " ").split())  # rich wraps the error box
+    assert done.exit_code == 2 and "--device" in message and "['auto', 'cpu', 'cuda'], got 'tpu'" in message
+
+
+def test_the_config_accepts_exactly_the_archs_the_registry_builds() -> None:
+    from training.models.baselines import BASELINES
+    from training.models.config import ARCHS
+    from training.models.registry import GENERATOR_ARCHS
+
+    assert sorted(ARCHS) == sorted(GENERATOR_ARCHS | set(BASELINES))

@@ -33,6 +33,7 @@ from export.contract.schema import FeatureSchema, SchemaError
 from training.config import ConfigError, TrainConfig
 from training.data.store import load_schema
 from training.models.registry import build_model
+from training.models.reranker import Reranker
 
 RUN_FILES = ("config.json", "schema.json", "items.safetensors", "model.safetensors")
 MODELS = ("student", "teacher")  # each kept at its own best validation epoch
@@ -168,7 +169,7 @@ def load_state(path: Path, optimizer: torch.optim.Optimizer) -> tuple[int, int, 
     return int(tensors["epoch"]), int(tensors["step"]), meta
 
 
-def load_run(run_dir: Path, which: str = "student") -> tuple[nn.Module, TrainConfig, FeatureSchema]:
+def load_run(run_dir: Path, which: str = "student") -> tuple[Reranker, TrainConfig, FeatureSchema]:
     """Rebuild a trained model (eval mode) from its run directory alone, with the weights of the
     epoch where `which` ("student" or "teacher") was best on validation."""
     if which not in BEST_FILES:

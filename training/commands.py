@@ -9,6 +9,7 @@ from pathlib import Path
 
 import typer
 
+from export.contract.bundle import DEVICES
 from export.contract.errors import fail
 from training.data.store import SPLITS
 from training.models.config import ARCHS, DISTILL_LOSSES
@@ -24,7 +25,7 @@ def train_command(
     block_size: int = typer.Option(None, "--block-size", min=1, help="Override model.block_size (B >= 1)."),
     epochs: int = typer.Option(None, "--epochs", min=1, help="Override train.epochs."),
     seed: int = typer.Option(None, "--seed", min=0, help="Override train.seed."),
-    device: str = typer.Option(None, "--device", help="Override train.device: auto|cpu|cuda."),
+    device: str = typer.Option(None, "--device", help=f"Override train.device: one of {'|'.join(DEVICES)}."),
 ) -> None:
     """Train teacher and student jointly; under torchrun, data-parallel across processes."""
     from export.contract.schema import SchemaError
@@ -33,19 +34,19 @@ def train_command(
     from training.data.store import DataError
     from training.train import train
 
-    for flag, value, choices in (("--arch", arch, ARCHS), ("--distill", distill, DISTILL_LOSSES)):
-        if value is not None and value not in choices:
-            raise typer.BadParameter(f"must be one of {list(choices)}, got {value!r}", param_hint=flag)
+    choices = (("--arch", arch, ARCHS), ("--distill", distill, DISTILL_LOSSES), ("--device", device, DEVICES))
+    for flag, value, allowed in choices:
+        if value is not None and value not in allowed:
+            raise typer.BadParameter(f"must be one of {list(allowed)}, got {value!r}", param_hint=flag)
+    overrides = {
+        "train": {"epochs": epochs, "seed": seed, "device": device},
+        "model": {"arch": arch, "distill": distill, "block_size": block_size},
+    }
     try:
-        cfg = TrainConfig.load(config)
-        overrides = {"epochs": epochs, "seed": seed, "device": device}
-        for key, value in overrides.items():
-            if value is not None:
-                setattr(cfg, key, value)
-        for key, value in {"arch": arch, "distill": distill, "block_size": block_size}.items():
-            if value is not None:
-                setattr(cfg.model, key, value)
-        cfg.validate()
+        tables = TrainConfig.load(config).to_dict()
+        for table, values in overrides.items():
+            tables[table].update({key: value for key, value in values.items() if value is not None})
+        cfg = TrainConfig.from_dict(tables, source=f"{config} with the command-line overrides")
         started = time.perf_counter()
         run = train(data, cfg, out, resume=resume)
     except (ConfigError, DataError, SchemaError, RunError) as exc:

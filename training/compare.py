@@ -19,8 +19,7 @@ from typing import Any
 
 import typer
 
-from training.evaluate import FIXED_RANKERS
-from training.metrics import verdict
+from training.metrics import FIXED_RANKERS, verdict
 
 RANKERS = ("student", "teacher", *FIXED_RANKERS)
 

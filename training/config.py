@@ -8,61 +8,49 @@ typo never trains a different model than the one asked for.
 from __future__ import annotations
 
 import dataclasses
-import math
 import tomllib
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
+
+from pydantic.dataclasses import dataclass
 
 from export.contract.bundle import DEVICES
-from export.contract.schema import ANNOTATED_TYPES, typed
-from training.models.config import ModelConfig
+from training.models.config import (
+    STRICT,
+    ConfigError,
+    ModelConfig,
+    above,
+    at_least,
+    build,
+    config_errors,
+    fraction,
+    one_of,
+)
 
 
-class ConfigError(ValueError):
-    """A training configuration is invalid; the message names the key and the allowed values."""
-
-
-@dataclass
+@config_errors("train", "train.{key} must be {allowed}, got {value}")
+@dataclass(config=STRICT)
 class TrainConfig:
-    model: ModelConfig = field(default_factory=ModelConfig)
-    epochs: int = 20  # passes over the training split
-    batch_size: int = 128  # lists per optimiser step (per process when distributed)
-    lr: float = 1e-3  # AdamW learning rate (constant)
-    weight_decay: float = 1e-4  # AdamW decoupled weight decay
-    grad_clip: float = 1.0  # max global gradient norm; 0 = no clipping
-    patience: int = 4  # epochs in which neither student nor teacher improved validation NDCG@10; 0 = never stop
-    seed: int = 0  # seeds weights, dropout and the shuffling order
-    device: str = "auto"  # auto (CUDA when present) | cpu | cuda
-    threads: int = 0  # torch CPU threads; 0 = torch's default
-    max_list: int = 0  # keep the first max_list candidates of every list; 0 = keep all
-    eval_batch_size: int = 512  # lists per forward pass in validation and evaluation
-    ema: float = 0.0  # decay per step of an exponential moving average of the weights, validated and saved; 0 = off
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    epochs: Annotated[int, at_least(1)] = 20  # passes over the training split
+    batch_size: Annotated[int, at_least(1)] = 128  # lists per optimiser step (per process when distributed)
+    lr: Annotated[float, above(0.0)] = 1e-3  # AdamW learning rate (constant)
+    weight_decay: Annotated[float, at_least(0.0)] = 1e-4  # AdamW decoupled weight decay
+    grad_clip: Annotated[float, at_least(0.0, " (0 = no clipping)")] = 1.0  # max global gradient norm
+    # epochs in which neither student nor teacher improved validation NDCG@10
+    patience: Annotated[int, at_least(0, " (0 = no early stopping)")] = 4
+    seed: Annotated[int, at_least(0)] = 0  # seeds weights, dropout and the shuffling order
+    device: Annotated[str, one_of(DEVICES)] = "auto"  # auto = CUDA when present
+    threads: Annotated[int, at_least(0, " (0 = torch default)")] = 0  # torch CPU threads
+    # keep the first max_list candidates of every list
+    max_list: Annotated[int, at_least(0, " (0 = keep every candidate)")] = 0
+    eval_batch_size: Annotated[int, at_least(1)] = 512  # lists per forward pass in validation and evaluation
+    # decay per step of an exponential moving average of the weights, validated and saved
+    ema: Annotated[float, fraction(" (0 = off)")] = 0.0
 
     def validate(self) -> None:
-        def need(ok: bool, key: str, allowed: str, value: Any) -> None:
-            if not ok:
-                raise ConfigError(f"train.{key} must be {allowed}, got {value!r}")
-
-        for f in dataclasses.fields(self):
-            value = getattr(self, f.name)
-            need(not isinstance(value, float) or math.isfinite(value), f.name, "a finite number", value)
-        need(self.epochs >= 1, "epochs", "an integer >= 1", self.epochs)
-        need(self.batch_size >= 1, "batch_size", "an integer >= 1", self.batch_size)
-        need(self.eval_batch_size >= 1, "eval_batch_size", "an integer >= 1", self.eval_batch_size)
-        need(self.lr > 0, "lr", "a number > 0", self.lr)
-        need(self.weight_decay >= 0, "weight_decay", "a number >= 0", self.weight_decay)
-        need(self.grad_clip >= 0, "grad_clip", "a number >= 0 (0 = no clipping)", self.grad_clip)
-        need(self.patience >= 0, "patience", "an integer >= 0 (0 = no early stopping)", self.patience)
-        need(self.seed >= 0, "seed", "an integer >= 0", self.seed)
-        need(self.device in DEVICES, "device", f"one of {list(DEVICES)}", self.device)
-        need(self.threads >= 0, "threads", "an integer >= 0 (0 = torch default)", self.threads)
-        need(0 <= self.ema < 1, "ema", "a number in [0, 1) (0 = off)", self.ema)
-        need(self.max_list >= 0, "max_list", "an integer >= 0 (0 = keep every candidate)", self.max_list)
-        try:
-            self.model.validate()
-        except ValueError as exc:
-            raise ConfigError(str(exc)) from None
+        """Checks the fields again: a config is validated when built, not when a field is assigned."""
+        self._from_tables(self.to_dict())
 
     def to_dict(self) -> dict[str, Any]:
         """The TOML layout: {"train": {...}, "model": {...}}."""
@@ -71,32 +59,19 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, raw: Any, source: str = "config") -> TrainConfig:
-        if not isinstance(raw, dict):
-            raise ConfigError(f"{source}: expected tables [train] and [model]")
-        unknown_tables = sorted(set(raw) - {"train", "model"})
-        if unknown_tables:
-            raise ConfigError(f"{source}: unknown table(s) {unknown_tables}; allowed: ['model', 'train']")
-        train = raw.get("train", {})
-        if not isinstance(train, dict):
-            raise ConfigError(f"{source}: [train] must be a table")
-        fields = {f.name: f for f in dataclasses.fields(cls) if f.name != "model"}
-        unknown = sorted(set(train) - set(fields))
-        if unknown:
-            raise ConfigError(f"{source}: unknown key(s) train.{unknown}; allowed: {sorted(fields)}")
-        values = {
-            name: typed(train[name], ANNOTATED_TYPES[fields[name].type], f"{source}: train.{name}", ConfigError)
-            for name in train
-        }
         try:
-            model = ModelConfig.from_dict(raw.get("model", {}))
-        except (ValueError, TypeError) as exc:
-            raise ConfigError(f"{source}: {exc}") from None
-        config = cls(model=model, **values)
-        try:
-            config.validate()
+            return cls._from_tables(raw)
         except ConfigError as exc:
             raise ConfigError(f"{source}: {exc}") from None
-        return config
+
+    @classmethod
+    def _from_tables(cls, raw: Any) -> TrainConfig:
+        if not isinstance(raw, dict):
+            raise ConfigError("expected tables [train] and [model]")
+        unknown_tables = sorted(set(raw) - {"train", "model"})
+        if unknown_tables:
+            raise ConfigError(f"unknown table(s) {unknown_tables}; allowed: ['model', 'train']")
+        return build(cls, "train", raw.get("train", {}), model=ModelConfig.from_dict(raw.get("model", {})))
 
     @classmethod
     def load(cls, path: Path) -> TrainConfig:

@@ -35,13 +35,19 @@ from torch import nn
 from export.contract.schema import FeatureSchema
 from training.checkpoint import MODELS, check_data_matches_run, load_run, read_config
 from training.data.store import DataError, ListData, check_schema_files, load_split, read_parquet
-from training.metrics import history_first, paired_bootstrap, per_list_metrics, ranking_from_scores, verdict
+from training.metrics import (
+    FIXED_RANKERS,
+    history_first,
+    paired_bootstrap,
+    per_list_metrics,
+    ranking_from_scores,
+    verdict,
+)
 from training.models.registry import GENERATOR_ARCHS
 
 GROUPS = ("light", "medium", "heavy")
 # what an evaluation's groups mean: bumped when they change, so `psad experiment` re-evaluates old runs
 GROUPS_VERSION = 2  # 2: the user's behaviours before the list (1: up to the end of training)
-FIXED_RANKERS = ("initial", "history")  # the orders of fixed_rankings: nothing trained
 COMPARED = ("ndcg@10", "mrr", "utility")  # metrics whose gain over the initial order gets an interval
 
 

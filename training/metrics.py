@@ -78,6 +78,10 @@ def ranking_from_scores(scores: np.ndarray, mask: np.ndarray) -> np.ndarray:
     return valid_first(by_score, mask)
 
 
+# The orders computed from the inputs alone, nothing trained: the identity and history_first.
+FIXED_RANKERS = ("initial", "history")
+
+
 def history_first(inputs: Mapping[str, np.ndarray]) -> np.ndarray:
     """The candidates the user interacted with before, most recent interaction first, then the
     others in the ranking stage's order: a permutation [N, L], valid candidates first.

@@ -7,7 +7,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args
 
 from export.contract.schema import SCHEMA_VERSION, FeatureSchema, SchemaError, Vocabularies, model_inputs
 
@@ -17,7 +17,8 @@ MODEL_FILE = "model.onnx"
 FP16_FILE = "model_fp16.onnx"
 MANIFEST_FILE = "manifest.json"
 REQUIRED_FILES = (MODEL_FILE, "schema.json", "vocab.json")
-DEVICES = ("auto", "cpu", "cuda")
+Device = Literal["auto", "cpu", "cuda"]  # where a model runs: CUDA when it works (auto), or as named
+DEVICES: tuple[str, ...] = get_args(Device)
 
 
 class BundleError(ValueError):

@@ -31,9 +31,10 @@ def fail(problem: object, code: int = BAD_INPUT) -> typer.Exit:
 def reported(*failures: type[BaseException]) -> Iterator[None]:
     """Turn the project's errors raised inside into one line and the policy's exit code. `failures`
     adds exception types of a dependency (e.g. redis errors) to the exit-1 family."""
+    failed: tuple[type[BaseException], ...] = (RuntimeError, OSError, *failures)
     try:
         yield
     except ValueError as exc:
         raise fail(exc) from None
-    except (RuntimeError, OSError, *failures) as exc:
+    except failed as exc:
         raise fail(exc, FAILED) from None

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from export.contract.schema import INPUT_NAMES, N_RESERVED, OOV, FeatureSchema
+from export.contract.schema import N_RESERVED, OOV, FeatureSchema, ModelInputs
 
 MAX_AGE_DAYS = 365.0
 
@@ -32,17 +32,20 @@ class BatchMaker:
 
     def make(self, batch: int, length: int, history: int, pad_last: bool = True) -> dict[str, np.ndarray]:
         pool = self.pool or self._synthetic_pool(batch, length, history)
-        out = {
-            "user_cat": self._rows(pool["user_cat"], batch),
-            "user_num": self._rows(pool["user_num"], batch),
-            **{n: self._windows(pool[n], batch, length) for n in ("cand_items", "cand_num")},
-            **{n: self._windows(pool[n], batch, history) for n in ("hist_items", "hist_actions", "hist_age")},
-            "cand_mask": np.ones((batch, length), dtype=bool),
-            "hist_mask": np.ones((batch, history), dtype=bool),
-        }
+        out = ModelInputs(  # in the order of the random draws, so that a seed keeps making the same batches
+            user_cat=self._rows(pool["user_cat"], batch),
+            user_num=self._rows(pool["user_num"], batch),
+            cand_items=self._windows(pool["cand_items"], batch, length),
+            cand_num=self._windows(pool["cand_num"], batch, length),
+            hist_items=self._windows(pool["hist_items"], batch, history),
+            hist_actions=self._windows(pool["hist_actions"], batch, history),
+            hist_age=self._windows(pool["hist_age"], batch, history),
+            cand_mask=np.ones((batch, length), dtype=bool),
+            hist_mask=np.ones((batch, history), dtype=bool),
+        )
         if pad_last and batch >= 2:
             _pad_row(out, batch - 1, keep_list=max(1, (length + 1) // 2), keep_history=history // 2)
-        return {n: out[n] for n in INPUT_NAMES}
+        return out._asdict()
 
     def _rows(self, pool: np.ndarray, batch: int) -> np.ndarray:
         return pool[self.rng.integers(0, len(pool), size=batch)]
@@ -86,11 +89,9 @@ def _flatten(inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     }
 
 
-def _pad_row(out: dict[str, np.ndarray], row: int, keep_list: int, keep_history: int) -> None:
-    """Mask the tail of one row the way assemble() pads a shorter list and history."""
-    out["cand_mask"][row, keep_list:] = False
-    out["hist_mask"][row, keep_history:] = False
-    for name, keep in (("cand_items", keep_list), ("cand_num", keep_list)):
-        out[name][row, keep:] = 0
-    for name in ("hist_items", "hist_actions", "hist_age"):
-        out[name][row, keep_history:] = 0
+def _pad_row(out: ModelInputs[np.ndarray], row: int, keep_list: int, keep_history: int) -> None:
+    """Zero the tail of one row (masks included) the way assemble() pads a shorter list and history."""
+    for array in (out.cand_items, out.cand_num, out.cand_mask):
+        array[row, keep_list:] = 0
+    for array in (out.hist_items, out.hist_actions, out.hist_age, out.hist_mask):
+        array[row, keep_history:] = 0

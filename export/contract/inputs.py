@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from export.contract.schema import FeatureSchema
+from export.contract.schema import FeatureSchema, ModelInputs
 
 SECONDS_PER_DAY = 86_400.0
 
@@ -65,27 +65,29 @@ def assemble(
     lmax = max((len(c) for c in cand_items), default=0)
     n_num = len(schema.candidate_numeric)
 
-    out = {
-        "user_cat": np.zeros((n, len(schema.user_categorical)), dtype=np.int64),
-        "user_num": np.zeros((n, len(schema.user_numeric)), dtype=np.float32),
-        "hist_items": np.zeros((n, h), dtype=np.int64),
-        "hist_actions": np.zeros((n, h), dtype=np.int64),
-        "hist_age": np.zeros((n, h), dtype=np.float32),
-        "hist_mask": np.zeros((n, h), dtype=bool),
-        "cand_items": np.zeros((n, lmax), dtype=np.int64),
-        "cand_num": np.zeros((n, lmax, n_num), dtype=np.float32),
-        "cand_mask": np.zeros((n, lmax), dtype=bool),
-    }
+    # Spelled out rather than built from model_inputs(schema), which would cost every request its
+    # specs; tests/test_schema.py holds these arrays to the specs' dtypes and dims.
+    out: ModelInputs[np.ndarray] = ModelInputs(
+        user_cat=np.zeros((n, len(schema.user_categorical)), dtype=np.int64),
+        user_num=np.zeros((n, len(schema.user_numeric)), dtype=np.float32),
+        hist_items=np.zeros((n, h), dtype=np.int64),
+        hist_actions=np.zeros((n, h), dtype=np.int64),
+        hist_age=np.zeros((n, h), dtype=np.float32),
+        hist_mask=np.zeros((n, h), dtype=bool),
+        cand_items=np.zeros((n, lmax), dtype=np.int64),
+        cand_num=np.zeros((n, lmax, n_num), dtype=np.float32),
+        cand_mask=np.zeros((n, lmax), dtype=bool),
+    )
     for i, (p, w, items, num, t) in enumerate(zip(profiles, windows, cand_items, cand_num, now, strict=True)):
-        out["user_cat"][i] = p.user_cat
-        out["user_num"][i] = p.user_num
+        out.user_cat[i] = p.user_cat
+        out.user_num[i] = p.user_num
         k = w.stop - w.start
-        out["hist_items"][i, :k] = p.hist_items[w]
-        out["hist_actions"][i, :k] = p.hist_actions[w]
-        out["hist_age"][i, :k] = np.maximum(0.0, (t - p.hist_ts[w]) / SECONDS_PER_DAY)
-        out["hist_mask"][i, :k] = True
+        out.hist_items[i, :k] = p.hist_items[w]
+        out.hist_actions[i, :k] = p.hist_actions[w]
+        out.hist_age[i, :k] = np.maximum(0.0, (t - p.hist_ts[w]) / SECONDS_PER_DAY)
+        out.hist_mask[i, :k] = True
         m = len(items)
-        out["cand_items"][i, :m] = items
-        out["cand_num"][i, :m] = np.asarray(num, dtype=np.float32).reshape(m, n_num)
-        out["cand_mask"][i, :m] = True
-    return out
+        out.cand_items[i, :m] = items
+        out.cand_num[i, :m] = np.asarray(num, dtype=np.float32).reshape(m, n_num)
+        out.cand_mask[i, :m] = True
+    return out._asdict()

@@ -13,10 +13,11 @@ from __future__ import annotations
 import json
 import math
 import reprlib
+from collections.abc import Mapping, Sequence
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import Any, Generic, NamedTuple, TypeVar
 
 SCHEMA_VERSION = 1
 PAD = 0
@@ -61,16 +62,16 @@ _JSON_TYPES = {int: "an integer", float: "a number", str: "a string", list: "a l
 ANNOTATED_TYPES = {"int": int, "float": float, "str": str}  # dataclass field types, as postponed annotations
 
 
-def typed(value: Any, kind: type, what: str, error: type[ValueError] = SchemaError) -> Any:
-    """`value` if it has JSON/TOML type `kind`, else `error` naming `what`.
+def typed(value: Any, kind: type, what: str) -> Any:
+    """`value` if it has JSON type `kind`, else a SchemaError naming `what`.
 
     Checked on load so that a hand-edited file fails there, not with a TypeError deep in training.
     An integer counts as a number (and becomes a float); a boolean counts as neither.
     """
     accepted = (int, float) if kind is float else kind
     if isinstance(value, bool) or not isinstance(value, accepted):
-        raise error(f"{what} must be {_JSON_TYPES[kind]}, got {reprlib.repr(value)}")
-    return float(value) if kind is float else value
+        raise SchemaError(f"{what} must be {_JSON_TYPES[kind]}, got {reprlib.repr(value)}")
+    return float(value) if isinstance(value, int | float) and kind is float else value
 
 
 def _field(raw: dict, name: str, kind: type, where: str, default: Any = MISSING) -> Any:
@@ -91,9 +92,8 @@ def _features(raw: dict, group: str, kind: type[CategoricalFeature] | type[Numer
         unknown = sorted(set(entry) - set(kind.__dataclass_fields__))
         if unknown:
             raise SchemaError(f"{where}: unknown field(s) {unknown}")
-        feats.append(
-            kind(**{f.name: _field(entry, f.name, ANNOTATED_TYPES[f.type], where, f.default) for f in fields(kind)})
-        )
+        values = {f.name: _field(entry, f.name, ANNOTATED_TYPES[str(f.type)], where, f.default) for f in fields(kind)}
+        feats.append(kind(**values))
     return tuple(feats)
 
 
@@ -185,7 +185,7 @@ class FeatureSchema:
         need(self.label in ("click", "graded"), f"label must be 'click' or 'graded', got {self.label!r}")
         need(self.max_label > 0, f"max_label must be > 0, got {self.max_label}")
         need(len(set(self.actions)) == len(self.actions), f"actions has duplicates: {self.actions}")
-        groups = {
+        groups: dict[str, tuple[CategoricalFeature | NumericFeature, ...]] = {
             "user_categorical": self.user_categorical,
             "user_numeric": self.user_numeric,
             "item_categorical": self.item_categorical,
@@ -229,7 +229,7 @@ class Vocab:
     def index(self, token: str) -> int:
         return self._index.get(str(token), OOV)
 
-    def indices(self, tokens: list[str]) -> list[int]:
+    def indices(self, tokens: Sequence[str]) -> list[int]:
         get = self._index.get
         return [get(str(t), OOV) for t in tokens]
 
@@ -281,20 +281,50 @@ class TensorSpec:
     dims: tuple[str, ...]  # symbolic: batch, list, history, or a fixed feature count name
 
 
-def model_inputs(schema: FeatureSchema) -> tuple[TensorSpec, ...]:
-    """The serving model's inputs, in order: ONNX input names and the service's arrays."""
-    return (
-        TensorSpec("user_cat", "int64", ("batch", str(len(schema.user_categorical)))),
-        TensorSpec("user_num", "float32", ("batch", str(len(schema.user_numeric)))),
-        TensorSpec("hist_items", "int64", ("batch", "history")),
-        TensorSpec("hist_actions", "int64", ("batch", "history")),
-        TensorSpec("hist_age", "float32", ("batch", "history")),  # days before the request, >= 0
-        TensorSpec("hist_mask", "bool", ("batch", "history")),
-        TensorSpec("cand_items", "int64", ("batch", "list")),
-        TensorSpec("cand_num", "float32", ("batch", "list", str(len(schema.candidate_numeric)))),
-        TensorSpec("cand_mask", "bool", ("batch", "list")),
+T = TypeVar("T")
+
+
+class ModelInputs(NamedTuple, Generic[T]):
+    """The model signature: one T per model input, in order. The one place the inputs are named.
+
+    T is whatever a caller holds per input: a batch's numpy arrays or torch tensors, or the
+    TensorSpecs of model_inputs(). Models take the tensors positionally (`forward(*tensors)`, the
+    ONNX graph's inputs in this order) and read them by field, so an input renamed or reordered
+    here fails loudly everywhere instead of being read as another.
+    """
+
+    user_cat: T
+    user_num: T
+    hist_items: T
+    hist_actions: T
+    hist_age: T
+    hist_mask: T
+    cand_items: T
+    cand_num: T
+    cand_mask: T
+
+    @classmethod
+    def from_batch(cls, batch: Mapping[str, T]) -> ModelInputs[T]:
+        """The model inputs of a batch keyed by name (which may hold more, e.g. training's shown_order)."""
+        return cls(*(batch[name] for name in cls._fields))
+
+
+def model_inputs(schema: FeatureSchema) -> ModelInputs[TensorSpec]:
+    """The serving model's inputs, in order: ONNX input names, dtypes and dims, and the service's arrays."""
+    layout = ModelInputs(
+        user_cat=("int64", ("batch", str(len(schema.user_categorical)))),
+        user_num=("float32", ("batch", str(len(schema.user_numeric)))),
+        hist_items=("int64", ("batch", "history")),
+        hist_actions=("int64", ("batch", "history")),
+        hist_age=("float32", ("batch", "history")),  # days before the request, >= 0
+        hist_mask=("bool", ("batch", "history")),
+        cand_items=("int64", ("batch", "list")),
+        cand_num=("float32", ("batch", "list", str(len(schema.candidate_numeric)))),
+        cand_mask=("bool", ("batch", "list")),
     )
+    named = zip(ModelInputs._fields, layout, strict=True)
+    return ModelInputs(*(TensorSpec(name, dtype, dims) for name, (dtype, dims) in named))
 
 
 MODEL_OUTPUT = TensorSpec("scores", "float32", ("batch", "list"))
-INPUT_NAMES = tuple(s.name for s in model_inputs(FeatureSchema(n_items=3, actions=(), max_history=0, max_list=1)))
+INPUT_NAMES: tuple[str, ...] = ModelInputs._fields

@@ -9,8 +9,8 @@ from pathlib import Path
 import typer
 
 from export.contract.errors import fail
-from training.data.store import DataError, format_summary
 from export.contract.schema import SchemaError
+from training.data.store import DataError, format_summary
 
 app = typer.Typer(help="Build and inspect data sets.", no_args_is_help=True)
 build = typer.Typer(help="Build a data set into DIR (see docs/data.md).", no_args_is_help=True)
@@ -89,7 +89,9 @@ def trivago(
     ),
     out: Path = OUT,
     max_history: int = HISTORY,
-    memory_limit: str = typer.Option("1GB", "--memory-limit", help="DuckDB's memory cap; beyond it, it spills to disk."),
+    memory_limit: str = typer.Option(
+        "1GB", "--memory-limit", help="DuckDB's memory cap; beyond it, it spills to disk."
+    ),
 ) -> None:
     """RecSys Challenge 2019 (trivago) session log: one list per clickout (docs/data.md#trivago)."""
     from training.data.trivago import build_trivago

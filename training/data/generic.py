@@ -19,9 +19,17 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
+from export.contract.schema import (
+    N_RESERVED,
+    RANK_SCORE,
+    CategoricalFeature,
+    FeatureSchema,
+    NumericFeature,
+    Vocab,
+    Vocabularies,
+)
 from training.data.initial_ranker import order_quality
 from training.data.store import SPLITS, DataError, staged, write_dataset
-from export.contract.schema import RANK_SCORE, N_RESERVED, CategoricalFeature, FeatureSchema, NumericFeature, Vocab, Vocabularies
 
 IMPRESSION_REQUIRED = ("request_id", "user_id", "timestamp", "item_id", "position", "label")
 IMPRESSION_OPTIONAL = (RANK_SCORE, "split")

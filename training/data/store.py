@@ -31,7 +31,7 @@ import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
@@ -84,7 +84,7 @@ class ListData:
             row = int(np.argmax(bad))
             raise DataError(
                 f"list {self.list_ids[row]}: `{SHOWN_POSITION}` must give each candidate its own finite "
-                "displayed rank; fix the column or train with model.teacher_target = \"own\""
+                'displayed rank; fix the column or train with model.teacher_target = "own"'
             )
         return order
 
@@ -259,7 +259,7 @@ def format_summary(stats: dict) -> str:
 
 
 def _utc(ts: int | None) -> str:
-    return "-" if ts is None else datetime.fromtimestamp(ts, timezone.utc).strftime("%Y-%m-%d %H:%M")
+    return "-" if ts is None else datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%d %H:%M")
 
 
 def load_schema(data_dir: Path) -> FeatureSchema:

@@ -22,9 +22,17 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
+from export.contract.schema import (
+    RANK_SCORE,
+    CategoricalFeature,
+    FeatureSchema,
+    NumericFeature,
+    Vocab,
+    Vocabularies,
+    read_json,
+)
 from training.data.store import SHOWN_POSITION, SPLITS, DataError, ListData, staged, write_dataset
 from training.metrics import valid_first
-from export.contract.schema import RANK_SCORE, CategoricalFeature, FeatureSchema, NumericFeature, Vocab, Vocabularies, read_json
 
 SIMULATOR_VERSION = 1
 ACTIONS = ("view", "click")

@@ -36,6 +36,16 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
+from export.contract.schema import (
+    N_RESERVED,
+    OOV,
+    RANK_SCORE,
+    CategoricalFeature,
+    FeatureSchema,
+    NumericFeature,
+    Vocab,
+    Vocabularies,
+)
 from training.data.generic import (
     MIN_LIST,
     SPLIT_FRACTIONS,
@@ -58,7 +68,6 @@ from training.data.store import (
     write_side_tables,
     write_stats,
 )
-from export.contract.schema import RANK_SCORE, N_RESERVED, OOV, CategoricalFeature, FeatureSchema, NumericFeature, Vocab, Vocabularies
 
 COLUMNS = (
     "user_id", "session_id", "timestamp", "step", "action_type", "reference",
@@ -315,8 +324,7 @@ def _build(con, source: Path, work: Path, out: Path, max_history: int, counts: d
             ORDER BY u.ucode, b.timestamp, b.item_id, b.row"""
     )
     item_ids = sorted(
-        r[0]
-        for r in con.execute("SELECT unnest(impressions) FROM kept UNION SELECT item_id FROM events").fetchall()
+        r[0] for r in con.execute("SELECT unnest(impressions) FROM kept UNION SELECT item_id FROM events").fetchall()
     )
     cold = con.execute(
         """WITH shown AS (SELECT DISTINCT unnest(impressions) AS item_id FROM kept WHERE split = 0)

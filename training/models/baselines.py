@@ -34,12 +34,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from export.contract.schema import FeatureSchema, ModelInputs
 from training.models import losses
 from training.models.config import ModelConfig
 from training.models.embeddings import EncoderBlock, ItemEmbedding, UserEmbedding
+from training.models.reranker import Reranker
 from training.models.student import PAD_SCORE
 from training.models.upn import HistoryMatch
-from export.contract.schema import INPUT_NAMES, FeatureSchema
 
 
 class PersonalCandidates(nn.Module):
@@ -64,20 +65,21 @@ class PersonalCandidates(nn.Module):
         self.positions = nn.Embedding(schema.max_list, d) if positional else None
         self.match = HistoryMatch(cfg, schema) if cfg.history_match else None
 
-    def forward(self, user_cat, user_num, hist_items, hist_actions, hist_age, hist_mask, cand_items, cand_num):
-        weight = hist_mask.unsqueeze(-1).to(torch.float32)
-        pooled = (self.items(hist_items) * weight).sum(1) / weight.sum(1).clamp(min=1.0)
-        u = self.user_norm(self.user(user_cat, user_num) + self.history(pooled))
-        x = self.items(cand_items, cand_num)
+    def forward(self, inputs: ModelInputs[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        weight = inputs.hist_mask.unsqueeze(-1).to(torch.float32)
+        pooled = (self.items(inputs.hist_items) * weight).sum(1) / weight.sum(1).clamp(min=1.0)
+        u = self.user_norm(self.user(inputs.user_cat, inputs.user_num) + self.history(pooled))
+        x = self.items(inputs.cand_items, inputs.cand_num)
         if self.match is not None:
-            x = x + self.match(cand_items, hist_items, hist_actions, hist_age, hist_mask)
+            x = x + self.match(inputs)
         if self.positions is None:
             return x, u
-        index = torch.arange(cand_items.shape[1], device=cand_items.device).clamp(max=self.max_list - 1)
+        length = inputs.cand_items.shape[1]
+        index = torch.arange(length, device=inputs.cand_items.device).clamp(max=self.max_list - 1)
         return x + self.positions(index)[None], u
 
 
-class Baseline(nn.Module):
+class Baseline(Reranker):
     """A scorer: subclasses define `head(x, u, mask) -> raw scores [B,L]` and `label_loss`, and
     set `positional = False` to be blind to the initial order."""
 
@@ -96,37 +98,30 @@ class Baseline(nn.Module):
     def label_loss(self, scores: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         return losses.listwise_softmax_loss(scores, labels, mask)
 
-    def score(
-        self, user_cat, user_num, hist_items, hist_actions, hist_age, hist_mask, cand_items, cand_num, cand_mask
-    ) -> torch.Tensor:
-        """The 9 model inputs in INPUT_NAMES order -> scores [B,L] (PAD_SCORE on padded slots)."""
-        x, u = self.inputs(user_cat, user_num, hist_items, hist_actions, hist_age, hist_mask, cand_items, cand_num)
-        return self.head(x, u, cand_mask).masked_fill(~cand_mask, PAD_SCORE)
+    def score(self, inputs: ModelInputs[torch.Tensor]) -> torch.Tensor:
+        """Scores [B,L] (PAD_SCORE on padded slots)."""
+        x, u = self.inputs(inputs)
+        return self.head(x, u, inputs.cand_mask).masked_fill(~inputs.cand_mask, PAD_SCORE)
 
     def forward(self, inputs: dict[str, torch.Tensor], labels: torch.Tensor, step: int = 0) -> dict[str, torch.Tensor]:
-        scores = self.score(*(inputs[name] for name in INPUT_NAMES))
-        return {"loss": self.label_loss(scores, labels, inputs["cand_mask"])}
+        return {"loss": self.label_loss(self.rank_scores(inputs), labels, inputs["cand_mask"])}
 
     def rank_scores(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
-        return self.score(*(inputs[name] for name in INPUT_NAMES))
+        return self.score(ModelInputs.from_batch(inputs))
 
     def serving_module(self) -> nn.Module:
         return Serving(self)
 
 
 class Serving(nn.Module):
-    """Positional inputs (INPUT_NAMES order) -> scores: what export writes to ONNX; shares parameters."""
+    """Positional inputs (ModelInputs order) -> scores: what export writes to ONNX; shares parameters."""
 
     def __init__(self, model: Baseline):
         super().__init__()
         self.model = model
 
-    def forward(
-        self, user_cat, user_num, hist_items, hist_actions, hist_age, hist_mask, cand_items, cand_num, cand_mask
-    ) -> torch.Tensor:
-        return self.model.score(
-            user_cat, user_num, hist_items, hist_actions, hist_age, hist_mask, cand_items, cand_num, cand_mask
-        )
+    def forward(self, *tensors: torch.Tensor) -> torch.Tensor:
+        return self.model.score(ModelInputs(*tensors))
 
 
 class DNN(Baseline):

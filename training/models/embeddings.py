@@ -14,8 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from training.models.config import ModelConfig
 from export.contract.schema import FeatureSchema, NumericFeature
+from training.models.config import ModelConfig
 
 MASKED_LOGIT = -1e4  # finite: a row with every key masked stays finite, then reads out zeros
 
@@ -38,7 +38,7 @@ class ItemEmbedding(nn.Module):
     projection of the standardised candidate numerics (e.g. the ranking stage's rank_score).
 
     model.item_ids = False drops the id embedding. Where many candidates at test time never appear
-    in a training list (new hotels: 41.6% of trivago's), their ids keep their random initial
+    in a training list (new hotels on trivago: docs/data.md), their ids keep their random initial
     embedding: noise on top of the features that do generalise, which docs/model.md measures.
     Without item side tables every item then embeds alike, and only candidate numerics and
     UPN's identity test (history_match) tell candidates apart.

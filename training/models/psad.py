@@ -15,18 +15,19 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from export.contract.schema import FeatureSchema, ModelInputs
 from training.models import losses
 from training.models.config import ModelConfig
+from training.models.reranker import Reranker
 from training.models.student import Student
 from training.models.teacher import Teacher, decode_steps
 from training.models.upn import UPN
-from export.contract.schema import INPUT_NAMES, FeatureSchema
 
 SHOWN = "shown_order"  # training batches only: [B,L] candidate index at each displayed rank (train.py)
 
 
 class StudentScorer(nn.Module):
-    """UPN + student: the 9 model inputs, positionally in INPUT_NAMES order -> scores [B,L].
+    """UPN + student: the model inputs, positionally in ModelInputs order -> scores [B,L].
 
     This is what export writes to ONNX. It shares the parameters of PSAD, plus a snapshot of the
     item table (ItemEmbedding.table(), taken here: build the scorer after training), so the
@@ -40,34 +41,12 @@ class StudentScorer(nn.Module):
         with torch.no_grad():
             self.register_buffer("item_table", upn.items.table(), persistent=False)
 
-    def forward(
-        self,
-        user_cat: torch.Tensor,
-        user_num: torch.Tensor,
-        hist_items: torch.Tensor,
-        hist_actions: torch.Tensor,
-        hist_age: torch.Tensor,
-        hist_mask: torch.Tensor,
-        cand_items: torch.Tensor,
-        cand_num: torch.Tensor,
-        cand_mask: torch.Tensor,
-    ) -> torch.Tensor:
-        x, u = self.upn(
-            user_cat,
-            user_num,
-            hist_items,
-            hist_actions,
-            hist_age,
-            hist_mask,
-            cand_items,
-            cand_num,
-            cand_mask,
-            self.item_table,
-        )
-        return self.student(x, u, cand_mask)
+    def forward(self, *tensors: torch.Tensor) -> torch.Tensor:
+        x, u = self.upn(*tensors, item_table=self.item_table)
+        return self.student(x, u, ModelInputs(*tensors).cand_mask)
 
 
-class PSAD(nn.Module):
+class PSAD(Reranker):
     def __init__(self, cfg: ModelConfig, schema: FeatureSchema, item_cat: torch.Tensor, item_num: torch.Tensor):
         super().__init__()
         cfg.validate()
@@ -78,7 +57,7 @@ class PSAD(nn.Module):
         self.student = Student(cfg)
 
     def _represent(self, inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.upn(*(inputs[name] for name in INPUT_NAMES))
+        return self.upn(*ModelInputs.from_batch(inputs))
 
     def forward(self, inputs: dict[str, torch.Tensor], labels: torch.Tensor, step: int = 0) -> dict[str, torch.Tensor]:
         cfg, mask = self.cfg, inputs["cand_mask"]
@@ -90,7 +69,7 @@ class PSAD(nn.Module):
             if SHOWN not in inputs:
                 raise ValueError(
                     f'model.teacher_target = "shown" trains on inputs[{SHOWN!r}], the displayed order '
-                    "(ListData.shown_order; `psad train` adds it): pass it, or train with teacher_target = \"own\""
+                    '(ListData.shown_order; `psad train` adds it): pass it, or train with teacher_target = "own"'
                 )
             teacher = self.teacher.click_loss(enc, u, mask, labels, inputs[SHOWN])
         else:

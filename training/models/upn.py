@@ -28,9 +28,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from export.contract.schema import OOV, FeatureSchema, ModelInputs
 from training.models.config import ModelConfig
 from training.models.embeddings import MASKED_LOGIT, ItemEmbedding, UserEmbedding
-from export.contract.schema import OOV, FeatureSchema
 
 NEVER = 1e9  # days since the last behaviour on an item the history does not hold
 
@@ -76,8 +76,10 @@ class HistoryMatch(nn.Module):
         self.n_actions = schema.n_actions
         self.proj = nn.Linear(schema.n_actions + 2, cfg.d_model)
 
-    def forward(self, cand_items, hist_items, hist_actions, hist_age, hist_mask) -> torch.Tensor:
-        return self.proj(self.features(cand_items, hist_items, hist_actions, hist_age, hist_mask))
+    def forward(self, inputs: ModelInputs[torch.Tensor]) -> torch.Tensor:
+        return self.proj(
+            self.features(inputs.cand_items, inputs.hist_items, inputs.hist_actions, inputs.hist_age, inputs.hist_mask)
+        )
 
     def features(self, cand_items, hist_items, hist_actions, hist_age, hist_mask) -> torch.Tensor:
         """[B,L] candidates against the [B,H] history (oldest first) -> [B,L,A+2]: log1p counts per
@@ -101,7 +103,7 @@ class HistoryMatch(nn.Module):
 
 
 class UPN(nn.Module):
-    """(the 9 model inputs) -> candidate reps x [B,L,d] and user vector u [B,d]."""
+    """The model inputs (ModelInputs order) -> candidate reps x [B,L,d] and user vector u [B,d]."""
 
     def __init__(self, cfg: ModelConfig, schema: FeatureSchema, item_cat: torch.Tensor, item_num: torch.Tensor):
         super().__init__()
@@ -127,40 +129,33 @@ class UPN(nn.Module):
         self.norm = nn.LayerNorm(d)
 
     def forward(
-        self,
-        user_cat: torch.Tensor,
-        user_num: torch.Tensor,
-        hist_items: torch.Tensor,
-        hist_actions: torch.Tensor,
-        hist_age: torch.Tensor,
-        hist_mask: torch.Tensor,
-        cand_items: torch.Tensor,
-        cand_num: torch.Tensor,
-        cand_mask: torch.Tensor,
-        item_table: torch.Tensor | None = None,
+        self, *tensors: torch.Tensor, item_table: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """item_table: ItemEmbedding.table() precomputed for inference, or None (training)."""
-        u = self.user(user_cat, user_num)
-        x = self.items(cand_items, cand_num, item_table)
+        """tensors: the model inputs, positionally; item_table: ItemEmbedding.table() precomputed for
+        inference, or None (training)."""
+        inputs = ModelInputs(*tensors)
+        u = self.user(inputs.user_cat, inputs.user_num)
+        x = self.items(inputs.cand_items, inputs.cand_num, item_table)
         position_scale = 1.0
         if self.cfg.use_upn:
-            memory = self._memory(hist_items, hist_actions, hist_age, hist_mask, item_table)
+            memory = self._memory(inputs, item_table)
             u = self.user_norm(u + self.user_read(u[:, None], memory)[:, 0])
             x = x * (2 * torch.sigmoid(self.gate(u)))[:, None] + self.cand_read(x, memory)
             if self.match is not None:
-                x = x + self.match(cand_items, hist_items, hist_actions, hist_age, hist_mask)
+                x = x + self.match(inputs)
             position_scale = (2 * torch.sigmoid(self.position_gate(u)))[:, None]
         if self.positions is not None:
-            index = torch.arange(cand_items.shape[1], device=cand_items.device).clamp(max=self.max_list - 1)
+            length = inputs.cand_items.shape[1]
+            index = torch.arange(length, device=inputs.cand_items.device).clamp(max=self.max_list - 1)
             x = x + self.positions(index)[None] * position_scale
         return self.norm(x), u
 
-    def _memory(self, hist_items, hist_actions, hist_age, hist_mask, item_table) -> Memory:
-        h = self.items(hist_items, table=item_table) + self.actions(hist_actions)
-        batch, heads = hist_mask.shape[0], self.cfg.n_heads
+    def _memory(self, inputs: ModelInputs[torch.Tensor], item_table: torch.Tensor | None) -> Memory:
+        h = self.items(inputs.hist_items, table=item_table) + self.actions(inputs.hist_actions)
+        batch, heads = inputs.hist_mask.shape[0], self.cfg.n_heads
         slots = torch.cat([self.no_history.expand(batch, 1, -1), h], dim=1)
         k, v = self.memory_kv(slots).unflatten(-1, (2, heads, -1)).permute(2, 0, 3, 1, 4).unbind(0)  # [B,h,H+1,dh]
-        mask = torch.cat([hist_mask.new_ones(batch, 1), hist_mask], dim=1)
-        age = torch.cat([hist_age.new_zeros(batch, 1), hist_age], dim=1)
+        mask = torch.cat([inputs.hist_mask.new_ones(batch, 1), inputs.hist_mask], dim=1)
+        age = torch.cat([inputs.hist_age.new_zeros(batch, 1), inputs.hist_age], dim=1)
         mask_bias = torch.where(mask, 0.0, MASKED_LOGIT).to(slots.dtype)[:, None, None, :]
         return Memory(k.transpose(-1, -2), v, mask_bias, torch.log1p(age.clamp(min=0))[:, None, None, :])
