@@ -1,10 +1,12 @@
-"""The HTTP contract: request and response models (they are the OpenAPI schema) and the checks
-that depend on settings or on the serving model's schema.
+"""The HTTP contract: request and response models (they are the OpenAPI schema), the reasons an
+answer is degraded, and the checks that depend on settings or on the serving model's schema.
 
 Static rules (types, finite numbers, non-empty lists, top_k >= 1, timestamps >= 0) live in the
 models; limits that come from settings (max_candidates, max_id_length, max_future_s, ...) and from the model
 (known candidate features, behaviour actions) are checked by `check_*`, which raise the same
-422 error format FastAPI uses, with the location of the offending field.
+422 error format FastAPI uses, with the location of the offending field. Each of those rules is
+written once: the settings' limits on fields in ID_FIELDS and LIST_LIMITS, which openapi_schema
+also states in /openapi.json, the others in the one check that enforces them.
 """
 
 from __future__ import annotations
@@ -12,13 +14,15 @@ from __future__ import annotations
 import copy
 import re
 import time
-from collections.abc import Sequence
-from typing import Annotated, Any
+from enum import StrEnum
+from itertools import groupby, islice
+from operator import attrgetter, itemgetter
+from typing import Annotated, Any, Literal, NamedTuple
 
 from fastapi.exceptions import RequestValidationError
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
-from export.contract.schema import RANK_SCORE
+from export.contract.schema import RANK_SCORE, FeatureSchema
 from service.settings import Settings
 
 # Numbers reach the model as float32: bound them well inside its range so no input becomes inf.
@@ -83,6 +87,19 @@ class RerankRequest(_Strict):
     )
 
 
+class Degraded(StrEnum):
+    """Why an answer was degraded: its `degraded_reasons`, the reason label of psad_degraded_total
+    and the log's `degraded` field (docs/service.md, "Degradation rules")."""
+
+    REDIS_UNAVAILABLE = "redis_unavailable"  # the profile read failed: cold-start profile
+    REDIS_TIMEOUT = "redis_timeout"  # the profile read exceeded PSAD_REDIS_BUDGET_MS: cold-start profile
+    PROFILES_MISSING = "profiles_missing"  # Redis answers without the profile load marker (emptied)
+    PROFILE_CORRUPT = "profile_corrupt"  # unparseable profile entries skipped, or unreadable keys
+    MODEL_ERROR = "model_error"  # the model call raised: the ranking stage's order
+    MODEL_NONFINITE = "model_nonfinite"  # the model returned non-finite scores: the ranking stage's order
+    INTERNAL_ERROR = "internal_error"  # any other failure in the pipeline: the ranking stage's order
+
+
 class RankedItem(BaseModel):
     item_id: str
     score: float
@@ -93,7 +110,7 @@ class RerankResponse(BaseModel):
     items: list[RankedItem]
     model_version: str
     degraded: bool
-    degraded_reasons: list[str]
+    degraded_reasons: list[Degraded]
 
 
 class BatchRerankRequest(_Strict):
@@ -137,7 +154,9 @@ class WorkerVersion(BaseModel):
 
 
 class ReloadResult(BaseModel):
-    result: str = Field(
+    """The answer of /admin/reload, built by service.model_store."""
+
+    result: Literal["loaded", "unchanged", "refused", "partial"] = Field(
         description="loaded, unchanged, refused (409), or partial (409: some workers do not serve it; detail says why)"
     )
     version: int = Field(description="the version now serving")
@@ -145,6 +164,11 @@ class ReloadResult(BaseModel):
     workers: list[WorkerVersion] = Field(
         default_factory=list, description="With several workers: what each serves after the reload."
     )
+
+    @property
+    def status_code(self) -> int:
+        """409 when this worker refused the version or some others do not serve it, else 200."""
+        return 409 if self.result in ("refused", "partial") else 200
 
 
 def _answers(*statuses: tuple[int, str], model: type[BaseModel] = Detail) -> dict[int | str, dict[str, Any]]:
@@ -168,162 +192,179 @@ class ReloadRequest(_Strict):
     version: int | None = Field(None, ge=1, description="Version to load (default: the latest).")
 
 
-def openapi_schema(
-    base: dict[str, Any], settings: Settings, actions: Sequence[str], features: Sequence[str]
-) -> dict[str, Any]:
+ErrorEntry = dict[str, Any]  # one item of a 422's detail: type, loc, msg, input
+Loc = tuple[str | int, ...]  # a field's location under the body
+MAX_ERRORS = 20  # enough to fix a request; a huge error body helps nobody
+
+
+class ListLimit(NamedTuple):
+    field: str  # a list field of the model
+    setting: str  # the Settings field bounding its length
+
+
+# The settings' limits on fields, each stated once: check_* enforce them and openapi_schema writes
+# them into /openapi.json (maxLength, maxItems). Ids are listed in the order their errors appear.
+ID_FIELDS: dict[type[BaseModel], tuple[str, ...]] = {
+    RerankRequest: ("user_id", "request_id"),
+    Candidate: ("item_id",),
+    Event: ("user_id", "item_id", "event_id"),
+}
+LIST_LIMITS: dict[type[BaseModel], ListLimit] = {
+    RerankRequest: ListLimit("candidates", "max_candidates"),
+    BatchRerankRequest: ListLimit("requests", "max_batch_requests"),
+    EventBatch: ListLimit("events", "max_events"),
+}
+
+
+def given_features(schema: FeatureSchema) -> list[str]:
+    """The candidate features a request may name: the model's, less rank_score (the candidate's score)."""
+    return [f.name for f in schema.candidate_numeric if f.name != RANK_SCORE]
+
+
+def openapi_schema(base: dict[str, Any], settings: Settings, schema: FeatureSchema) -> dict[str, Any]:
     """FastAPI's schema of the models plus what the server enforces from its settings and its
     serving model: id lengths, list sizes, the model's actions and candidate features. Rules JSON
     Schema cannot state (unique item ids, top_k <= len(candidates), a score for every candidate
     or none, timestamps at most max_future_s ahead) are in the fields' descriptions."""
-    schema = copy.deepcopy(base)
-    models = schema["components"]["schemas"]
+    spec = copy.deepcopy(base)
+    models = spec["components"]["schemas"]
 
     def string(model: str, name: str) -> dict[str, Any]:  # the string branch of a property
         prop = models[model]["properties"][name]
         return next((b for b in prop.get("anyOf", [prop]) if b.get("type") == "string"), prop)
 
-    for model, name in [
-        ("RerankRequest", "request_id"),
-        ("RerankRequest", "user_id"),
-        ("Candidate", "item_id"),
-        ("Event", "user_id"),
-        ("Event", "item_id"),
-        ("Event", "event_id"),
-    ]:
-        string(model, name)["maxLength"] = settings.max_id_length
+    for model, names in ID_FIELDS.items():
+        for name in names:
+            string(model.__name__, name)["maxLength"] = settings.max_id_length
     request_id = models["RerankRequest"]["properties"]["request_id"]
     string("RerankRequest", "request_id")["pattern"] = request_id.pop("pattern")
-    for model, name, limit in [
-        ("RerankRequest", "candidates", settings.max_candidates),
-        ("BatchRerankRequest", "requests", settings.max_batch_requests),
-        ("EventBatch", "events", settings.max_events),
-    ]:
-        models[model]["properties"][name]["maxItems"] = limit
-    string("Event", "action")["enum"] = list(actions)
+    for model, limit in LIST_LIMITS.items():
+        models[model.__name__]["properties"][limit.field]["maxItems"] = getattr(settings, limit.setting)
+    string("Event", "action")["enum"] = list(schema.actions)
     given = next(b for b in models["Candidate"]["properties"]["features"]["anyOf"] if b.get("type") == "object")
     number = given.pop("additionalProperties")
-    given.update(properties={f: number for f in features if f != RANK_SCORE}, additionalProperties=False)
-    return schema
+    given.update(properties={f: number for f in given_features(schema)}, additionalProperties=False)
+    return spec
 
 
-def _error(loc: Sequence[Any], msg: str, value: Any) -> dict[str, Any]:
+def _error(loc: Loc, msg: str, value: Any) -> ErrorEntry:
     return {"type": "value_error", "loc": ("body", *loc), "msg": msg, "input": value}
 
 
-def _too_far_ahead(timestamp: float | None, settings: Settings) -> bool:
-    return timestamp is not None and timestamp > time.time() + settings.max_future_s
-
-
-def _future_error(loc: Sequence[Any], timestamp: float, settings: Settings) -> dict[str, Any]:
-    ahead = timestamp - time.time()
-    msg = (
-        f"{ahead:.0f} s ahead of the server clock (limit: max_future_s={settings.max_future_s}); "
-        "send unix seconds, not milliseconds"
-    )
-    return _error(loc, msg, timestamp)
-
-
-def raise_if(errors: list[dict[str, Any]]) -> None:
+def raise_if(errors: list[ErrorEntry]) -> None:
     if errors:
         raise RequestValidationError(errors)
 
 
-def check_rerank(req: RerankRequest, settings: Settings, features: Sequence[str], loc: Sequence[Any] = ()) -> list:
-    """Errors of one request against the settings' limits and the model's candidate features.
-
-    A valid request (the common case) is confirmed by a few whole-list checks; only a request
-    that fails one of them is walked candidate by candidate to name each bad field."""
-    if _valid(req, settings, features):
-        return []
-    return _rerank_errors(req, settings, features, loc)
-
-
-def _valid(req: RerankRequest, settings: Settings, features: Sequence[str]) -> bool:
-    cands = req.candidates
-    n = len(cands)
-    limit = settings.max_id_length
-    if n > settings.max_candidates or len(req.user_id) > limit:
-        return False
-    if (req.request_id is not None and len(req.request_id) > limit) or (req.top_k is not None and req.top_k > n):
-        return False
-    if req.context is not None and _too_far_ahead(req.context.timestamp, settings):
-        return False
-    ids = [c.item_id for c in cands]
-    if len(set(ids)) != n or max(map(len, ids)) > limit:
-        return False
-    missing = [c.score for c in cands].count(None)
-    if missing not in (0, n):
-        return False
-    with_features = [c.features for c in cands if c.features]
-    if with_features:
-        allowed = set(features) - {RANK_SCORE}
-        return all(f.keys() <= allowed for f in with_features)
-    return True
-
-
-def _rerank_errors(req: RerankRequest, settings: Settings, features: Sequence[str], loc: Sequence[Any]) -> list:
+def _limit_errors(obj: BaseModel, settings: Settings, loc: Loc) -> list[ErrorEntry]:
+    """The settings' limits on the model's own fields: its list's size (LIST_LIMITS), its ids'
+    lengths (ID_FIELDS)."""
     errors = []
+    bound = LIST_LIMITS.get(type(obj))
+    if bound is not None:
+        n, most = len(getattr(obj, bound.field)), getattr(settings, bound.setting)
+        if n > most:
+            errors.append(_error((*loc, bound.field), f"at most {bound.setting}={most} {bound.field}, got {n}", n))
     limit = settings.max_id_length
-    n = len(req.candidates)
-    if n > settings.max_candidates:
-        errors.append(_error((*loc, "candidates"), f"at most {settings.max_candidates} candidates, got {n}", n))
-    for name, value in (("user_id", req.user_id), ("request_id", req.request_id)):
+    for name in ID_FIELDS.get(type(obj), ()):
+        value = getattr(obj, name)
         if value is not None and len(value) > limit:
             errors.append(_error((*loc, name), f"longer than max_id_length={limit}", value[:limit] + "..."))
-    if req.top_k is not None and req.top_k > n:
-        errors.append(_error((*loc, "top_k"), f"top_k must be within 1..{n} (the number of candidates)", req.top_k))
-    if req.context is not None and _too_far_ahead(req.context.timestamp, settings):
-        errors.append(_future_error((*loc, "context", "timestamp"), req.context.timestamp, settings))
-    allowed = [f for f in features if f != RANK_SCORE]
-    seen: dict[str, int] = {}
-    has_score = req.candidates[0].score is not None
-    for i, c in enumerate(req.candidates):
-        where = (*loc, "candidates", i)
-        if len(c.item_id) > limit:
-            errors.append(_error((*where, "item_id"), f"longer than max_id_length={limit}", c.item_id[:limit] + "..."))
-        if c.item_id in seen:
-            msg = f"duplicate item_id {c.item_id!r} (also at candidates[{seen[c.item_id]}])"
-            errors.append(_error((*where, "item_id"), msg, c.item_id))
-        seen.setdefault(c.item_id, i)
-        if (c.score is not None) != has_score:
-            errors.append(_error((*where, "score"), "give a score for every candidate or for none", c.score))
-        unknown = sorted(set(c.features or ()) - set(allowed))
-        if unknown:
-            msg = f"unknown feature(s) {unknown}; the model's candidate features are {allowed}"
-            if RANK_SCORE in unknown:
-                msg += f"; {RANK_SCORE} is given as the candidate's score"
-            errors.append(_error((*where, "features"), msg, unknown))
-        if len(errors) >= 20:  # enough to fix the request; do not build a huge error body
-            break
     return errors
 
 
-def check_batch(batch: BatchRerankRequest, settings: Settings, features: Sequence[str]) -> None:
-    n = len(batch.requests)
-    if n > settings.max_batch_requests:
-        msg = f"at most {settings.max_batch_requests} requests per batch, got {n}"
-        raise_if([_error(("requests",), msg, n)])
-    errors = []
-    for i, req in enumerate(batch.requests):
-        errors += check_rerank(req, settings, features, loc=("requests", i))
-    raise_if(errors)
+def _too_far_ahead(loc: Loc, timestamp: float | None, settings: Settings) -> list[ErrorEntry]:
+    """A timestamp at most max_future_s ahead of the server clock."""
+    if timestamp is None:
+        return []
+    ahead = timestamp - time.time()
+    if ahead <= settings.max_future_s:
+        return []
+    msg = (
+        f"{ahead:.0f} s ahead of the server clock (limit: max_future_s={settings.max_future_s}); "
+        "send unix seconds, not milliseconds"
+    )
+    return [_error(loc, msg, timestamp)]
 
 
-def check_events(events: Sequence[Event], settings: Settings, actions: Sequence[str], batch: bool) -> None:
-    errors = []
-    if len(events) > settings.max_events:
-        errors.append(_error(("events",), f"at most {settings.max_events} events per request", len(events)))
+def check_rerank(req: RerankRequest, settings: Settings, schema: FeatureSchema, loc: Loc = ()) -> list[ErrorEntry]:
+    """Errors of one request against the settings' limits and the model's candidate features: the
+    request's own fields first, then each bad candidate's, in order, until MAX_ERRORS."""
+    n = len(req.candidates)
+    errors = _limit_errors(req, settings, loc)
+    if req.top_k is not None and req.top_k > n:
+        errors.append(_error((*loc, "top_k"), f"top_k must be within 1..{n} (the number of candidates)", req.top_k))
+    if req.context is not None:
+        errors += _too_far_ahead((*loc, "context", "timestamp"), req.context.timestamp, settings)
+    found = _candidate_errors(req.candidates, settings, schema, (*loc, "candidates"))
+    if found:
+        found.sort(key=itemgetter(0))  # stable: a candidate's errors keep the rules' order
+        for _, group in groupby(found, key=itemgetter(0)):
+            if len(errors) >= MAX_ERRORS:
+                break
+            errors += [error for _, error in group]
+    return errors
+
+
+def _candidate_errors(
+    cands: list[Candidate], settings: Settings, schema: FeatureSchema, loc: Loc
+) -> list[tuple[int, ErrorEntry]]:
+    """(candidate index, error) for the rules candidates break. Each rule is first tested on the
+    whole list in one pass, so a valid request (the common case) costs only those passes; a rule
+    that fails then walks the candidates to name the first MAX_ERRORS that break it (check_rerank
+    answers no more, so a list of a million bad candidates costs no more than one of twenty)."""
+    found: list[tuple[int, ErrorEntry]] = []
     limit = settings.max_id_length
+    ids = [c.item_id for c in cands]  # also read by the duplicate rule
+    for name in ID_FIELDS[Candidate]:
+        values = ids if name == "item_id" else list(map(attrgetter(name), cands))
+        if max(map(len, values)) > limit:
+            msg = f"longer than max_id_length={limit}"
+            long = ((i, v) for i, v in enumerate(values) if len(v) > limit)
+            found += [(i, _error((*loc, i, name), msg, v[:limit] + "...")) for i, v in islice(long, MAX_ERRORS)]
+    if len(set(ids)) < len(ids):
+        first: dict[str, int] = {}
+        seen = ((i, first.setdefault(item, i), item) for i, item in enumerate(ids))  # lazily: in order
+        for i, j, item in islice(((i, j, item) for i, j, item in seen if j != i), MAX_ERRORS):
+            msg = f"duplicate item_id {item!r} (also at candidates[{j}])"
+            found.append((i, _error((*loc, i, "item_id"), msg, item)))
+    scores = [c.score for c in cands]
+    if 0 < scores.count(None) < len(scores):
+        has_score = scores[0] is not None
+        odd = ((i, s) for i, s in enumerate(scores) if (s is not None) != has_score)
+        msg = "give a score for every candidate or for none"
+        found += [(i, _error((*loc, i, "score"), msg, s)) for i, s in islice(odd, MAX_ERRORS)]
+    with_features = [c.features for c in cands if c.features]
+    if with_features:
+        allowed = given_features(schema)
+        known = set(allowed)
+        if not all(f.keys() <= known for f in with_features):
+            unknowns = ((i, sorted(set(c.features or ()) - known)) for i, c in enumerate(cands))
+            for i, unknown in islice(((i, u) for i, u in unknowns if u), MAX_ERRORS):
+                msg = f"unknown feature(s) {unknown}; the model's candidate features are {allowed}"
+                if RANK_SCORE in unknown:
+                    msg += f"; {RANK_SCORE} is given as the candidate's score"
+                found.append((i, _error((*loc, i, "features"), msg, unknown)))
+    return found
+
+
+def check_batch(batch: BatchRerankRequest, settings: Settings, schema: FeatureSchema) -> None:
+    raise_if(_limit_errors(batch, settings, ()))
+    raise_if([e for i, req in enumerate(batch.requests) for e in check_rerank(req, settings, schema, ("requests", i))])
+
+
+def check_events(body: Event | EventBatch, settings: Settings, schema: FeatureSchema) -> None:
+    """A batch's errors are located under ("events", i), a single event's at the body's fields."""
+    if isinstance(body, EventBatch):
+        events, errors = body.events, _limit_errors(body, settings, ())
+    else:
+        events, errors = [body], []
     for i, e in enumerate(events):
-        where = ("events", i) if batch else ()
-        for name in ("user_id", "item_id", "event_id"):
-            value = getattr(e, name)
-            if value is not None and len(value) > limit:
-                errors.append(_error((*where, name), f"longer than max_id_length={limit}", value[:limit] + "..."))
-        if e.action not in actions:
-            errors.append(_error((*where, "action"), f"unknown action; allowed: {list(actions)}", e.action))
-        if _too_far_ahead(e.timestamp, settings):
-            errors.append(_future_error((*where, "timestamp"), e.timestamp, settings))
-        if len(errors) >= 20:
+        where: Loc = ("events", i) if isinstance(body, EventBatch) else ()
+        errors += _limit_errors(e, settings, where)
+        if e.action not in schema.actions:
+            errors.append(_error((*where, "action"), f"unknown action; allowed: {list(schema.actions)}", e.action))
+        errors += _too_far_ahead((*where, "timestamp"), e.timestamp, settings)
+        if len(errors) >= MAX_ERRORS:
             break
     raise_if(errors)

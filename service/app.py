@@ -15,9 +15,11 @@ import asyncio
 import contextlib
 import gc
 from collections.abc import AsyncIterator
+from typing import Any
 
 from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from service import api, logs, routes
 from service.deps import Service
@@ -98,19 +100,21 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.state.settings = settings
 
-    def openapi() -> dict:
+    def openapi() -> dict[str, Any]:
         """The schema with the serving model's actions and features (regenerated: a reload may change them)."""
         base = FastAPI.openapi(app)  # FastAPI builds it once and caches it
         svc: Service | None = getattr(app.state, "service", None)
         if svc is None:
             return base
-        bundle = svc.models.current
-        return api.openapi_schema(base, settings, bundle.schema.actions, Service.candidate_features(bundle))
+        return api.openapi_schema(base, settings, svc.models.current.schema)
 
-    app.openapi = openapi
-    app.add_exception_handler(RequestValidationError, routes.validation_error)
-    app.add_exception_handler(Exception, routes.unexpected_error)
-    app.add_middleware(routes.FastPath, routes=own)  # inside MetricsMiddleware: it sets scope["route"]
-    app.add_middleware(routes.BodyLimit, limit=settings.max_body_bytes)
+    app.openapi = openapi  # type: ignore[method-assign]  # FastAPI's documented way to extend the schema
+    for error in (RequestValidationError, StarletteHTTPException, Exception):  # as BodyEndpoints answer theirs
+        app.add_exception_handler(error, routes.error_handler)
+    # Innermost first: FastPath (it sets scope["route"] for the metrics, and takes the app's routes
+    # when the stack is built), BodyLimit (so the body FastPath reads is limited), then
+    # MetricsMiddleware, which sees every answer.
+    app.add_middleware(routes.FastPath, routes=app.routes)
+    app.add_middleware(routes.BodyLimit, max_body_size=settings.max_body_bytes)
     app.add_middleware(MetricsMiddleware)
     return app

@@ -16,6 +16,7 @@ from pathlib import Path
 import typer
 
 from export.contract.errors import FAILED, fail, reported
+from service import logs
 from service.settings import ENV_PREFIX, Settings, SettingsError, load_settings
 
 APP_FACTORY = "service.app:create_app"
@@ -51,9 +52,9 @@ def fresh_multiproc_dir() -> tuple[Path, bool]:
 
 
 def run_server(host: str, port: int, workers: int, log_level: str) -> None:
-    """uvicorn on uvloop + httptools (with the connection limits of service.http), no access log.
-    Several workers: one process and one SO_REUSEPORT socket each (service.workers), sharing
-    metrics through files."""
+    """uvicorn on uvloop + httptools (with the connection limits of service.http), no access log,
+    every log line JSON (service.logs). Several workers: one process and one SO_REUSEPORT socket
+    each (service.workers), sharing metrics through files."""
     import uvicorn
 
     from service.http import uvicorn_options
@@ -66,6 +67,7 @@ def run_server(host: str, port: int, workers: int, log_level: str) -> None:
         **uvicorn_options(load_settings()),  # the settings the caller validated (PSAD_* variables)
         "access_log": False,
         "log_level": log_level,
+        "log_config": logs.log_config(log_level),
     }
     if workers == 1:
         uvicorn.run(**config, host=host, port=port)

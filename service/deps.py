@@ -7,7 +7,6 @@ from dataclasses import dataclass
 
 from fastapi import Request
 
-from export.runtime import Bundle
 from service.health import StoreHealth
 from service.inference import Reranker
 from service.model_store import ModelStore
@@ -25,10 +24,6 @@ class Service:
     reranker: Reranker
     log: logging.Logger
     health: StoreHealth
-
-    @staticmethod
-    def candidate_features(bundle: Bundle) -> list[str]:
-        return [f.name for f in bundle.schema.candidate_numeric]
 
 
 def service(request: Request) -> Service:

@@ -11,6 +11,7 @@ candidate take their training mean (0 after the model's standardisation).
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -31,6 +32,12 @@ class Job:
     request: RerankRequest
     profile: RawProfile | None  # None: the read failed, score with a cold-start profile
     now: float
+
+
+def request_time(request: RerankRequest) -> float:
+    """The request's time: its context's timestamp, else now (only behaviours before it are read)."""
+    given = request.context.timestamp if request.context is not None else None
+    return time.time() if given is None else given
 
 
 def position_stand_in(n: int, stats: NumericFeature | None = None) -> np.ndarray:

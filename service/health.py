@@ -9,6 +9,7 @@ import logging
 from collections.abc import Awaitable, Callable
 
 from service import metrics
+from service.api import Degraded
 from service.profiles import STORE_ERRORS, ProfileStore
 
 HEALTH_PING_S = 0.25  # a PING slower than this counts as Redis down
@@ -51,9 +52,10 @@ class StoreHealth:
             self._applied = n
             state = "unknown" if marked is None else "loaded" if marked else "missing"
             if state == "missing" and self.profiles != "missing":
-                log.warning("no profile load marker in the store: answers flagged profiles_missing until it is loaded")
+                flag = Degraded.PROFILES_MISSING
+                log.warning("no profile load marker in the store: answers flagged %s until it is loaded", flag)
             elif state == "loaded" and self.profiles == "missing":
-                log.info("profile load marker found: answers are no longer flagged profiles_missing")
+                log.info("profile load marker found: answers are no longer flagged %s", Degraded.PROFILES_MISSING)
             self.profiles = state
             metrics.REDIS_UP.set(1 if up else 0)
             metrics.PROFILES_MISSING.set(1 if self.missing else 0)

@@ -19,16 +19,17 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
 from export.runtime import Bundle
 from service import metrics
-from service.api import RerankRequest
-from service.features import Job, build_inputs, given_scores
+from service.api import Degraded, RerankRequest
+from service.features import Job, build_inputs, given_scores, request_time
 from service.health import StoreHealth
 from service.model_store import ModelStore
 from service.profiles import STORE_ERRORS, ProfileStore, RawProfile
@@ -40,7 +41,7 @@ log = logging.getLogger("psad.service")
 @dataclass
 class Outcome:
     scores: np.ndarray | None  # model scores [L]; None = the model failed for this list
-    reasons: list[str] = field(default_factory=list)
+    reasons: list[Degraded] = field(default_factory=list)
 
 
 def run_batch(bundle: Bundle, jobs: list[Job]) -> list[Outcome]:
@@ -50,21 +51,22 @@ def run_batch(bundle: Bundle, jobs: list[Job]) -> list[Outcome]:
         inputs, corrupt = build_inputs(jobs, bundle.schema, bundle.vocabs)
     except Exception:
         log.warning("feature assembly failed", exc_info=True)
-        return [Outcome(None, ["internal_error"]) for _ in jobs]
+        return [Outcome(None, [Degraded.INTERNAL_ERROR]) for _ in jobs]
     t1 = time.perf_counter()
     metrics.STAGE.feature_assembly.observe(t1 - t0)
-    base = [["profile_corrupt"] if c else [] for c in corrupt]
+    base = [[Degraded.PROFILE_CORRUPT] if c else [] for c in corrupt]
     try:
         scores = bundle.score(inputs)
     except Exception:
         log.warning("model call failed", exc_info=True, extra={"version": bundle.version})
-        return [Outcome(None, [*b, "model_error"]) for b in base]
+        return [Outcome(None, [*b, Degraded.MODEL_ERROR]) for b in base]
     metrics.STAGE.inference.observe(time.perf_counter() - t1)
     metrics.BATCH_SIZE.observe(len(jobs))
     out = []
     for i, job in enumerate(jobs):
         row = scores[i, : len(job.request.candidates)]
-        out.append(Outcome(row, base[i]) if np.isfinite(row).all() else Outcome(None, [*base[i], "model_nonfinite"]))
+        finite = np.isfinite(row).all()
+        out.append(Outcome(row, base[i]) if finite else Outcome(None, [*base[i], Degraded.MODEL_NONFINITE]))
     return out
 
 
@@ -76,7 +78,7 @@ class Scorer:
     collector takes everything queued as soon as one is free."""
 
     def __init__(self, settings: Settings):
-        self.workers = settings.inference_workers
+        self.workers = cast(int, settings.inference_workers)  # None is resolved by the settings' validator
         self.executor = ThreadPoolExecutor(self.workers, thread_name_prefix="psad-infer")
         self.max_size = settings.microbatch_max_size if settings.microbatching else 0
         self.max_wait_s = settings.microbatch_max_wait_us / 1e6
@@ -139,7 +141,7 @@ class Scorer:
                     outcomes = await loop.run_in_executor(self.executor, run_batch, entries[0][0], jobs)
                 except Exception:
                     log.warning("micro-batch failed", exc_info=True)
-                    outcomes = [Outcome(None, ["internal_error"]) for _ in jobs]
+                    outcomes = [Outcome(None, [Degraded.INTERNAL_ERROR]) for _ in jobs]
                 for (_, _, fut), outcome in zip(entries, outcomes, strict=True):
                     if not fut.done():
                         fut.set_result(outcome)
@@ -165,18 +167,22 @@ class Reranker:
         self.health = health
         self.budget_s = settings.redis_budget_ms / 1000
 
-    async def read_profiles(self, requests: list[RerankRequest], now: list[float], max_history: int):
+    async def read_profiles(
+        self, requests: list[RerankRequest], now: list[float], max_history: int
+    ) -> tuple[Sequence[RawProfile | None], Degraded | None]:
         """Raw profiles (None = cold start after a failed read) and the degradation reason, if any:
         the failed read's, else profiles_missing while the store has no load marker."""
         t0 = time.perf_counter()
+        raws: Sequence[RawProfile | None]
+        reason: Degraded | None
         try:
             users = [r.user_id for r in requests]
-            raws: list[RawProfile | None] = await self.profiles.read(users, now, max_history, self.budget_s)
-            reason = "profiles_missing" if self.health.missing else None
+            raws = await self.profiles.read(users, now, max_history, self.budget_s)
+            reason = Degraded.PROFILES_MISSING if self.health.missing else None
         except TimeoutError:
-            raws, reason = [None] * len(requests), "redis_timeout"
+            raws, reason = [None] * len(requests), Degraded.REDIS_TIMEOUT
         except STORE_ERRORS:
-            raws, reason = [None] * len(requests), "redis_unavailable"
+            raws, reason = [None] * len(requests), Degraded.REDIS_UNAVAILABLE
         metrics.STAGE.profile_read.observe(time.perf_counter() - t0)
         return raws, reason
 
@@ -184,7 +190,7 @@ class Reranker:
         self, requests: list[RerankRequest], request_ids: list[str], bundle: Bundle | None = None
     ) -> list[dict[str, Any]]:
         bundle = bundle or self.models.current  # taken once: a model swap does not affect this request
-        now = [r.context.timestamp if r.context and r.context.timestamp is not None else time.time() for r in requests]
+        now = [request_time(r) for r in requests]
         try:
             raws, redis_reason = await self.read_profiles(requests, now, bundle.schema.max_history)
             jobs = [Job(r, p, t) for r, p, t in zip(requests, raws, now, strict=True)]
@@ -197,7 +203,7 @@ class Reranker:
                 exc_info=True,
                 extra={"request_ids": request_ids},
             )
-            outcomes = [Outcome(None, ["internal_error"]) for _ in requests]
+            outcomes = [Outcome(None, [Degraded.INTERNAL_ERROR]) for _ in requests]
         t0 = time.perf_counter()
         out = [self.respond(r, rid, o, bundle) for r, rid, o in zip(requests, request_ids, outcomes, strict=True)]
         metrics.STAGE.response.observe(time.perf_counter() - t0)
@@ -206,26 +212,25 @@ class Reranker:
     async def floor(self, request: RerankRequest, request_id: str, bundle: Bundle | None = None) -> dict[str, Any]:
         """The no-model baseline: same parsing and profile read, then a sort by the given score."""
         bundle = bundle or self.models.current
-        now = request.context.timestamp if request.context and request.context.timestamp is not None else time.time()
-        _, reason = await self.read_profiles([request], [now], bundle.schema.max_history)
+        _, reason = await self.read_profiles([request], [request_time(request)], bundle.schema.max_history)
         scores = given_scores(request, bundle.schema)
         return self.respond(request, request_id, Outcome(scores, [reason] if reason else []), bundle)
 
     @staticmethod
     def respond(request: RerankRequest, request_id: str, outcome: Outcome, bundle: Bundle) -> dict[str, Any]:
         """Candidates in the new order; on model failure, the ranking stage's order with its scores."""
+        k = request.top_k or len(request.candidates)
+        order: Sequence[int]
         if outcome.scores is None:
             scores = given_scores(request, bundle.schema)
-            order = range(len(scores))
+            order = range(min(k, len(scores)))
         else:
             scores = outcome.scores
-            order = (-scores).argsort(kind="stable")
-        k = request.top_k or len(request.candidates)
+            order = (-scores).argsort(kind="stable")[:k].tolist()  # python ints index faster
         values = scores.tolist()
         cands = request.candidates
         for reason in outcome.reasons:
             metrics.DEGRADED.labels(reason).inc()
-        order = order[:k] if isinstance(order, range) else order[:k].tolist()  # python ints index faster
         return {
             "request_id": request_id,
             "items": [{"item_id": cands[i].item_id, "score": values[i]} for i in order],

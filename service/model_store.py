@@ -14,37 +14,35 @@ the other workers follow; the reload's answer says what each worker then serves.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
-from dataclasses import dataclass
 from pathlib import Path
 
 from export.contract.bundle import BundleError, latest_version
 from export.runtime import Bundle, load_bundle
 from service import metrics
-from service.fleet import FOLLOW_S, Fleet, WorkerState
+from service.api import ReloadResult, WorkerVersion
+from service.fleet import FOLLOW_S, Fleet
 from service.settings import Settings
 
 log = logging.getLogger("psad.service")
 FLEET_WAIT_S = 60.0  # how long a reload waits for the other workers to load the version
 
 
-@dataclass(frozen=True)
-class ReloadResult:
-    result: str  # "loaded", "unchanged", "refused", or "partial" (some workers do not serve it)
-    version: int  # the version serving here after the attempt
-    detail: str = ""
-    workers: tuple[WorkerState, ...] = ()  # with several workers: what each serves afterwards
-
-
 class ModelStore:
     def __init__(self, settings: Settings):
         self.settings = settings
         self.repo = Path(settings.model_repo)
-        self.current: Bundle | None = None
+        self._current: Bundle | None = None  # set by start(), before the app takes requests
         self._lock = asyncio.Lock()
         self._refused: dict[int, str] = {}
         self.fleet = Fleet(settings.fleet_dir) if settings.fleet_dir is not None else None
+
+    @property
+    def current(self) -> Bundle:
+        """The bundle being served."""
+        if self._current is None:
+            raise RuntimeError("no model loaded yet: ModelStore.start() runs in the app's lifespan")
+        return self._current
 
     def target_version(self, requested: int | None = None) -> int:
         """The version to serve: the requested one, the pinned PSAD_MODEL_VERSION, or the latest."""
@@ -92,14 +90,15 @@ class ModelStore:
         if self.fleet is None or result.result == "refused":
             return result
         self.fleet.set_target(result.version)
-        states = tuple(await self.fleet.settle(result.version, FLEET_WAIT_S))
+        states = await self.fleet.settle(result.version, FLEET_WAIT_S)
+        workers = [WorkerVersion(pid=s.pid, version=s.version) for s in states]
         behind = [s for s in states if s.version != result.version]
         if not behind:
-            return dataclasses.replace(result, workers=states)
+            return result.model_copy(update={"workers": workers})
         why = "; ".join(f"worker {s.pid}: {s.refused.get(result.version, 'still loading')}" for s in behind)
         detail = f"{len(behind)} of {len(states)} workers do not serve version {result.version} ({why})"
         log.warning("model reload partial", extra={"version": result.version, "detail": detail})
-        return ReloadResult("partial", result.version, detail, states)
+        return ReloadResult(result="partial", version=result.version, detail=detail, workers=workers)
 
     async def follow(self) -> None:
         """Serve the server's target: load it when another worker has set a new one."""
@@ -126,15 +125,16 @@ class ModelStore:
 
     async def _reload_locked(self, requested: int | None) -> ReloadResult:
         async with self._lock:
-            current = self.current.version if self.current else 0
+            current = self._current.version if self._current else 0
             try:
                 version = self.target_version(requested)
-            except BundleError as exc:
+                missing = version != current and not self.path(version).is_dir()
+            except (BundleError, OSError) as exc:  # OSError: the repository unreadable, a name too long
                 return self._refuse(current, str(exc))
             if version == current:
                 metrics.RELOADS.labels("unchanged").inc()
-                return ReloadResult("unchanged", current)
-            if not self.path(version).is_dir():
+                return ReloadResult(result="unchanged", version=current, detail="")
+            if missing:
                 return self._refuse(
                     current, f"{self.path(version)}: no such bundle directory (yet); export it with `psad export`"
                 )
@@ -147,15 +147,15 @@ class ModelStore:
             self._refused.pop(version, None)  # refused once (say, while being copied), loaded now
             metrics.RELOADS.labels("loaded").inc()
             log.info("model loaded", extra={"model": bundle.name, "version": bundle.version, "previous": current})
-            return ReloadResult("loaded", bundle.version)
+            return ReloadResult(result="loaded", version=bundle.version, detail="")
 
     def _refuse(self, current: int, reason: str) -> ReloadResult:
         metrics.RELOADS.labels("refused").inc()
         log.warning("model reload refused", extra={"reason": reason, "serving": current})
-        return ReloadResult("refused", current, reason)
+        return ReloadResult(result="refused", version=current, detail=reason)
 
     def _swap(self, bundle: Bundle) -> None:
-        old, self.current = self.current, bundle
+        old, self._current = self._current, bundle
         if old is not None:
             metrics.MODEL_INFO.labels(old.name, str(old.version), old.provider).set(0)
         metrics.MODEL_INFO.labels(bundle.name, str(bundle.version), bundle.provider).set(1)

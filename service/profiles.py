@@ -30,7 +30,7 @@ import time
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import redis
@@ -42,7 +42,7 @@ from redis.backoff import NoBackoff
 
 from export.contract.inputs import EncodedProfile
 from export.contract.schema import OOV, FeatureSchema, Vocabularies
-from service.resp import RespClient, within
+from service.resp import Command, within
 
 # What an unreachable or failing profile store raises: redis-py's errors, Redis Cluster's own
 # (RedisClusterException is no RedisError: cluster down, slot not covered), and socket errors.
@@ -152,8 +152,8 @@ def encode_profile(raw: RawProfile, schema: FeatureSchema, vocabs: Vocabularies)
         if value is not None:
             user_cat[j] = vocabs.user_categorical[f.name].index(value)
     user_num = np.zeros(len(schema.user_numeric), dtype=np.float32)
-    for j, f in enumerate(schema.user_numeric):
-        value = user.get(f.name)
+    for j, numeric in enumerate(schema.user_numeric):
+        value = user.get(numeric.name)
         if value is None:
             continue
         try:
@@ -206,19 +206,52 @@ def _profile(user: Any, history: Any) -> RawProfile:
     return RawProfile(error="; ".join(errors)) if errors else RawProfile(_fields(user), _members(history))
 
 
+class ProfileReader(Protocol):
+    """How a ProfileStore reads: its commands sent in one round trip, their replies in order, with
+    raise_on_error=False an error reply in its command's place. service.resp.RespClient is the
+    request path's reader; RedisPyReader is the reference, and the one wherever RespClient does
+    not apply (Redis Cluster, TLS: whatever RespClient.supports refuses)."""
+
+    async def execute(
+        self, commands: Sequence[Command], timeout_s: float | None = None, raise_on_error: bool = True
+    ) -> list[Any]: ...
+
+    def close(self) -> None: ...
+
+
+class RedisPyReader:
+    """The reference ProfileReader: a redis-py pipeline over the store's client, so Redis Cluster
+    routes each command to its node and TLS comes with the client."""
+
+    def __init__(self, client: aredis.Redis | RedisCluster):
+        self.client = client
+
+    async def execute(
+        self, commands: Sequence[Command], timeout_s: float | None = None, raise_on_error: bool = True
+    ) -> list[Any]:
+        async with self.client.pipeline(transaction=False) as pipe:  # released however it ends
+            for command in commands:
+                pipe.execute_command(*command)
+            return await within(pipe.execute(raise_on_error=raise_on_error), timeout_s)
+
+    def close(self) -> None:
+        """Nothing of its own: the connections are the client's, which the store closes."""
+
+
 class ProfileStore:
     """Async reads (one pipelined round trip per request or batch) and atomic appends.
 
-    `reader` (service.resp.RespClient) serves the reads when given: a lean multiplexed client for
-    the one call on the request path. Without it (TLS, Redis Cluster) reads go through the
-    redis-py client, which always does the appends and PING.
+    Reads go through `reader` (a ProfileReader; default: RedisPyReader over `client`). The redis-py
+    `client` always does the appends, PING and EXISTS.
     """
 
-    def __init__(self, client: aredis.Redis | RedisCluster, prefix: str, ttl_s: int, reader: RespClient | None = None):
+    def __init__(
+        self, client: aredis.Redis | RedisCluster, prefix: str, ttl_s: int, reader: ProfileReader | None = None
+    ):
         self.client = client
         self.prefix = prefix
         self.ttl_s = ttl_s
-        self.reader = reader
+        self.reader = reader if reader is not None else RedisPyReader(client)
         self.cluster = isinstance(client, RedisCluster)
         self._append = None if self.cluster else client.register_script(APPEND_LUA)
 
@@ -240,13 +273,7 @@ class ProfileStore:
         asyncio.TimeoutError past timeout_s (None: no limit). A user whose keys Redis cannot read
         as a profile gets a RawProfile with `error` set; the other users are read as usual."""
         commands = self.read_commands(user_ids, now, max_history)
-        if self.reader is not None:
-            replies = await self.reader.execute(commands, timeout_s, raise_on_error=False)
-        else:
-            async with self.client.pipeline(transaction=False) as pipe:  # released however it ends
-                for command in commands:
-                    pipe.execute_command(*command)
-                replies = await within(pipe.execute(raise_on_error=False), timeout_s)
+        replies = await self.reader.execute(commands, timeout_s, raise_on_error=False)
         return [_profile(u, h) for u, h in zip(replies[0::2], replies[1::2], strict=True)]
 
     async def append(self, events: Sequence[tuple[str, str, str, int, str | None]], cap: int) -> None:
@@ -262,10 +289,10 @@ class ProfileStore:
         async with self.client.pipeline(transaction=False) as pipe:
             for uid, args in by_user.items():
                 keys = [history_key(self.prefix, uid), user_key(self.prefix, uid)]
-                if self.cluster:  # EVAL: routed by its keys; no node has to have cached the script
+                if self._append is None:  # a cluster: EVAL, routed by its keys; no node need cache the script
                     pipe.eval(APPEND_LUA, 2, *keys, cap, self.ttl_s, *args)
-                else:
-                    await self._append(keys=keys, args=[cap, self.ttl_s, *args], client=pipe)
+                else:  # a single node's pipeline, which redis-py's Script accepts as its client
+                    await self._append(keys=keys, args=[cap, self.ttl_s, *args], client=pipe)  # type: ignore[arg-type]
             results = await pipe.execute(raise_on_error=False)
         failed = {uid: str(r) for uid, r in zip(by_user, results, strict=True) if isinstance(r, Exception)}
         if failed:
@@ -279,8 +306,7 @@ class ProfileStore:
         return bool(await self.client.exists(marker_key(self.prefix)))
 
     async def aclose(self) -> None:
-        if self.reader is not None:
-            self.reader.close()
+        self.reader.close()
         await self.client.aclose()
 
 

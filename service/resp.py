@@ -1,10 +1,10 @@
 """A minimal multiplexed RESP client for the profile read, the one Redis call on the request path.
 
-Why not redis-py for this call: measured on the benchmark machine, one pipelined HGETALL + ZRANGE
-round trip costs about 80 us through a bare asyncio protocol with hiredis, about 200 us through a
-redis-py connection and about 400 us through redis-py's pipeline and pool (connection checkout
-and release take locks, observability hooks and a health check per call). On a ~2 ms request
-that is most of the profile-read stage. redis-py still does everything else (appends, PING,
+Why not redis-py for this call: its connection checkout and release take locks and run
+observability hooks and a health check per call, which costs more than the round trip
+itself. `python -m loadtest.resp_bench` measures the two against the same redis-server (figures
+in docs/benchmarks.md). This client is a service.profiles.ProfileReader; redis-py (RedisPyReader,
+the reference) reads where this client does not apply, and does everything else (appends, PING,
 TLS, Redis Cluster).
 
 Design: one TCP (or unix socket) connection per process, shared by all requests. Commands are
@@ -141,7 +141,7 @@ class RespClient:
 
     @staticmethod
     def supports(url: str) -> bool:
-        """TLS (rediss://) is left to redis-py."""
+        """TLS (rediss://) is left to redis-py (service.profiles.RedisPyReader)."""
         return url.startswith(("redis://", "unix://"))
 
     async def connect(self) -> None:

@@ -9,7 +9,7 @@ import json
 import secrets
 import time
 import uuid
-from collections.abc import Callable, Coroutine, Mapping
+from collections.abc import Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Annotated, Any, get_type_hints
 
@@ -20,6 +20,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from fastapi.routing import APIRoute
 from pydantic import Discriminator, Tag, TypeAdapter, ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.middleware.body_limit import RequestBodyLimitMiddleware
 from starlette.routing import BaseRoute
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -66,9 +68,12 @@ def is_json(content_type: str | None) -> bool:
 
 @dataclass(frozen=True)
 class BodyEndpoint:
-    """An endpoint `(body: T, svc: Svc, **headers)`, called by keyword, and what answering it needs,
-    read once from its signature: the body's validator, its header parameters, and the guards (the
-    route's dependencies, each `(svc, **headers)`) that run before any byte of the body is read.
+    """The one request path of a route with a JSON body: the ASGI app of its BodyRoute, which
+    FastPath calls too. It admits (the guards, each `(svc, **headers)`: 401/403 before any byte of
+    the body is read; then the content type: 415), reads the body, validates it and calls the
+    endpoint `(body: T, svc: Svc, **headers)` by keyword, and answers every exception itself
+    through error_response, so no Request, dependency resolution or exception middleware is needed.
+    What it needs is read once from the endpoint's signature and the route's dependencies.
 
     pydantic-core (Rust) parses and validates the raw body in one pass, so every route answers
     malformed JSON (invalid UTF-8, huge integers, deep nesting) with the same 422 naming the
@@ -80,17 +85,39 @@ class BodyEndpoint:
     optional: bool  # an empty body is None
     headers: dict[str, str]  # parameter -> header name
     guards: tuple[tuple[Callable[..., None], dict[str, str]], ...]
+    wanted: frozenset[bytes]  # the header names read, as ASGI gives them
 
     @classmethod
     def of(cls, route: APIRoute) -> BodyEndpoint:
         hints = get_type_hints(route.endpoint, include_extras=True)
         optional = inspect.signature(route.endpoint).parameters["body"].default is None
-        guards = tuple((d.dependency, header_params(d.dependency)) for d in route.dependencies)
+        guards = tuple((d.dependency, header_params(d.dependency)) for d in route.dependencies if d.dependency)
         validate = TypeAdapter(hints["body"]).validate_json
-        return cls(route.endpoint, validate, optional, header_params(route.endpoint), guards)
+        headers = header_params(route.endpoint)
+        names = {"content-type", "x-request-id", *headers.values(), *(h for _, g in guards for h in g.values())}
+        return cls(route.endpoint, validate, optional, headers, guards, frozenset(n.encode("latin-1") for n in names))
 
-    def header_names(self) -> set[str]:
-        return {"content-type", *self.headers.values(), *(h for _, names in self.guards for h in names.values())}
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        svc: Service = scope["app"].state.service
+        headers = self.read_headers(scope)
+        try:
+            self.admit(svc, headers)
+            raw = await read_body(receive)
+            if raw is None:
+                return  # the client went away: nobody to answer
+            body = None if self.optional and not raw else parse_body(self.validate, raw)
+            response = await self.endpoint(body=body, svc=svc, **{p: headers.get(h) for p, h in self.headers.items()})
+        except Exception as exc:
+            response = error_response(svc, exc, scope["path"], headers.get("x-request-id"))
+        await response(scope, receive, send)
+
+    def read_headers(self, scope: Scope) -> dict[str, str]:
+        """The headers this endpoint reads; of a repeated one the first, as Starlette's Headers."""
+        headers: dict[str, str] = {}
+        for name, value in scope["headers"]:
+            if name in self.wanted:
+                headers.setdefault(name.decode("latin-1"), value.decode("latin-1"))
+        return headers
 
     def admit(self, svc: Service, headers: Mapping[str, str]) -> None:
         """The guards (401/403 from the admin check), then the content type (415)."""
@@ -99,14 +126,22 @@ class BodyEndpoint:
         if not is_json(headers.get("content-type")):
             raise HTTPException(415, "send the body as JSON with 'Content-Type: application/json'")
 
-    async def answer(self, svc: Service, raw: bytes, headers: Mapping[str, str]) -> Response:
-        body = None if self.optional and not raw else parse_body(self.validate, raw)
-        return await self.endpoint(body=body, svc=svc, **{p: headers.get(h) for p, h in self.headers.items()})
 
-
-def header_params(fn: Callable) -> dict[str, str]:
+def header_params(fn: Callable[..., Any]) -> dict[str, str]:
     """A function's parameters other than body and svc, which are headers: name -> header name."""
     return {p: p.replace("_", "-") for p in inspect.signature(fn).parameters if p not in ("body", "svc")}
+
+
+async def read_body(receive: Receive) -> bytes | None:
+    """The whole request body; None when the client disconnected first."""
+    chunks = []
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return None
+        chunks.append(message.get("body", b""))
+        if not message.get("more_body", False):
+            return b"".join(chunks)
 
 
 def parse_body(validate: Callable[[bytes], Any], raw: bytes) -> Any:
@@ -121,103 +156,62 @@ def parse_body(validate: Callable[[bytes], Any], raw: bytes) -> Any:
 
 
 class BodyRoute(APIRoute):
-    """A route answered by its BodyEndpoint, with no per-request dependency resolution.
+    """A FastAPI route whose app is its BodyEndpoint. FastAPI still reads the endpoint's signature
+    and the route's dependencies for the OpenAPI schema (the body, the headers); the router
+    matches it as any route (405 for another method), then the BodyEndpoint answers."""
 
-    FastAPI still reads the endpoint's signature and the route's dependencies for the OpenAPI
-    schema (the body, the headers), while the handler admits, parses and calls the endpoint itself.
-    """
-
-    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
-        body_endpoint = BodyEndpoint.of(self)
-
-        async def handler(request: Request) -> Response:
-            svc = request.app.state.service
-            body_endpoint.admit(svc, request.headers)
-            return await body_endpoint.answer(svc, await request.body(), request.headers)
-
-        return handler
+    def __init__(self, path: str, endpoint: Callable[..., Any], **kwargs: Any) -> None:
+        super().__init__(path, endpoint, **kwargs)
+        self.body_endpoint = BodyEndpoint.of(self)
+        self.app = self.body_endpoint
 
 
-class BodyLimit:
-    """ASGI layer: a body over `limit` bytes is answered 413 before any of it is parsed (a declared
-    Content-Length at once, a streamed body as its chunks arrive), so one huge request cannot hold
-    the event loop or the memory. On a streamed overflow the app then sees the client leave, and
-    whatever it would still send is dropped."""
-
-    def __init__(self, app: ASGIApp, limit: int):
-        self.app = app
-        self.limit = limit
+class BodyLimit(RequestBodyLimitMiddleware):
+    """Starlette's body size limit with the service's JSON answer. Starlette refuses a declared
+    Content-Length over the limit, and a streamed body as it grows past it, before the app has
+    the body: its receive() raises HTTPException(413) into the app (BodyEndpoint answers it), and
+    for a declared length it replaces whatever the app answers with its own plain-text 413. Any
+    413 is answered here with too_large_response, which names the limit and the fix."""
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        declared = next((v for k, v in scope["headers"] if k == b"content-length"), b"")
-        if declared.isdigit() and int(declared) > self.limit:
-            await too_large_response(self.limit)(scope, receive, send)
-            return
-        received, refused = 0, False
+        replaced = False
 
-        async def limited() -> Message:
-            nonlocal received, refused
-            message = await receive()
-            received += len(message.get("body", b""))
-            if received > self.limit and not refused:
-                refused = True
-                await too_large_response(self.limit)(scope, receive, send)
-                return {"type": "http.disconnect"}
-            return message
-
-        async def unless_refused(message: Message) -> None:
-            if not refused:
+        async def json_413(message: Message) -> None:
+            nonlocal replaced
+            if message["type"] == "http.response.start" and message["status"] == 413:
+                replaced = True
+                await too_large_response(self.max_body_size)(scope, receive, send)
+            elif not replaced:
                 await send(message)
 
-        await self.app(scope, limited, unless_refused)
+        await super().__call__(scope, receive, json_413)
 
 
 class FastPath:
-    """ASGI layer in front of FastAPI's routing for the BodyRoutes (every POST with a JSON body):
-    an exact path lookup, then the BodyRoute's own admission, parsing and endpoint, with the same
-    401/403/415/422/500 answers. It skips the router's matching, the per-request Request and exit
-    stacks, and the exception middleware: about 0.2 ms of CPU per request on the benchmark machine.
-    Every other request, and these paths with another method, go to FastAPI unchanged. It sets
-    scope["route"], so MetricsMiddleware (outside it) labels them by route as before.
+    """ASGI layer in front of FastAPI's routing: a POST to a BodyRoute's exact path goes straight to
+    that route's app, its BodyEndpoint, which is what the router would call. It skips the router's
+    matching, the per-request Request and exit stacks, and the exception middleware (a
+    BodyEndpoint answers its own errors); docs/benchmarks.md has what that saves. Every other
+    request, and these paths with another method, go to FastAPI unchanged. It sets scope["route"]
+    as the router does, so MetricsMiddleware (outside it) labels them by route.
+
+    The routes are read when the middleware stack is built, at the app's first request.
     """
 
-    def __init__(self, app: ASGIApp, routes: list[BaseRoute]):
+    def __init__(self, app: ASGIApp, routes: Sequence[BaseRoute]) -> None:
         self.app = app
-        self.routes = {
-            r.path: (r, BodyEndpoint.of(r)) for r in routes if isinstance(r, BodyRoute) and r.methods == {"POST"}
-        }
-        self.wanted = {h.encode("latin-1") for _, e in self.routes.values() for h in e.header_names()}
+        self.routes = {r.path: r for r in routes if isinstance(r, BodyRoute) and r.methods == {"POST"}}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        hit = self.routes.get(scope["path"]) if scope["type"] == "http" and scope["method"] == "POST" else None
-        if hit is None:
+        route = self.routes.get(scope["path"]) if scope["type"] == "http" and scope["method"] == "POST" else None
+        if route is None:
             await self.app(scope, receive, send)
             return
-        route, body_endpoint = hit
         scope["route"] = route
-        svc: Service = scope["app"].state.service
-        headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"] if k in self.wanted}
-        try:
-            body_endpoint.admit(svc, headers)
-            chunks = []
-            while True:
-                message = await receive()
-                if message["type"] == "http.disconnect":
-                    return  # the client went away: nobody to answer
-                chunks.append(message.get("body", b""))
-                if not message.get("more_body", False):
-                    break
-            response = await body_endpoint.answer(svc, b"".join(chunks), headers)
-        except RequestValidationError as exc:
-            response = validation_response(exc)
-        except HTTPException as exc:
-            response = JSON({"detail": exc.detail}, status_code=exc.status_code, headers=exc.headers)
-        except Exception as exc:
-            response = unexpected_response(svc, exc, scope["path"], headers.get("x-request-id"))
-        await response(scope, receive, send)
+        await route.body_endpoint(scope, receive, send)
 
 
 Svc = Annotated[Service, Depends(service)]
@@ -234,7 +228,7 @@ _id_counter = itertools.count()
 
 
 def new_request_id() -> str:
-    """A unique id without a syscall per request (uuid4 reads os.urandom: ~2% of server CPU)."""
+    """A unique id without a syscall per request (uuid4 reads os.urandom on every call)."""
     return f"{_ID_PREFIX}{next(_id_counter):016x}"
 
 
@@ -254,7 +248,7 @@ body_router = APIRouter(default_response_class=JSON, route_class=BodyRoute)
 async def rerank(body: api.RerankRequest, svc: Svc, x_request_id: Annotated[str | None, Header()] = None) -> JSON:
     started = time.perf_counter()
     bundle = svc.models.current
-    api.raise_if(api.check_rerank(body, svc.settings, svc.candidate_features(bundle)))
+    api.raise_if(api.check_rerank(body, svc.settings, bundle.schema))
     rid = _request_id(body.request_id, x_request_id, svc.settings.max_id_length)
     metrics.CANDIDATES.observe(len(body.candidates))
     (answer,) = await svc.reranker.rerank([body], [rid], bundle)
@@ -266,7 +260,7 @@ async def rerank(body: api.RerankRequest, svc: Svc, x_request_id: Annotated[str 
 async def rerank_batch(body: api.BatchRerankRequest, svc: Svc) -> JSON:
     started = time.perf_counter()
     bundle = svc.models.current
-    api.check_batch(body, svc.settings, svc.candidate_features(bundle))
+    api.check_batch(body, svc.settings, bundle.schema)
     ids = [r.request_id or new_request_id() for r in body.requests]
     for r in body.requests:
         metrics.CANDIDATES.observe(len(r.candidates))
@@ -280,10 +274,9 @@ async def rerank_batch(body: api.BatchRerankRequest, svc: Svc) -> JSON:
 async def events(body: EventsBody, svc: Svc) -> JSON:
     """Append behaviours. 503 + Retry-After when the profile store is down or refuses some users' appends;
     the detail says what was stored."""
-    batch = isinstance(body, api.EventBatch)
-    items = body.events if batch else [body]
+    items = body.events if isinstance(body, api.EventBatch) else [body]
     bundle = svc.models.current
-    api.check_events(items, svc.settings, bundle.schema.actions, batch=batch)
+    api.check_events(body, svc.settings, bundle.schema)
     now = int(time.time())
     rows = [(e.user_id, e.item_id, e.action, now if e.timestamp is None else e.timestamp, e.event_id) for e in items]
     cap = svc.settings.history_len or bundle.schema.max_history
@@ -358,9 +351,7 @@ async def reload(svc: Svc, body: api.ReloadRequest | None = None) -> JSON:
     """Load the latest (or the given) version: verified and warmed before the swap, on every worker of
     the server; 409 if refused here, or if some workers do not serve it (partial)."""
     result = await svc.models.reload(body.version if body else None)
-    workers = [{"pid": w.pid, "version": w.version} for w in result.workers]
-    answer = {"result": result.result, "version": result.version, "detail": result.detail, "workers": workers}
-    return JSON(answer, status_code=409 if result.result in ("refused", "partial") else 200)
+    return JSON(result.model_dump(), status_code=result.status_code)
 
 
 floor_router = APIRouter(default_response_class=JSON, route_class=BodyRoute)
@@ -370,14 +361,9 @@ floor_router = APIRouter(default_response_class=JSON, route_class=BodyRoute)
 async def floor(body: api.RerankRequest, svc: Svc, x_request_id: Annotated[str | None, Header()] = None) -> JSON:
     """Benchmark baseline: /rerank's parsing, validation and profile read, then a sort by score."""
     bundle = svc.models.current
-    api.raise_if(api.check_rerank(body, svc.settings, svc.candidate_features(bundle)))
+    api.raise_if(api.check_rerank(body, svc.settings, bundle.schema))
     rid = _request_id(body.request_id, x_request_id, svc.settings.max_id_length)
     return JSON(await svc.reranker.floor(body, rid, bundle), headers={"X-Request-ID": rid})
-
-
-def validation_response(exc: RequestValidationError) -> JSON:
-    """422 naming each bad field; orjson renders a NaN input as null where the stdlib encoder fails."""
-    return JSON({"detail": jsonable_encoder(exc.errors())}, status_code=422)
 
 
 def too_large_response(limit: int) -> JSON:
@@ -385,14 +371,18 @@ def too_large_response(limit: int) -> JSON:
     return JSON({"detail": detail}, status_code=413)
 
 
-def unexpected_response(svc: Service, exc: Exception, path: str, request_id: str | None) -> JSON:
+def error_response(svc: Service, exc: Exception, path: str, request_id: str | None) -> JSON:
+    """The answer to an exception, the same on every route and path: 422 naming each bad field
+    (orjson renders a NaN input as null where the stdlib encoder fails), an HTTPException's own
+    status, detail and headers, else a 500, logged with its traceback (a 500 is a bug)."""
+    if isinstance(exc, RequestValidationError):
+        return JSON({"detail": jsonable_encoder(exc.errors())}, status_code=422)
+    if isinstance(exc, StarletteHTTPException):
+        return JSON({"detail": exc.detail}, status_code=exc.status_code, headers=exc.headers)
     svc.log.warning("unhandled error", exc_info=exc, extra={"path": path, "request_id": request_id})
     return JSON({"detail": f"internal error ({type(exc).__name__}); see the service log"}, status_code=500)
 
 
-async def validation_error(request: Request, exc: RequestValidationError) -> JSON:
-    return validation_response(exc)
-
-
-async def unexpected_error(request: Request, exc: Exception) -> JSON:
-    return unexpected_response(request.app.state.service, exc, request.url.path, request.headers.get("x-request-id"))
+async def error_handler(request: Request, exc: Exception) -> Response:
+    """error_response as the app's exception handler, for the routes that are not BodyRoutes."""
+    return error_response(request.app.state.service, exc, request.url.path, request.headers.get("x-request-id"))

@@ -11,12 +11,12 @@ import math
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from export.contract.bundle import NAME_PATTERN
+from export.contract.bundle import NAME_PATTERN, Device
 
 ENV_PREFIX = "PSAD_"
 # PSAD_* variables read by other tools, not by the service: the test suite's MovieLens path,
@@ -55,7 +55,7 @@ class Settings(BaseSettings):
         description="model name in the repository (letters, digits, `_`, `.`, `-`: what `psad export --name` accepts)",
     )
     model_version: str = Field("latest", description="`latest` or a version number (pinned: polling is off)")
-    device: Literal["auto", "cpu", "cuda"] = Field(
+    device: Device = Field(
         "auto", description="`auto`, `cpu` or `cuda`; the active provider is reported in /readyz and `psad_model_info`"
     )
     threads: int = Field(1, ge=1, description="ONNX Runtime intra-op threads per model call")
@@ -269,7 +269,7 @@ def unknown_variables(environ: Mapping[str, str]) -> list[str]:
     return lines
 
 
-def load_settings(**overrides: object) -> Settings:
+def load_settings(**overrides: Any) -> Settings:
     """Read PSAD_* variables (keyword overrides win); raise SettingsError naming each bad or
     unknown variable."""
     lines = unknown_variables(os.environ)

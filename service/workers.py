@@ -3,9 +3,15 @@
 Why not uvicorn's --workers: its processes share one listening socket, and the process that wakes
 first accepts every pending connection. A caller that opens its keep-alive connections together
 (a ranking stage, a load balancer, the benchmark) then lands them all on one process, whose event
-loop and GIL cap the rate while the other cores idle; the measured throughput on 2 cores flipped
-between about 700 and 1,050 requests/s from run to run. With a socket per process the kernel
-spreads new connections over the processes by a hash of their addresses.
+loop and GIL cap the rate while the other cores idle (docs/service.md, "Workers"). With a socket
+per process the kernel spreads new connections over the processes by a hash of their addresses.
+A worker binds its socket before uvicorn starts, and uvicorn listens on it only once the app's
+startup (the model load) is done, so no connection waits on a worker that is still loading.
+
+Why not gunicorn (UvicornWorker, `reuse_port`): its workers' sockets listen before the app has
+started, and run inside this process it needs workarounds of its internals for a worker that fails
+at startup and for a worker's exit unwinding this process's stack (they are forked from it);
+measured side by side in docs/benchmarks.md ("Worker supervisors").
 
 The supervisor restarts a worker that dies, but gives up (stopping the others) when a worker
 fails its startup (a model that does not load: nothing to serve) or workers keep dying. SIGINT
@@ -14,6 +20,7 @@ and SIGTERM stop every worker with uvicorn's graceful shutdown.
 
 from __future__ import annotations
 
+import logging.config
 import multiprocessing
 import signal
 import socket
@@ -72,8 +79,10 @@ def serve_one(config: dict[str, Any], host: str, port: int) -> None:
 
 def supervise(config: dict[str, Any], host: str, port: int, workers: int, fleet_dir: Path) -> None:
     """Run `workers` processes until SIGINT/SIGTERM; WorkersError when they cannot serve.
+    config: uvicorn.Config's keyword arguments, log_config included (this process applies it too);
     fleet_dir: where the workers agree on one model version (service.fleet)."""
-    log = logs.configure(config["log_level"])
+    logging.config.dictConfig(config["log_config"])  # this process's lines: the same JSON as the workers'
+    log = logging.getLogger(logs.LOGGER_NAME)
     check_port_free(host, port)
     ctx = multiprocessing.get_context("spawn")
     stop = threading.Event()

@@ -13,6 +13,7 @@ import httpx
 import pandas as pd
 import pytest
 import uvicorn
+from fastapi import FastAPI
 from prometheus_client.parser import text_string_to_metric_families
 
 from psad.load_profiles import bulk_load
@@ -25,11 +26,12 @@ PREFIX = "apitest"
 
 
 @contextmanager
-def serve(settings: Settings) -> Iterator[httpx.Client]:
-    """The real app (lifespan included) on a free port; yields a client bound to it."""
+def serve(settings: Settings, app: FastAPI | None = None) -> Iterator[httpx.Client]:
+    """The real app (lifespan included), or `app` made by create_app(settings), on a free port;
+    yields a client bound to it."""
     port = free_port()
     options = uvicorn_options(settings)  # the connection limits `psad serve` runs with
-    config = uvicorn.Config(create_app(settings), host="127.0.0.1", port=port, log_level="warning", **options)
+    config = uvicorn.Config(app or create_app(settings), host="127.0.0.1", port=port, log_level="warning", **options)
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()

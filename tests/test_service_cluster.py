@@ -16,7 +16,7 @@ import redis
 from redis.cluster import RedisCluster
 
 from psad.load_profiles import bulk_load
-from psad.up import port_free
+from psad.procs import port_free, start_redis, stop_tree
 from service.profiles import ProfileStore, connect, history_key
 from tests.test_service_api import request, serve, settings_for
 
@@ -48,15 +48,8 @@ class Cluster:
 
     def start(self) -> None:
         for port in self.ports:
-            node = self.workdir / str(port)
-            node.mkdir()
-            args = ["--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
-            args += ["--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf", "--dir", str(node)]
-            self.procs.append(
-                subprocess.Popen(["redis-server", *args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-            )
-        for port in self.ports:
-            self._wait(lambda p=port: redis.Redis(port=p, socket_timeout=0.5).ping())
+            args = ["--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf"]
+            self.procs.append(start_redis(port, self.workdir / str(port), args))
         create = ["redis-cli", "--cluster", "create", *(f"127.0.0.1:{p}" for p in self.ports)]
         subprocess.run(
             [*create, "--cluster-replicas", "0", "--cluster-yes"], check=True, capture_output=True, timeout=60
@@ -78,9 +71,7 @@ class Cluster:
 
     def stop(self) -> None:
         for proc in self.procs:
-            proc.terminate()
-        for proc in self.procs:
-            proc.wait(timeout=10)
+            stop_tree(proc)
 
 
 @pytest.fixture(scope="module")

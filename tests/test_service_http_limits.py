@@ -131,3 +131,43 @@ def test_many_slow_sockets_do_not_stop_rerank_and_are_closed_after_the_header_ti
                 sock.close()
         assert all(a.startswith(b"HTTP/1.1 408 ") for a in answers)
         assert right(c.post("/rerank", json=request(data)).json()["items"])
+
+
+@pytest.fixture(scope="module")
+def small_bodies(tiny_bundle: Path, redis_server, data) -> Iterator[httpx.Client]:
+    settings = settings_for(tiny_bundle.parents[1], redis_server.url, max_body_bytes=2048, **TIMEOUTS)
+    with serve(settings) as c:
+        yield c
+
+
+def too_large(response: bytes) -> None:
+    """The service's JSON 413, naming the limit and the fix."""
+    head, _, body = response.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 413 ") and b"\r\ncontent-type: application/json\r\n" in head.lower() + b"\r\n"
+    detail = json.loads(body)["detail"]
+    assert "max_body_bytes=2048" in detail and "PSAD_MAX_BODY_BYTES" in detail
+
+
+def head_of(path: str) -> bytes:
+    return b"POST " + path.encode() + b" HTTP/1.1\r\nHost: psad\r\nContent-Type: application/json\r\n"
+
+
+@pytest.mark.parametrize("path", ["/rerank", "/events"])
+def test_a_streamed_body_is_answered_413_as_it_grows_past_the_limit(small_bodies, path):
+    """Chunks of 1,000 bytes past max_body_bytes=2048, the body never ended: FastPath reads these
+    routes' bodies, and the limit still answers, before the body is complete."""
+    chunk = b"3e8\r\n" + b"a" * 1000 + b"\r\n"
+    with connect(small_bodies) as sock:
+        sock.sendall(head_of(path) + b"Transfer-Encoding: chunked\r\n\r\n" + chunk)
+        time.sleep(0.2)
+        sock.sendall(chunk * 2)
+        too_large(read_until_closed(sock))
+    assert small_bodies.get("/livez").status_code == 200
+
+
+@pytest.mark.parametrize("path", ["/rerank", "/events", "/admin/reload"])
+def test_a_declared_length_over_the_limit_is_answered_413_before_the_body_is_sent(small_bodies, path):
+    """And before the admin check: this server has no admin token, yet /admin/reload answers 413."""
+    with connect(small_bodies) as sock:
+        sock.sendall(head_of(path) + b"Content-Length: 5000\r\n\r\n" + b'{"user_id": ')  # the rest never sent
+        too_large(read_until_closed(sock))

@@ -17,10 +17,12 @@ from psad.load_profiles import bulk_load
 from service.profiles import (
     ProfileStore,
     RawProfile,
+    RedisPyReader,
     connect,
     encode_profile,
     history_key,
     mark_loaded,
+    member,
     user_key,
 )
 from tests.test_service_api import request, serve, settings_for
@@ -191,3 +193,36 @@ def test_profile_reads_agree_through_both_clients(tiny_data, redis_server, loade
     plain, fast = asyncio.run(run())
     assert plain == fast and plain[-1] == RawProfile()
     assert all(0 < len(p.history) <= 7 and p.user for p in plain[:-1])
+
+
+def test_the_resp_reader_returns_what_the_reference_reader_returns(tiny_data, redis_server, loaded):
+    """RespClient against the reference ProfileReader (redis-py) on the same store: loaded users, a
+    user with features and an empty history, one whose only behaviour is not yet in the past, a
+    missing user, bytes that are not UTF-8, and a key of the wrong type (an error from both)."""
+    from service.resp import RespClient
+
+    r = redis.Redis.from_url(redis_server.url)
+    r.hset(user_key("proftest", "no-history"), mapping={"activity": "0.5", "city": b"x\xff"})
+    r.zadd(history_key("proftest", "later-only"), {member(2_000_000_000, "click", "e1", "a|b\u00e9"): 2e9})
+    r.set(history_key("proftest", "wrong-type"), "a string where a sorted set belongs")
+    users = pd.read_parquet(tiny_data / "users.parquet")["user_id"].astype(str).tolist()[:5]
+    users += ["no-history", "later-only", "nobody", "wrong-type"]
+
+    async def run() -> list[list[RawProfile]]:
+        client = connect(redis_server.url, 4, 1.0)
+        readers = [RedisPyReader(client), RespClient(redis_server.url)]
+        now = [1.9e9] * len(users)
+        out = [
+            await ProfileStore(client, "proftest", 0, reader).read(users, now, 7, timeout_s=5.0) for reader in readers
+        ]
+        for reader in readers:
+            reader.close()
+        await client.aclose()
+        return out
+
+    reference, resp = asyncio.run(run())
+    assert resp == reference
+    assert all(0 < len(p.history) <= 7 and p.user and p.error is None for p in reference[:5])
+    assert reference[5] == RawProfile(user={"activity": "0.5", "city": "x\ufffd"})
+    assert reference[6] == reference[7] == RawProfile()
+    assert "WRONGTYPE" in (reference[8].error or "")
