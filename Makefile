@@ -31,6 +31,7 @@ lint:
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/lint-imports
+	$(BIN)/mypy
 	$(BIN)/pylint --rcfile pyproject.toml training export service loadtest psad
 
 format:

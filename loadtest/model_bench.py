@@ -28,7 +28,7 @@ from typing import Annotated, Any
 import numpy as np
 import typer
 
-from export.contract.errors import fail
+from export.contract.errors import fail, reported
 
 TARGET_SHAPE = (1, 100, 50)  # batch, list, history
 TARGET_P50_MS = 0.5
@@ -62,7 +62,7 @@ class Cell:
 def time_calls(fn: Callable[[], Any], batch: int, seconds: float, max_iters: int) -> Timing:
     for _ in range(WARMUP_CALLS):
         fn()
-    samples = []
+    samples: list[int] = []
     deadline = time.perf_counter() + seconds
     while len(samples) < max_iters and (len(samples) < WARMUP_CALLS or time.perf_counter() < deadline):
         start = time.perf_counter_ns()
@@ -290,34 +290,30 @@ def bench_model_command(
     command += ["--out", str(out)] if out else []
     if out is not None:
         _check_out(out)
-    from export.contract.bundle import BundleError
-    from export.exporter import ExportError, export_run
-    from export.parity import ParityError
+    from export.exporter import export_run
 
-    try:
-        with tempfile.TemporaryDirectory() as tmp:
-            if run is not None:
-                bundle = export_run(run, Path(tmp), name="bench", version=1, progress=True)
-            assert bundle is not None
-            cells, notes = run_bench(bundle, threads, *sizes, seconds, iters, spinning, progress=True)
-            report = [
-                "## Model: ONNX Runtime vs PyTorch eager",
-                "",
-                f"Command: `{shlex.join(command)}`",
-                "",
-                *environment(bundle, threads, spinning),
-                *(f"- {note}" for note in notes),
-                "",
-                format_table(cells),
-                "",
-                "Targets:",
-                "",
-                *check_targets(cells, threads),
-            ]
-            if profile:
-                report += ["", profile_ort(bundle, threads)]
-    except (BundleError, ExportError, ParityError) as exc:
-        raise fail(exc) from None
+    # A bad run or bundle exits 2; a failed export or parity gate, 1.
+    with reported(), tempfile.TemporaryDirectory() as tmp:
+        if run is not None:
+            bundle = export_run(run, Path(tmp), name="bench", version=1, progress=True)
+        assert bundle is not None
+        cells, notes = run_bench(bundle, threads, *sizes, seconds, iters, spinning, progress=True)
+        report = [
+            "## Model: ONNX Runtime vs PyTorch eager",
+            "",
+            f"Command: `{shlex.join(command)}`",
+            "",
+            *environment(bundle, threads, spinning),
+            *(f"- {note}" for note in notes),
+            "",
+            format_table(cells),
+            "",
+            "Targets:",
+            "",
+            *check_targets(cells, threads),
+        ]
+        if profile:
+            report += ["", profile_ort(bundle, threads)]
     text = "\n".join(report) + "\n"
     typer.echo(text)
     if out is not None:

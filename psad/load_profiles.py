@@ -93,7 +93,7 @@ def bulk_load(
 
     for uid, fields in _user_rows(users, schema, vocabs):
         if fields:
-            pipe.hset(user_key(prefix, uid), mapping=fields)
+            pipe.hset(user_key(prefix, uid), mapping=fields)  # type: ignore[arg-type]  # redis-py types the keys invariantly: str is valid
             if ttl_s:
                 pipe.expire(user_key(prefix, uid), ttl_s)
         pending += 1

@@ -19,12 +19,10 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
 import time
-import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,6 +31,7 @@ from typing import Any
 import typer
 
 from export.contract.errors import reported
+from psad.procs import port_free, start_redis, stop_tree, wait_http
 from service.settings import ENV_PREFIX, Settings, load_settings
 
 DEFAULT_REDIS_PORT = 6379
@@ -47,7 +46,7 @@ class UpConfig:
     port: int = 8000
     train_config: Path = Path("configs/small.toml")
     root: Path = Path(".")  # data/, runs/, models/ and var/ are made here
-    synthetic: dict[str, int] = field(default_factory=lambda: dict(SYNTHETIC_DEMO))
+    synthetic: dict[str, Any] = field(default_factory=lambda: dict(SYNTHETIC_DEMO))
     serve: bool = True  # False: stop after the steps (tests)
     progress: bool = True
 
@@ -133,45 +132,6 @@ def redis_run_id(url: str) -> str | None:
         return None
 
 
-def start_redis(var: Path, port: int = DEFAULT_REDIS_PORT) -> subprocess.Popen:
-    """A child redis-server without persistence (profiles are reloaded from the data set)."""
-    binary = shutil.which("redis-server")
-    if binary is None:
-        raise typer.BadParameter(
-            "redis-server is not installed: run `sudo apt-get install -y redis-server` (or `make setup` as root), "
-            f"or point {ENV_PREFIX}REDIS_URL at a running Redis"
-        )
-    workdir = var / "redis"
-    workdir.mkdir(parents=True, exist_ok=True)
-    proc = subprocess.Popen(
-        [
-            binary,
-            "--port",
-            str(port),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-            "--daemonize",
-            "no",
-            "--dir",
-            str(workdir.resolve()),
-            "--logfile",
-            str((workdir / "redis.log").resolve()),
-        ],
-    )
-    url = f"redis://127.0.0.1:{port}/0"
-    deadline = time.monotonic() + 10
-    while redis_run_id(url) is None:
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            raise RuntimeError(f"redis-server did not start on port {port}; see {workdir / 'redis.log'}")
-        time.sleep(0.05)
-    return proc
-
-
 def ensure_redis(settings: Settings, var: Path) -> tuple[str, subprocess.Popen | None]:
     """Use PSAD_REDIS_URL when it is set; else a local Redis on 6379, started when none answers."""
     url = settings.redis_url
@@ -185,7 +145,7 @@ def ensure_redis(settings: Settings, var: Path) -> tuple[str, subprocess.Popen |
         say(f"[redis] using the Redis already running at {url}")
         return url, None
     started = time.perf_counter()
-    proc = start_redis(var)
+    proc = start_redis(DEFAULT_REDIS_PORT, var / "redis")
     say(f"[redis] started redis-server (pid {proc.pid}, dir {var / 'redis'}) in {time.perf_counter() - started:.1f}s")
     return url, proc
 
@@ -246,7 +206,7 @@ def train_step(cfg: UpConfig) -> Step:
         if not all((cfg.run_dir / name).is_file() for name in RUN_FILES):
             return False
         try:  # weights from an older model code no longer fit: train afresh
-            _, config, _ = load_run(cfg.run_dir)
+            _model, config, _schema = load_run(cfg.run_dir)
             if config.model.arch in GENERATOR_ARCHS:
                 load_run(cfg.run_dir, "teacher")
         except RunError:
@@ -348,30 +308,16 @@ def announce_when_ready(port: int, body: dict[str, Any], timeout_s: float = 120.
     were set up before the server started)."""
 
     def watch() -> None:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=1) as resp:
-                    if resp.status == 200:
-                        say("[serve] ready. Try it:")
-                        typer.echo(curl_example(port, body))
-                        typer.echo(f"metrics: curl -s http://127.0.0.1:{port}/metrics | grep ^psad_")
-                        return
-            except OSError:
-                pass
-            time.sleep(0.2)
-        say(f"[serve] not ready after {timeout_s:.0f}s: see the log above; curl http://127.0.0.1:{port}/readyz")
+        try:
+            wait_http(f"http://127.0.0.1:{port}/readyz", timeout_s)
+        except RuntimeError:
+            say(f"[serve] not ready after {timeout_s:.0f}s: see the log above; curl http://127.0.0.1:{port}/readyz")
+            return
+        say("[serve] ready. Try it:")
+        typer.echo(curl_example(port, body))
+        typer.echo(f"metrics: curl -s http://127.0.0.1:{port}/metrics | grep ^psad_")
 
     threading.Thread(target=watch, name="psad-up-ready", daemon=True).start()
-
-
-def port_free(port: int) -> bool:
-    with socket.socket() as s:
-        try:
-            s.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
 
 
 def up(cfg: UpConfig) -> list[str]:
@@ -406,8 +352,7 @@ def up(cfg: UpConfig) -> list[str]:
         return ran
     finally:
         if redis_proc is not None:
-            redis_proc.terminate()
-            redis_proc.wait(timeout=10)
+            stop_tree(redis_proc)
             say("[redis] stopped")
 
 

@@ -1,15 +1,15 @@
-"""Shared fixtures: a real redis-server on a free port, and small real data sets."""
+"""Shared fixtures: a real redis-server on a free port (psad.procs, as the tools start theirs), and
+small real data sets."""
 
 from __future__ import annotations
 
-import shutil
-import socket
 import subprocess
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
+from psad.procs import free_port, start_redis, stop_tree
 
 # One torch thread per test process: on shared 2-core machines torch's default thread pool
 # oversubscribes the cores and slows small-model tests tenfold.
@@ -24,21 +24,11 @@ REPO = Path(__file__).resolve().parents[1]
 ML100K = Path(__import__("os").environ.get("PSAD_ML100K", REPO.parent / "shared" / "data" / "ml-100k"))
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class RedisServer:
     """A real redis-server process that tests may stop and restart on the same port. `args` are
     extra redis-server options, after (so overriding) the defaults: no persistence."""
 
     def __init__(self, workdir: Path, args: tuple[str, ...] = ()):
-        binary = shutil.which("redis-server")
-        if binary is None:
-            pytest.fail("redis-server is not installed: run `make setup` (apt-get install redis-server)")
-        self.binary = binary
         self.workdir = workdir
         self.port = free_port()
         self.args = args
@@ -49,40 +39,14 @@ class RedisServer:
         return f"redis://127.0.0.1:{self.port}/0"
 
     def start(self) -> None:
-        self.proc = subprocess.Popen(
-            [
-                self.binary,
-                "--port",
-                str(self.port),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-                "--dir",
-                str(self.workdir),
-                *self.args,
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2) as s:
-                    s.sendall(b"PING\r\n")
-                    if s.recv(16).startswith(b"+PONG"):
-                        return
-            except OSError:
-                time.sleep(0.05)
-        raise RuntimeError(f"redis-server did not start on port {self.port}")
+        try:
+            self.proc = start_redis(self.port, self.workdir, self.args)
+        except FileNotFoundError as exc:
+            pytest.fail(str(exc))
 
     def stop(self) -> None:
-        if self.proc is not None:
-            self.proc.terminate()
-            self.proc.wait(timeout=10)
-            self.proc = None
+        stop_tree(self.proc)
+        self.proc = None
 
 
 def predate_per_model_checkpoints(run_dir: Path) -> None:

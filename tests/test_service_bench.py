@@ -1,15 +1,23 @@
 """`psad bench service` end to end on a tiny data set: it starts Redis and two server processes,
-measures both phases and writes a report with every table the docs quote."""
+measures both phases and writes a report with every table the docs quote. Also the profile-read
+micro-benchmark (`python -m loadtest.resp_bench`) and the process helpers both stand on (psad.procs)."""
 
 from __future__ import annotations
 
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
 import typer
 from typer.testing import CliRunner
 
-from loadtest.service_bench.run import BATCH_ROW, BenchConfig, bench_service_command, run_bench
+from loadtest.service_bench.report import BATCH_ROW
+from loadtest.service_bench.run import bench_service_command, run_bench
+from loadtest.service_bench.workload import BenchConfig
+from psad.procs import free_port, start_redis, stop_tree, tree_pids
 from service.settings import load_settings
 
 
@@ -51,8 +59,60 @@ def test_bench_service_rejects_bad_flags(field: str, value: int):
 
 def test_a_url_without_a_server_fails_fast_with_a_hint(monkeypatch):
     from loadtest.service_bench import run as bench
-    from tests.conftest import free_port
 
     monkeypatch.setattr(bench, "URL_READY_TIMEOUT_S", 0.5)
     with pytest.raises(RuntimeError, match=r"did not answer 200 within 0.5 s: start it with `psad serve`"):
         bench.wait_ready(f"http://127.0.0.1:{free_port()}", None, None)
+
+
+def test_resp_bench_starts_its_redis_and_prints_both_readers(tmp_path: Path):
+    """`python -m loadtest.resp_bench` on a few profiles: its own redis-server (stopped at the end),
+    both readers checked against each other before timing, one row each and the ratio."""
+    from loadtest.resp_bench import main
+
+    app = typer.Typer()
+    app.command()(main)
+    result = CliRunner().invoke(app, ["--profiles", "20", "--history", "5", "--reads", "100", "--var", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    assert "| RespClient (service/resp.py) | 100 |" in result.output
+    assert "| redis-py (RedisPyReader) | 100 |" in result.output
+    assert "| ratio redis-py / RespClient | |" in result.output
+    assert "ready to exit" in (tmp_path / "redis" / "redis.log").read_text()  # and stopped it
+
+
+# psad.procs: how the benchmarks (and psad up, and the tests) start and stop their processes.
+
+
+def test_start_redis_refuses_a_port_that_another_redis_serves(redis_server, tmp_path: Path):
+    """The port was free when chosen, but another Redis took it: fail, rather than hand over its data."""
+    with pytest.raises(RuntimeError, match=rf"port {redis_server.port} is taken by another redis-server"):
+        start_redis(redis_server.port, tmp_path)
+
+
+def proc_status(pid: int) -> dict[str, str]:
+    """/proc/<pid>/status as a dict; empty once the process is gone."""
+    try:
+        lines = Path(f"/proc/{pid}/status").read_text().splitlines()
+    except FileNotFoundError:
+        return {}
+    return dict(line.split(":\t", 1) for line in lines if ":\t" in line)
+
+
+def ignores_sigterm(pid: int) -> bool:
+    return bool(int(proc_status(pid).get("SigIgn", "0"), 16) & (1 << (signal.SIGTERM - 1)))
+
+
+def test_stop_tree_kills_a_tree_that_ignores_sigterm():
+    ignore = "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(60)"
+    parent = f"import subprocess, sys; subprocess.Popen([sys.executable, '-c', {ignore!r}]); {ignore}"
+    proc = subprocess.Popen([sys.executable, "-c", parent])
+    deadline = time.monotonic() + 30
+    while not (len(tree := tree_pids(proc.pid)) == 2 and all(ignores_sigterm(p) for p in tree)):
+        assert time.monotonic() < deadline, "the two processes did not start"
+        time.sleep(0.05)
+    stop_tree(proc, timeout_s=0.5)
+    assert proc.returncode == -signal.SIGKILL
+    deadline = time.monotonic() + 5
+    while proc_status(tree[1]).get("State", "Z").startswith(("R", "S", "D", "T")):  # a zombie is dead
+        assert time.monotonic() < deadline, "the child outlived stop_tree"
+        time.sleep(0.05)

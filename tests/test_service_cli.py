@@ -29,10 +29,11 @@ from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
 from psad.cli import profiles_app
+from psad.procs import free_port
 from psad.up import Step, UpConfig, run_steps, up
 from service import metrics
 from service.profiles import history_key
-from tests.conftest import REPO, free_port
+from tests.conftest import REPO
 
 DASHBOARD = REPO / "deploy" / "grafana" / "dashboard.json"
 

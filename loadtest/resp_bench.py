@@ -1,0 +1,140 @@
+"""`python -m loadtest.resp_bench`: the request path's profile read through service/resp.py's
+RespClient and through redis-py (RedisPyReader, the reference reader), against one private
+redis-server.
+
+RespClient exists only because it makes the one Redis call of every request cheaper; this says by
+how much on the machine at hand. Both readers sit inside the same ProfileStore (same commands,
+same decoding into RawProfile), on connections made with the service's default settings, so
+the difference is the client. Each iteration reads one user through both, in an order that flips
+every iteration, so both see the same machine state.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import platform
+import time
+from pathlib import Path
+
+import numpy as np
+import redis
+import typer
+
+from export.contract.errors import reported
+from loadtest.service_bench.client import run_async
+from loadtest.service_bench.report import cpu_model
+from psad.procs import free_port, start_redis, stop_tree
+from service.profiles import ProfileStore, RedisPyReader, connect, history_key, member, user_key
+from service.resp import RespClient
+from service.settings import Settings
+
+PREFIX = "respbench"
+RESP = "RespClient (service/resp.py)"
+REDIS_PY = "redis-py (RedisPyReader)"
+READ_TIMEOUT_S = 1.0  # a timer per read as on the request path, long enough never to fire
+FEATURES = {"age": "31", "country": "de", "activity": "0.42", "device": "mobile"}
+START_TS = 1_600_000_000
+
+
+def load(url: str, profiles: int, history: int) -> tuple[list[str], str]:
+    """`profiles` users, each with FEATURES and `history` behaviours in the service's key layout;
+    returns them and the server's version."""
+    client = redis.Redis.from_url(url)
+    users = [f"user-{k}" for k in range(profiles)]
+    pipe = client.pipeline(transaction=False)
+    for k, uid in enumerate(users):
+        pipe.hset(user_key(PREFIX, uid), mapping=FEATURES)  # type: ignore[arg-type]  # redis-py types the keys invariantly: str is valid
+        behaviours = {member(START_TS + j, "click", f"e{j}", f"item-{j}"): START_TS + j for j in range(history)}
+        if behaviours:
+            pipe.zadd(history_key(PREFIX, uid), behaviours)
+        if k % 200 == 199:
+            pipe.execute()
+    pipe.execute()
+    version = str(client.info("server")["redis_version"])
+    client.close()
+    return users, version
+
+
+async def measure(
+    url: str, users: list[str], history: int, reads: int, warmup: int
+) -> tuple[dict[str, np.ndarray], str]:
+    """Microseconds per read of each reader, `reads` each after `warmup` unrecorded iterations, and
+    the event loop's module (uvloop or asyncio)."""
+    settings = Settings()
+    connect_s = settings.events_timeout_ms / 1000  # what the service's lifespan gives both clients
+    client = connect(url, settings.redis_pool_size, connect_s)
+    resp = RespClient(url, connect_timeout_s=connect_s, stale_s=connect_s)
+    await resp.connect()
+    stores = {
+        RESP: ProfileStore(client, PREFIX, 0, resp),
+        REDIS_PY: ProfileStore(client, PREFIX, 0, RedisPyReader(client)),
+    }
+    now = [float(START_TS + history + 1)]
+    sample = users[:: max(1, len(users) // 50)]
+    at = now * len(sample)
+    if await stores[RESP].read(sample, at, history) != await stores[REDIS_PY].read(sample, at, history):
+        raise RuntimeError("the two readers returned different profiles: fix the reader before timing it")
+    ns: dict[str, list[int]] = {name: [] for name in stores}
+    order = list(stores.items())
+    rng = np.random.default_rng(0)
+    picks = rng.integers(0, len(users), size=warmup + reads)
+    try:
+        for i, k in enumerate(picks):
+            for name, store in order if i % 2 == 0 else order[::-1]:
+                t0 = time.perf_counter_ns()
+                await store.read([users[k]], now, history, READ_TIMEOUT_S)
+                if i >= warmup:
+                    ns[name].append(time.perf_counter_ns() - t0)
+    finally:
+        resp.close()
+        await client.aclose()
+    loop = type(asyncio.get_running_loop()).__module__.split(".")[0]
+    return {name: np.asarray(v, dtype=np.float64) / 1000 for name, v in ns.items()}, loop
+
+
+def table(us: dict[str, np.ndarray]) -> list[str]:
+    stats = {name: (v.mean(), np.percentile(v, 50), np.percentile(v, 99)) for name, v in us.items()}
+    f, s = stats[RESP], stats[REDIS_PY]
+    return [
+        "| client | reads | mean µs | p50 µs | p99 µs |",
+        "|---|---:|---:|---:|---:|",
+        *(f"| {name} | {len(us[name]):,} | {m:.1f} | {p50:.1f} | {p99:.1f} |" for name, (m, p50, p99) in stats.items()),
+        f"| ratio redis-py / RespClient | | {s[0] / f[0]:.2f}x | {s[1] / f[1]:.2f}x | {s[2] / f[2]:.2f}x |",
+    ]
+
+
+def main(
+    profiles: int = typer.Option(1000, min=1, max=1_000_000, help="Users stored, each read at random."),
+    history: int = typer.Option(50, min=0, max=10_000, help="Behaviours per profile, all of them read."),
+    reads: int = typer.Option(20_000, min=100, max=10_000_000, help="Timed reads per client."),
+    warmup: int = typer.Option(2_000, min=0, max=1_000_000, help="Untimed reads per client first."),
+    var: Path = typer.Option(Path("var/resp-bench"), help="Work directory of the private redis-server."),
+) -> None:
+    """Mean, p50 and p99 of one profile read through RespClient and through redis-py, and their ratio."""
+    load_average = os.getloadavg()[0]
+    with reported(redis.RedisError):
+        port = free_port()
+        proc = start_redis(port, var / "redis")
+        try:
+            url = f"redis://127.0.0.1:{port}/0"
+            users, version = load(url, profiles, history)
+            us, loop = run_async(measure(url, users, history, reads, warmup))
+        finally:
+            stop_tree(proc)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    lines = [
+        "# Profile read: RespClient vs redis-py",
+        "",
+        f"- {profiles:,} profiles of {history} behaviours and {len(FEATURES)} features; {warmup:,} untimed then "
+        f"{reads:,} timed reads per client, alternating; one HGETALL + ZRANGE per read on loopback",
+        f"- redis-server {version}; Python {platform.python_version()}, {loop}; {cpu_model()}, {cores} cores "
+        f"usable, load average {load_average:.2f} at the start",
+        "",
+        *table(us),
+    ]
+    typer.echo("\n".join(lines))
+
+
+if __name__ == "__main__":
+    typer.run(main)

@@ -1,0 +1,147 @@
+"""Ports and child processes for the tools, the benchmarks and the tests: one way to pick a port,
+start a private redis-server, wait for a server and stop what was started.
+
+A redis-server counts as started when it answers PING and INFO names its own pid: a port that
+another Redis took between the choice of a free port and the start fails at once instead of
+handing its caller somebody else's data.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+import urllib.request
+from collections.abc import Sequence
+from pathlib import Path
+
+import redis
+
+LOOPBACK = "127.0.0.1"
+
+
+def free_port() -> int:
+    """A loopback port nothing listens on now (the OS's choice; another process may still take it first)."""
+    with socket.socket() as s:
+        s.bind((LOOPBACK, 0))
+        return s.getsockname()[1]
+
+
+def port_free(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind((LOOPBACK, port))
+        except OSError:
+            return False
+    return True
+
+
+def redis_pid(port: int) -> int | None:
+    """The pid of the redis-server serving commands on `port`; None while nothing answers or it is
+    still loading its data (PING answers LOADING then)."""
+    client = redis.Redis(host=LOOPBACK, port=port, socket_connect_timeout=0.5, socket_timeout=1)
+    try:
+        client.ping()
+        return int(client.info("server")["process_id"])
+    except redis.RedisError:
+        return None
+    finally:
+        client.close()
+
+
+def start_redis(port: int, workdir: Path, args: Sequence[str] = (), timeout_s: float = 10.0) -> subprocess.Popen:
+    """A child redis-server on loopback, without persistence unless `args` (placed after the defaults,
+    so they override them) ask for it; its files and redis.log in `workdir`. Returns once it answers."""
+    binary = shutil.which("redis-server")
+    if binary is None:
+        raise FileNotFoundError(
+            "redis-server is not installed: run `sudo apt-get install -y redis-server` (or `make setup` as root), "
+            "or point PSAD_REDIS_URL at a running Redis"
+        )
+    workdir.mkdir(parents=True, exist_ok=True)
+    log = (workdir / "redis.log").resolve()
+    cmd = [binary, "--port", str(port), "--bind", LOOPBACK, "--save", "", "--appendonly", "no"]
+    cmd += ["--daemonize", "no", "--dir", str(workdir.resolve()), "--logfile", str(log), *args]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + timeout_s
+    while (pid := redis_pid(port)) != proc.pid:
+        if pid is not None:
+            stop_tree(proc)
+            raise RuntimeError(f"port {port} is taken by another redis-server (pid {pid}): choose another port")
+        if proc.poll() is not None or time.monotonic() > deadline:
+            stop_tree(proc)
+            raise RuntimeError(f"redis-server did not start on port {port}; see {log}")
+        time.sleep(0.05)
+    return proc
+
+
+def _proc_table() -> dict[int, tuple[int, float]]:
+    """pid -> (parent pid, user + system CPU seconds) of every live process (Linux /proc; empty elsewhere)."""
+    proc = Path("/proc")
+    if not proc.is_dir():
+        return {}
+    tick = os.sysconf("SC_CLK_TCK")
+    table: dict[int, tuple[int, float]] = {}
+    for entry in proc.iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:  # it exited meanwhile
+            continue
+        table[int(entry.name)] = (int(fields[1]), (int(fields[11]) + int(fields[12])) / tick)
+    return table
+
+
+def tree_pids(pid: int, table: dict[int, tuple[int, float]] | None = None) -> list[int]:
+    """`pid` and its live descendants, parents first."""
+    table = _proc_table() if table is None else table
+    tree, k = [pid], 0
+    while k < len(tree):
+        tree += [child for child, (parent, _) in table.items() if parent == tree[k]]
+        k += 1
+    return tree
+
+
+def tree_cpu_s(pid: int) -> float:
+    """User + system CPU seconds of a process and its live descendants (a server and its workers)."""
+    table = _proc_table()
+    return sum(table[p][1] for p in tree_pids(pid, table) if p in table)
+
+
+def stop_tree(proc: subprocess.Popen | None, timeout_s: float = 15.0) -> None:
+    """SIGTERM, so the process shuts down cleanly (a server's supervisor stops its own workers); past
+    timeout_s, SIGKILL to it and to every descendant it had, so none is left behind."""
+    if proc is None or proc.poll() is not None:
+        return
+    tree = tree_pids(proc.pid)
+    proc.terminate()
+    try:
+        proc.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        for pid in tree:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        proc.wait()
+
+
+def wait_http(
+    url: str, timeout_s: float, proc: subprocess.Popen | None = None, log: Path | None = None, hint: str = ""
+) -> bytes:
+    """The body of `url` once a GET answers 200. proc: the server's process, whose exit ends the
+    wait at once with the tail of its `log`; hint: appended to the timeout's message."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            tail = log.read_text()[-3000:] if log and log.is_file() else ""
+            raise RuntimeError(f"the server exited with {proc.returncode}:\n{tail}")
+        try:
+            with urllib.request.urlopen(url, timeout=1) as resp:
+                return resp.read()
+        except OSError:  # not listening yet, or not ready (an HTTPError is an OSError)
+            time.sleep(0.2)
+    raise RuntimeError(f"{url} did not answer 200 within {timeout_s:g} s{hint}")
