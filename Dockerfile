@@ -32,14 +32,14 @@ RUN pip install . \
  && rm /opt/venv/bin/psad \
  && python -c "import sys; sys.modules.update(dict.fromkeys(('torch', 'pandas', 'pyarrow', 'tqdm', 'training', 'psad', 'loadtest'))); import service.app, service.cli"
 
-# The offline tools over the same code (`psad profiles load`, `psad up`): what docker-compose's
-# one-shot `profiles` service runs.
+# The offline tools that need no torch (`psad profiles load` and `mark`): what docker-compose's
+# one-shot `profiles` service runs. Always the CPU runtime: the tools score nothing.
 FROM build AS tools
 COPY training ./training
 COPY loadtest ./loadtest
 COPY psad ./psad
 # hadolint ignore=DL3013
-RUN pip install ".[tools]" && python -c "import psad.load_profiles"
+RUN pip uninstall -y onnxruntime-gpu 2>/dev/null; pip install ".[tools]" && python -c "import psad.load_profiles"
 USER 10001:10001
 CMD ["psad", "--help"]
 

@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from export.contract.bundle import DEVICES, FP16_FILE, MODEL_FILE, BundleError, verify_bundle
+from export.contract.fixtures import BatchMaker
 from export.contract.schema import (
     INPUT_NAMES,
     MODEL_OUTPUT,
@@ -175,8 +176,6 @@ def _ort_error(exc: Exception) -> str:
 
 def _warm_up(bundle: Bundle) -> None:
     """Run representative shapes once or twice so the first requests do not pay for allocation."""
-    from export.contract.fixtures import BatchMaker
-
     maker = BatchMaker(bundle.schema, seed=0)
     s = bundle.schema
     for shape in ((1, s.max_list, s.max_history), (1, min(10, s.max_list), 0), (32, s.max_list, s.max_history)):

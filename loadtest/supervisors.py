@@ -46,7 +46,7 @@ from loadtest.service_bench.client import Connection, http_request
 from psad.procs import free_port, start_redis, stop_tree, tree_pids
 from service.profiles import mark_loaded
 
-BASELINE = "d52a112"  # the last commit with the hand-written supervisor (service/workers.py)
+BASELINE = "d52a112"  # the code before issue 16 (the supervisor, uvicorn's plain-text logs)
 STARTED = "Application startup complete"
 START_TIMEOUT_S = 120.0
 RESTART_TIMEOUT_S = 60.0

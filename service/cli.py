@@ -15,6 +15,7 @@ from pathlib import Path
 
 import typer
 
+from export.contract.bundle import verify_bundle
 from export.contract.errors import FAILED, fail, reported
 from service import logs
 from service.settings import ENV_PREFIX, Settings, SettingsError, load_settings
@@ -97,7 +98,6 @@ def serve_command(
     redis_url: str | None = REDIS_URL,
 ) -> None:
     """Serve POST /rerank, /rerank/batch, /events and GET /metrics, /livez, /readyz."""
-    from export.contract.bundle import verify_bundle
     from service.model_store import ModelStore
 
     settings = apply_overrides(model_repo=model_repo, model_name=model_name, redis_url=redis_url, processes=workers)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 
+import click
 import typer
 
 FAILED = 1
@@ -34,6 +35,8 @@ def reported(*failures: type[BaseException]) -> Iterator[None]:
     failed: tuple[type[BaseException], ...] = (RuntimeError, OSError, *failures)
     try:
         yield
+    except (click.exceptions.Exit, click.exceptions.Abort):  # RuntimeErrors too: a command's own exit
+        raise
     except ValueError as exc:
         raise fail(exc) from None
     except failed as exc:

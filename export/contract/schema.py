@@ -117,7 +117,7 @@ class FeatureSchema:
     user_numeric: tuple[NumericFeature, ...] = ()
     item_categorical: tuple[CategoricalFeature, ...] = ()
     item_numeric: tuple[NumericFeature, ...] = ()
-    candidate_numeric: tuple[NumericFeature, ...] = (NumericFeature("rank_score"),)
+    candidate_numeric: tuple[NumericFeature, ...] = (NumericFeature(RANK_SCORE),)
     label: str = "click"  # "click" (0/1) or "graded" (0..max_label)
     max_label: float = 1.0
     version: int = SCHEMA_VERSION
