@@ -309,21 +309,34 @@ class ModelInputs(NamedTuple, Generic[T]):
         return cls(*(batch[name] for name in cls._fields))
 
 
+# Each model input's dtype: fixed, whatever the schema (which sizes the inputs' feature dims).
+INPUT_DTYPES: ModelInputs[str] = ModelInputs(
+    user_cat="int64",
+    user_num="float32",
+    hist_items="int64",
+    hist_actions="int64",
+    hist_age="float32",  # days before the request, >= 0
+    hist_mask="bool",
+    cand_items="int64",
+    cand_num="float32",
+    cand_mask="bool",
+)
+
+
 def model_inputs(schema: FeatureSchema) -> ModelInputs[TensorSpec]:
     """The serving model's inputs, in order: ONNX input names, dtypes and dims, and the service's arrays."""
-    layout = ModelInputs(
-        user_cat=("int64", ("batch", str(len(schema.user_categorical)))),
-        user_num=("float32", ("batch", str(len(schema.user_numeric)))),
-        hist_items=("int64", ("batch", "history")),
-        hist_actions=("int64", ("batch", "history")),
-        hist_age=("float32", ("batch", "history")),  # days before the request, >= 0
-        hist_mask=("bool", ("batch", "history")),
-        cand_items=("int64", ("batch", "list")),
-        cand_num=("float32", ("batch", "list", str(len(schema.candidate_numeric)))),
-        cand_mask=("bool", ("batch", "list")),
+    dims = ModelInputs(
+        user_cat=("batch", str(len(schema.user_categorical))),
+        user_num=("batch", str(len(schema.user_numeric))),
+        hist_items=("batch", "history"),
+        hist_actions=("batch", "history"),
+        hist_age=("batch", "history"),
+        hist_mask=("batch", "history"),
+        cand_items=("batch", "list"),
+        cand_num=("batch", "list", str(len(schema.candidate_numeric))),
+        cand_mask=("batch", "list"),
     )
-    named = zip(ModelInputs._fields, layout, strict=True)
-    return ModelInputs(*(TensorSpec(name, dtype, dims) for name, (dtype, dims) in named))
+    return ModelInputs(*(TensorSpec(*spec) for spec in zip(ModelInputs._fields, INPUT_DTYPES, dims, strict=True)))
 
 
 MODEL_OUTPUT = TensorSpec("scores", "float32", ("batch", "list"))
