@@ -21,6 +21,7 @@ from typing import Annotated, Any, Literal, NamedTuple
 
 from fastapi.exceptions import RequestValidationError
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+from pydantic.json_schema import JsonDict
 
 from export.contract.schema import RANK_SCORE, FeatureSchema
 from service.settings import Settings
@@ -70,11 +71,17 @@ def _header_safe(value: str) -> str:
     return value
 
 
+RequestId = Annotated[str, AfterValidator(_header_safe)]
+# The pattern is stated for the schema only (openapi_schema moves it onto the string branch): the
+# validator above says what is wrong in words.
+REQUEST_ID_SCHEMA: JsonDict = {"pattern": HEADER_SAFE_ID.pattern}
+
+
 class RerankRequest(_Strict):
-    request_id: Annotated[str, AfterValidator(_header_safe)] | None = Field(
+    request_id: RequestId | None = Field(
         None,
         min_length=1,
-        json_schema_extra={"pattern": HEADER_SAFE_ID.pattern},
+        json_schema_extra=REQUEST_ID_SCHEMA,
         description="Visible ASCII, echoed back in the body and the X-Request-ID header; generated when absent.",
     )
     user_id: str = Field(min_length=1)
@@ -133,6 +140,15 @@ class Event(_Strict):
         min_length=1,
         pattern=r"^[^|]+$",
         description="Idempotency key: a retried event with the same id is stored once.",
+    )
+    request_id: RequestId | None = Field(
+        None,
+        min_length=1,
+        json_schema_extra=REQUEST_ID_SCHEMA,
+        description=(
+            "The request_id of the /rerank answer this event acts on (same rules as a rerank request's): "
+            "with shadow sampling on, the event is joined to that list's record (a click on a served item)."
+        ),
     )
 
 
@@ -207,7 +223,7 @@ class ListLimit(NamedTuple):
 ID_FIELDS: dict[type[BaseModel], tuple[str, ...]] = {
     RerankRequest: ("user_id", "request_id"),
     Candidate: ("item_id",),
-    Event: ("user_id", "item_id", "event_id"),
+    Event: ("user_id", "item_id", "event_id", "request_id"),
 }
 LIST_LIMITS: dict[type[BaseModel], ListLimit] = {
     RerankRequest: ListLimit("candidates", "max_candidates"),
@@ -236,8 +252,8 @@ def openapi_schema(base: dict[str, Any], settings: Settings, schema: FeatureSche
     for model, names in ID_FIELDS.items():
         for name in names:
             string(model.__name__, name)["maxLength"] = settings.max_id_length
-    request_id = models["RerankRequest"]["properties"]["request_id"]
-    string("RerankRequest", "request_id")["pattern"] = request_id.pop("pattern")
+    for owner in ("RerankRequest", "Event"):
+        string(owner, "request_id")["pattern"] = models[owner]["properties"]["request_id"].pop("pattern")
     for model, limit in LIST_LIMITS.items():
         models[model.__name__]["properties"][limit.field]["maxItems"] = getattr(settings, limit.setting)
     string("Event", "action")["enum"] = list(schema.actions)

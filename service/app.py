@@ -4,9 +4,10 @@ Startup (lifespan): JSON logging, the first model (a failure stops startup: ther
 serve), the Redis pool (Redis being down does not stop startup: requests degrade to cold-start
 profiles, /readyz reports it and psad_redis_up is 0 until it is back), the first check of the
 store (Redis and the profile load marker: service.health) and the health watch that repeats it,
-the inference thread pool and micro-batcher, the repository poller, and with several workers the
-follower of the server's model version (service.fleet). Shutdown undoes them in
-reverse.
+the inference thread pool and micro-batcher, the shadow writer when sampling is on (its own
+Redis connection: a shadow Redis that is down stops nothing either), the repository poller, and
+with several workers the follower of the server's model version (service.fleet). Shutdown undoes
+them in reverse, writing what the shadow writer still holds within a short bound.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from service.model_store import ModelStore
 from service.profiles import ProfileStore, connect
 from service.resp import RespClient
 from service.settings import Settings, load_settings
+from service.shadow import ShadowWriter
 
 GC_GEN0_THRESHOLD = 20_000
 
@@ -56,8 +58,11 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     await health.check()  # before the first request: an unmarked store is flagged from the first answer
     scorer = Scorer(settings)
     scorer.start()
-    reranker = Reranker(settings, models, profiles, scorer, health)
-    app.state.service = Service(settings, models, profiles, reranker, log, health)
+    shadow = ShadowWriter(settings) if settings.shadow_sample_rate > 0 else None
+    if shadow is not None:
+        shadow.start()
+    reranker = Reranker(settings, models, profiles, scorer, health, shadow)
+    app.state.service = Service(settings, models, profiles, reranker, log, health, shadow)
     watcher = asyncio.create_task(watch_redis(health, settings.redis_health_interval_s))
     poller = None
     if settings.poll_interval_s > 0 and settings.model_version == "latest":
@@ -79,6 +84,8 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
         if poller is not None:
             poller.cancel()
         watcher.cancel()
+        if shadow is not None:
+            await shadow.close()
         await scorer.stop()
         await profiles.aclose()
 

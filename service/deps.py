@@ -12,6 +12,7 @@ from service.inference import Reranker
 from service.model_store import ModelStore
 from service.profiles import ProfileStore
 from service.settings import Settings
+from service.shadow import ShadowWriter
 
 
 @dataclass
@@ -24,6 +25,7 @@ class Service:
     reranker: Reranker
     log: logging.Logger
     health: StoreHealth
+    shadow: ShadowWriter | None = None  # None: shadow sampling is off
 
 
 def service(request: Request) -> Service:

@@ -12,6 +12,11 @@ cold-start profile; a model failure (an exception or non-finite scores) gives th
 order; a store that answers without its load marker (emptied: service.health.StoreHealth) gives
 whatever it holds, flagged `profiles_missing`. Each is flagged in the response (degraded_reasons)
 and counted in psad_degraded_total.
+
+Shadow sampling: each list the model scored whose request id is sampled is offered to the shadow
+writer (service.shadow) once its answer is built, as references (a ScoredList: the batch's
+assembled inputs and the list's row of them, padding included); the writer's flusher builds the
+record, so the request path copies and converts nothing for it.
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ import logging
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, cast
 
 import numpy as np
@@ -34,6 +39,7 @@ from service.health import StoreHealth
 from service.model_store import ModelStore
 from service.profiles import STORE_ERRORS, ProfileStore, RawProfile
 from service.settings import Settings
+from service.shadow import ScoredList, ShadowWriter
 
 log = logging.getLogger("psad.service")
 
@@ -42,6 +48,8 @@ log = logging.getLogger("psad.service")
 class Outcome:
     scores: np.ndarray | None  # model scores [L]; None = the model failed for this list
     reasons: list[Degraded] = field(default_factory=list)
+    inputs: dict[str, np.ndarray] | None = None  # the batch's assembled inputs, shared by its lists
+    row: int = 0  # this list's row of them
 
 
 def run_batch(bundle: Bundle, jobs: list[Job]) -> list[Outcome]:
@@ -66,7 +74,7 @@ def run_batch(bundle: Bundle, jobs: list[Job]) -> list[Outcome]:
     for i, job in enumerate(jobs):
         row = scores[i, : len(job.request.candidates)]
         finite = np.isfinite(row).all()
-        out.append(Outcome(row, base[i]) if finite else Outcome(None, [*base[i], Degraded.MODEL_NONFINITE]))
+        out.append(Outcome(row, base[i], inputs, i) if finite else Outcome(None, [*base[i], Degraded.MODEL_NONFINITE]))
     return out
 
 
@@ -159,12 +167,14 @@ class Reranker:
         profiles: ProfileStore,
         scorer: Scorer,
         health: StoreHealth,
+        shadow: ShadowWriter | None = None,
     ):
         self.settings = settings
         self.models = models
         self.profiles = profiles
         self.scorer = scorer
         self.health = health
+        self.shadow = shadow  # None: sampling is off
         self.budget_s = settings.redis_budget_ms / 1000
 
     async def read_profiles(
@@ -196,7 +206,7 @@ class Reranker:
             jobs = [Job(r, p, t) for r, p, t in zip(requests, raws, now, strict=True)]
             outcomes = await self.scorer.score(bundle, jobs)
             if redis_reason:
-                outcomes = [Outcome(o.scores, [redis_reason, *o.reasons]) for o in outcomes]
+                outcomes = [replace(o, reasons=[redis_reason, *o.reasons]) for o in outcomes]
         except Exception:
             log.warning(
                 "rerank failed; answering in the ranking stage's order",
@@ -205,7 +215,13 @@ class Reranker:
             )
             outcomes = [Outcome(None, [Degraded.INTERNAL_ERROR]) for _ in requests]
         t0 = time.perf_counter()
-        out = [self.respond(r, rid, o, bundle) for r, rid, o in zip(requests, request_ids, outcomes, strict=True)]
+        out = []
+        shadow = self.shadow
+        for request, rid, outcome in zip(requests, request_ids, outcomes, strict=True):
+            answer, served = self.respond(request, rid, outcome, bundle)
+            out.append(answer)
+            if shadow is not None and outcome.inputs is not None and shadow.samples(rid):
+                shadow.offer(scored_list(request, rid, outcome, served, bundle))
         metrics.STAGE.response.observe(time.perf_counter() - t0)
         return out
 
@@ -214,11 +230,14 @@ class Reranker:
         bundle = bundle or self.models.current
         _, reason = await self.read_profiles([request], [request_time(request)], bundle.schema.max_history)
         scores = given_scores(request, bundle.schema)
-        return self.respond(request, request_id, Outcome(scores, [reason] if reason else []), bundle)
+        return self.respond(request, request_id, Outcome(scores, [reason] if reason else []), bundle)[0]
 
     @staticmethod
-    def respond(request: RerankRequest, request_id: str, outcome: Outcome, bundle: Bundle) -> dict[str, Any]:
-        """Candidates in the new order; on model failure, the ranking stage's order with its scores."""
+    def respond(
+        request: RerankRequest, request_id: str, outcome: Outcome, bundle: Bundle
+    ) -> tuple[dict[str, Any], Sequence[int]]:
+        """Candidates in the new order, and that order (candidate indices); on model failure, the
+        ranking stage's order with its scores."""
         k = request.top_k or len(request.candidates)
         order: Sequence[int]
         if outcome.scores is None:
@@ -231,10 +250,30 @@ class Reranker:
         cands = request.candidates
         for reason in outcome.reasons:
             metrics.DEGRADED.labels(reason).inc()
-        return {
+        answer = {
             "request_id": request_id,
             "items": [{"item_id": cands[i].item_id, "score": values[i]} for i in order],
             "model_version": str(bundle.version),
             "degraded": bool(outcome.reasons),
             "degraded_reasons": outcome.reasons,
         }
+        return answer, order
+
+
+def scored_list(
+    request: RerankRequest, request_id: str, outcome: Outcome, served: Sequence[int], bundle: Bundle
+) -> ScoredList:
+    """What the shadow writer builds a scored list's record from (outcome.scores and .inputs are set)."""
+    assert outcome.scores is not None and outcome.inputs is not None
+    return ScoredList(
+        request=request,
+        request_id=request_id,
+        time=time.time(),
+        model=bundle.name,
+        version=bundle.version,
+        scores=outcome.scores,
+        reasons=outcome.reasons,
+        inputs=outcome.inputs,
+        row=outcome.row,
+        served=served,
+    )

@@ -64,6 +64,23 @@ PROFILES_MISSING = Gauge(
     multiprocess_mode="livemax",
 )
 RELOADS = Counter("psad_model_reload", "Model reload attempts, by result (loaded, unchanged, refused).", ["result"])
+SHADOW_RECORDS = Counter(
+    "psad_shadow_records",
+    "Shadow records by outcome: written to the stream, dropped (the queue was full, or still queued at "
+    "shutdown), failed (Redis refused, timed out or was unreachable).",
+    ["result"],
+)
+
+
+class ShadowCounters(NamedTuple):
+    """SHADOW_RECORDS' children, looked up once, so each shows at 0 from the start."""
+
+    written: Any
+    dropped: Any
+    failed: Any
+
+
+SHADOW = ShadowCounters(*(SHADOW_RECORDS.labels(result) for result in ShadowCounters._fields))
 
 
 def render() -> tuple[bytes, str]:
@@ -122,7 +139,8 @@ _CHILDREN: dict[tuple[str, int], tuple] = {}
 
 
 def _route_children(route: str, status: int) -> tuple:
-    """The labelled children of a (route, status), looked up once: labels() costs a few us a call."""
+    """The labelled children of a (route, status), looked up once: labels() checks its values and
+    takes a lock on every call."""
     key = (route, status)
     hit = _CHILDREN.get(key)
     if hit is None:
@@ -131,7 +149,8 @@ def _route_children(route: str, status: int) -> tuple:
 
 
 class Stages(NamedTuple):
-    """STAGE_DURATION's children, one per stage, looked up once (labels() costs a few us a call)."""
+    """STAGE_DURATION's children, one per stage, looked up once (labels() checks its values and
+    takes a lock on every call)."""
 
     profile_read: Any
     feature_assembly: Any

@@ -13,6 +13,7 @@ Cluster slot and a pipeline or script may touch both):
                              completes or by `psad profiles mark` (stores fed only by /events). A
                              store that answers without it has lost its data (an empty restart, a
                              FLUSHALL): the service flags its answers `profiles_missing`
+    <prefix>:{shadow}:...    the shadow stream and the consumer's keys (export/contract/shadow.py)
 
 Raw values (item ids, action names, categorical values) are stored rather than indices, so a new
 model version with new vocabularies reads the same profiles: encoding happens at read time with

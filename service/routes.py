@@ -25,9 +25,11 @@ from starlette.middleware.body_limit import RequestBodyLimitMiddleware
 from starlette.routing import BaseRoute
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from export.contract.shadow import ClickRecord
 from service import api, logs, metrics
 from service.deps import Service, service
 from service.profiles import STORE_ERRORS, AppendFailed
+from service.shadow import ShadowWriter
 
 EVENTS_RETRY_AFTER_S = 1
 EVENTS_RETRY = (
@@ -36,7 +38,7 @@ EVENTS_RETRY = (
 
 
 class JSON(JSONResponse):
-    """orjson-rendered JSON (numpy-aware); several times faster than the stdlib encoder. A
+    """orjson-rendered JSON: numpy values as they are, and a faster encoder than the stdlib's. A
     JSONResponse subclass, so the OpenAPI schema shows each route's response_model."""
 
     media_type = "application/json"
@@ -273,7 +275,8 @@ async def rerank_batch(body: api.BatchRerankRequest, svc: Svc) -> JSON:
 @body_router.post("/events", response_model=api.EventsAccepted, responses=api.EVENTS_ANSWERS)
 async def events(body: EventsBody, svc: Svc) -> JSON:
     """Append behaviours. 503 + Retry-After when the profile store is down or refuses some users' appends;
-    the detail says what was stored."""
+    the detail says what was stored. Once stored, an event naming the request id of a sampled
+    list is offered to the shadow writer (a click record)."""
     items = body.events if isinstance(body, api.EventBatch) else [body]
     bundle = svc.models.current
     api.check_events(body, svc.settings, bundle.schema)
@@ -295,7 +298,18 @@ async def events(body: EventsBody, svc: Svc) -> JSON:
         detail = f"profile store unavailable ({type(exc).__name__}): the {len(rows)} event(s) may not be stored"
         detail += f"; {EVENTS_RETRY}"
         return JSON({"detail": detail}, status_code=503, headers={"Retry-After": str(EVENTS_RETRY_AFTER_S)})
+    if svc.shadow is not None:
+        offer_clicks(svc.shadow, items)
     return JSON({"accepted": len(rows)})
+
+
+def offer_clicks(shadow: ShadowWriter, events: Sequence[api.Event]) -> None:
+    """Click records of the stored events whose request id names a sampled list (the same hash, so
+    exactly the lists that were recorded); their time is when the service accepted them."""
+    accepted = time.time()
+    for e in events:
+        if e.request_id is not None and shadow.samples(e.request_id):
+            shadow.offer(ClickRecord(e.request_id, accepted, e.user_id, e.item_id, e.action, e.event_id))
 
 
 @router.get("/livez")

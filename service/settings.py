@@ -210,6 +210,43 @@ class Settings(BaseSettings):
         ),
     )
 
+    # Shadow sampling (service.shadow): answered lists and their clicks, to a Redis Stream.
+    shadow_sample_rate: float = Field(
+        0.0,
+        ge=0,
+        le=1,
+        description=(
+            "share of answered /rerank and /rerank/batch lists recorded for `psad shadow run`, decided by "
+            "a hash of the request id (a replay samples the same ones); 0 = off"
+        ),
+    )
+    shadow_redis_url: str | None = Field(
+        None,
+        description=(
+            "Redis of the shadow stream; unset = `PSAD_REDIS_URL`. A separate Redis keeps shadow traffic off "
+            "the profile store. The consumer (`psad shadow run`) needs a single-node Redis: with "
+            "`PSAD_REDIS_CLUSTER` set, point this at one (the service then writes to it as one node)"
+        ),
+    )
+    shadow_stream_maxlen: int = Field(
+        20_000,
+        ge=1,
+        description="records the stream keeps, about (`XADD ... MAXLEN ~ N`): older ones are trimmed, read or not",
+    )
+    shadow_queue_size: int = Field(
+        1_000,
+        ge=1,
+        description=(
+            "records waiting to be written, per process; when it is full a new record is dropped and "
+            'counted (`psad_shadow_records_total{result="dropped"}`), never waited for'
+        ),
+    )
+    shadow_timeout_ms: float = Field(
+        1000.0,
+        gt=0,
+        description="time limit of one write of queued records (over it: they count as `failed`)",
+    )
+
     enable_floor_endpoint: bool = Field(False, description="expose /bench/floor")
     log_level: Literal["debug", "info", "warning", "error"] = Field(
         "info", description="`debug`, `info`, `warning`, `error`"
@@ -222,10 +259,10 @@ class Settings(BaseSettings):
             raise ValueError("must be 'latest' or a version number >= 1")
         return v
 
-    @field_validator("redis_url")
+    @field_validator("redis_url", "shadow_redis_url")
     @classmethod
-    def _redis_url(cls, v: str) -> str:
-        if not v.startswith(("redis://", "rediss://", "unix://")):
+    def _redis_url(cls, v: str | None) -> str | None:
+        if v is not None and not v.startswith(("redis://", "rediss://", "unix://")):
             raise ValueError("must start with redis://, rediss:// or unix://")
         return v
 
@@ -252,6 +289,10 @@ class Settings(BaseSettings):
     @property
     def microbatching(self) -> bool:
         return self.microbatch_max_size > 1
+
+    @property
+    def shadow_url(self) -> str:
+        return self.shadow_redis_url or self.redis_url
 
 
 def unknown_variables(environ: Mapping[str, str]) -> list[str]:
