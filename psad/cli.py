@@ -13,6 +13,7 @@ from export.cli import export_command
 from loadtest.model_bench import bench_model_command
 from loadtest.service_bench.run import bench_service_command
 from psad.load_profiles import profiles_load_command
+from psad.shadow.cli import shadow_app
 from psad.up import up_command
 from service.cli import profiles_mark_command, serve_command
 from training.commands import evaluate_command, train_command
@@ -39,6 +40,7 @@ bench = typer.Typer(help="Benchmarks that print figures (see docs/benchmarks.md)
 bench.command("model")(bench_model_command)
 bench.command("service")(bench_service_command)
 app.add_typer(bench, name="bench")
+app.add_typer(shadow_app, name="shadow")
 
 if __name__ == "__main__":
     app()
