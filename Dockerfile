@@ -6,6 +6,7 @@
 #   docker build -t psad .                                                 # CPU
 #   docker build -t psad:gpu --build-arg ORT_PACKAGE="onnxruntime-gpu[cuda,cudnn]" .
 #   docker build -t psad-tools --target tools .                            # `psad profiles load` etc.
+#   docker build -t psad-shadow --target shadow .                          # `psad shadow run`
 #
 # The GPU variant takes CUDA and cuDNN from NVIDIA's pip wheels (LD_LIBRARY_PATH below), so the
 # base image stays python:slim; run it with `--gpus all` and check the active providers in the log.
@@ -42,6 +43,26 @@ COPY psad ./psad
 RUN pip uninstall -y onnxruntime-gpu 2>/dev/null; pip install ".[tools]" && python -c "import psad.load_profiles"
 USER 10001:10001
 CMD ["psad", "--help"]
+
+# The shadow consumer (`psad shadow run`, docs/shadow.md): it decodes the teacher of each sampled
+# list, so it needs torch (the `train` extra). The CPU wheel, from PyTorch's own index: PyPI's
+# Linux wheel pulls several GB of CUDA libraries, and a sample of the traffic needs no GPU.
+# Results go to /shadow, a volume the unprivileged user owns.
+FROM build AS shadow
+ARG TORCH_VERSION=2.13.0
+COPY training ./training
+COPY loadtest ./loadtest
+COPY psad ./psad
+# hadolint ignore=DL3013
+RUN pip uninstall -y onnxruntime-gpu 2>/dev/null; \
+    pip install --index-url https://download.pytorch.org/whl/cpu "torch==${TORCH_VERSION}" \
+ && pip install ".[train]" \
+ && python -c "import torch, psad.shadow.cli; assert torch.version.cuda is None, torch.__version__" \
+ && mkdir -p /shadow && chown 10001:10001 /shadow
+USER 10001:10001
+VOLUME ["/shadow"]
+EXPOSE 9109
+CMD ["psad", "shadow", "run", "--out", "/shadow", "--metrics-port", "9109"]
 
 FROM python:${PYTHON_VERSION}-slim AS serve
 ARG PYTHON_VERSION

@@ -1,4 +1,5 @@
-"""Locust load test of a PSAD deployment: POST /rerank with realistic lists, POST /events less often.
+"""Locust load test of a PSAD deployment: POST /rerank with realistic lists, POST /events less often,
+clicking items of recent answers.
 
     PSAD_LOADTEST_DATA=data/demo locust -f loadtest/locustfile.py --headless \\
         --host http://127.0.0.1:8000 -u 50 -r 10 -t 2m
@@ -6,11 +7,20 @@
 Users and items come from a data set directory (users.parquet / items.parquet, as written by
 `psad data build`) when PSAD_LOADTEST_DATA names one, so requests hit real profiles and known
 items; otherwise from synthetic ids (every request is then a cold-start user with unknown items,
-which the service answers as degraded). Other knobs, all environment variables:
+which the service answers as degraded).
+
+An event acts on an answer: one of the last answers this process received, its user, and an item
+drawn with a probability falling with its rank in the answer (1 / rank ** CLICK_BIAS), as users
+click what they see on top. It names the answer's `request_id`, so `psad shadow run` can join it
+to the sampled list. Before the first answer an event names a random user and item and no request.
+
+Other knobs, all environment variables:
 
     PSAD_LOADTEST_LIST_LENGTH   candidates per request (default 100)
     PSAD_LOADTEST_EVENTS_EVERY  one /events call per this many /rerank calls (default 10)
-    PSAD_LOADTEST_ACTION        action of posted events (default: the data set's first action, else "click")
+    PSAD_LOADTEST_ACTION        action of posted events (default "click" when the data set has it, else its first)
+    PSAD_LOADTEST_CLICK_BIAS    position bias of clicks: 0 = any rank alike, 1 = 1/rank (default 1.0)
+    PSAD_LOADTEST_RECENT        answers remembered for clicks, per locust process (default 1000)
     PSAD_LOADTEST_SEED          seed of the request generator (default 0)
 """
 
@@ -20,21 +30,29 @@ import json
 import os
 import random
 import time
+from collections import deque
 from dataclasses import dataclass
+from itertools import accumulate
 from pathlib import Path
 
 from locust import FastHttpUser, between, events, task
 
 
-def env_int(name: str, default: int, minimum: int) -> int:
+def env_number(name: str, default: float, minimum: float, kind: type[int] | type[float] = int) -> float:
+    """A numeric knob; a bad value stops locust with one line naming the variable."""
+    expected = f"expected {'an integer' if kind is int else 'a number'} >= {minimum}"
     raw = os.environ.get(name, str(default))
     try:
-        value = int(raw)
+        value = kind(raw)
     except ValueError:
-        raise SystemExit(f"{name}={raw!r}: expected an integer >= {minimum}") from None
-    if value < minimum:
-        raise SystemExit(f"{name}={value}: expected an integer >= {minimum}")
+        raise SystemExit(f"{name}={raw!r}: {expected}") from None
+    if not value >= minimum:  # also refuses nan
+        raise SystemExit(f"{name}={value}: {expected}")
     return value
+
+
+def env_int(name: str, default: int, minimum: int) -> int:
+    return int(env_number(name, default, minimum, int))
 
 
 @dataclass
@@ -58,14 +76,25 @@ def load_population(data: str | None) -> Population:
     users = [str(u) for u in pd.read_parquet(root / "users.parquet", columns=["user_id"])["user_id"]]
     items = pd.read_parquet(root / "items.parquet", columns=["item_id"])["item_id"]
     actions = json.loads((root / "schema.json").read_text()).get("actions") or ["click"]
-    return Population(users, [str(i) for i in items[items != ""]], actions[0], f"data set {root}")
+    return Population(users, [str(i) for i in items[items != ""]], default_action(actions), f"data set {root}")
+
+
+def default_action(actions: list[str]) -> str:
+    """`click` when the data set has it, since the events pick items as users click them (biased to
+    the top) and a data set's first action is often `view`; otherwise its first action."""
+    return "click" if "click" in actions else actions[0]
 
 
 POPULATION = load_population(os.environ.get("PSAD_LOADTEST_DATA"))
 LIST_LENGTH = env_int("PSAD_LOADTEST_LIST_LENGTH", 100, 1)
 EVENTS_EVERY = env_int("PSAD_LOADTEST_EVENTS_EVERY", 10, 1)
 ACTION = os.environ.get("PSAD_LOADTEST_ACTION", POPULATION.action)
+CLICK_BIAS = env_number("PSAD_LOADTEST_CLICK_BIAS", 1.0, 0.0, float)
 RNG = random.Random(env_int("PSAD_LOADTEST_SEED", 0, 0))
+# Answers received (request id, user id, item ids in the answer's order), newest last; locust's
+# users of one process are greenlets, so they share it without locks.
+RECENT: deque[tuple[str, str, list[str]]] = deque(maxlen=env_int("PSAD_LOADTEST_RECENT", 1000, 1))
+CLICK_WEIGHTS = list(accumulate(1.0 / rank**CLICK_BIAS for rank in range(1, LIST_LENGTH + 1)))
 
 if len(POPULATION.items) < LIST_LENGTH:
     raise SystemExit(f"PSAD_LOADTEST_LIST_LENGTH={LIST_LENGTH}: only {len(POPULATION.items)} items available")
@@ -75,8 +104,18 @@ if len(POPULATION.items) < LIST_LENGTH:
 def describe(environment: object, **_kwargs: object) -> None:
     print(
         f"psad loadtest: {len(POPULATION.users):,} users, {len(POPULATION.items):,} items from {POPULATION.source}; "
-        f"{LIST_LENGTH} candidates per /rerank, one /events per {EVENTS_EVERY} /rerank"
+        f"{LIST_LENGTH} candidates per /rerank, one /events per {EVENTS_EVERY} /rerank, "
+        f"clicks on recent answers with probability 1/rank^{CLICK_BIAS:g}"
     )
+
+
+def click_event() -> dict[str, object]:
+    """An /events body: a click on an item of a recent answer, biased to its top, naming its request."""
+    if not RECENT:
+        return {"user_id": RNG.choice(POPULATION.users), "item_id": RNG.choice(POPULATION.items)}
+    request_id, user_id, items = RNG.choice(RECENT)
+    (item,) = RNG.choices(items, cum_weights=CLICK_WEIGHTS[: len(items)])
+    return {"user_id": user_id, "item_id": item, "request_id": request_id}
 
 
 class RerankUser(FastHttpUser):
@@ -88,24 +127,24 @@ class RerankUser(FastHttpUser):
     def rerank(self) -> None:
         items = RNG.sample(POPULATION.items, LIST_LENGTH)
         scores = sorted((RNG.random() for _ in items), reverse=True)
+        user = RNG.choice(POPULATION.users)
         body = {
-            "user_id": RNG.choice(POPULATION.users),
+            "user_id": user,
             "candidates": [{"item_id": i, "score": round(s, 6)} for i, s in zip(items, scores, strict=True)],
         }
         with self.client.post("/rerank", json=body, name="/rerank", catch_response=True) as resp:
             if resp.status_code != 200:
                 resp.failure(f"HTTP {resp.status_code}: {resp.text[:200]}")
-            elif len(resp.json()["items"]) != LIST_LENGTH:
-                resp.failure("answer does not hold every candidate")
+            else:
+                answer = resp.json()
+                if len(answer["items"]) != LIST_LENGTH:
+                    resp.failure("answer does not hold every candidate")
+                else:
+                    RECENT.append((answer["request_id"], user, [i["item_id"] for i in answer["items"]]))
 
     @task(1)
     def event(self) -> None:
-        body = {
-            "user_id": RNG.choice(POPULATION.users),
-            "item_id": RNG.choice(POPULATION.items),
-            "action": ACTION,
-            "timestamp": int(time.time()),
-        }
+        body = {**click_event(), "action": ACTION, "timestamp": int(time.time())}
         with self.client.post("/events", json=body, name="/events", catch_response=True) as resp:
             if resp.status_code != 200:
                 resp.failure(f"HTTP {resp.status_code}: {resp.text[:200]}")

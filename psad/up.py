@@ -10,6 +10,10 @@ Redis, then five recorded steps, then the server:
 Each finished step is recorded in var/up.json with the inputs it was made from. A step is skipped
 when its record matches its inputs, its output is still valid and no earlier step ran in this
 invocation (a rebuilt data set invalidates the model trained on it); --rebuild redoes them all.
+
+The server samples a share of its answers for shadow evaluation (PSAD_SHADOW_SAMPLE_RATE, the demo's
+rate unless the variable is set), and prints how to run `psad shadow run` and `psad shadow report`
+next to it.
 """
 
 from __future__ import annotations
@@ -37,6 +41,10 @@ from service.settings import ENV_PREFIX, Settings, load_settings
 DEFAULT_REDIS_PORT = 6379
 SYNTHETIC_DEMO = {"lists": 20_000, "users": 2_000, "items": 2_000, "list_length": 20}
 CURL_CANDIDATES = 10
+# A tenth of the answers: enough lists and clicks for a report after a short locust run, for a tenth
+# of the teacher decoding that sampling every answer would ask of the one CPU consumer.
+# psad_shadow_lag shows whether it keeps up (docs/shadow.md, "Scaling").
+DEMO_SHADOW_SAMPLE_RATE = 0.1
 
 
 @dataclass
@@ -303,9 +311,20 @@ def curl_example(port: int, body: dict[str, Any]) -> str:
     )
 
 
-def announce_when_ready(port: int, body: dict[str, Any], timeout_s: float = 120.0) -> None:
-    """Print the curl example once /readyz answers 200: the model is loaded (Redis and the profiles
-    were set up before the server started)."""
+def shadow_hint(rate: float, redis_url: str, prefix: str, repo: Path) -> str:
+    """How to run the consumer beside the demo server, and the report over what it wrote."""
+    if rate == 0:
+        return f"shadow sampling is off ({ENV_PREFIX}SHADOW_SAMPLE_RATE=0)"
+    return (
+        f"shadow: {rate:g} of the answers are sampled; judge the student by its teacher, in another shell:\n"
+        f"  psad shadow run --redis-url {redis_url} --prefix {prefix} --model-repo {repo} --out shadow/\n"
+        "  psad shadow report --results shadow/ --out reports/shadow.md   # after a locust run"
+    )
+
+
+def announce_when_ready(port: int, body: dict[str, Any], shadow: str, timeout_s: float = 120.0) -> None:
+    """Print the curl example and the shadow commands once /readyz answers 200: the model is loaded
+    (Redis and the profiles were set up before the server started)."""
 
     def watch() -> None:
         try:
@@ -316,6 +335,7 @@ def announce_when_ready(port: int, body: dict[str, Any], timeout_s: float = 120.
         say("[serve] ready. Try it:")
         typer.echo(curl_example(port, body))
         typer.echo(f"metrics: curl -s http://127.0.0.1:{port}/metrics | grep ^psad_")
+        typer.echo(shadow)
 
     threading.Thread(target=watch, name="psad-up-ready", daemon=True).start()
 
@@ -343,8 +363,12 @@ def up(cfg: UpConfig) -> list[str]:
             return ran
         os.environ[f"{ENV_PREFIX}MODEL_REPO"] = str(cfg.repo.resolve())
         os.environ[f"{ENV_PREFIX}REDIS_URL"] = url
+        sampling = f"{ENV_PREFIX}SHADOW_SAMPLE_RATE"
+        rate = settings.shadow_sample_rate if sampling in os.environ else DEMO_SHADOW_SAMPLE_RATE
+        os.environ[sampling] = str(rate)
+        shadow = shadow_hint(rate, settings.shadow_redis_url or url, settings.key_prefix, cfg.repo)
         say(f"[serve] starting on http://127.0.0.1:{cfg.port} (Ctrl-C stops it and the Redis this command started)")
-        announce_when_ready(cfg.port, demo_request(cfg.data_dir))
+        announce_when_ready(cfg.port, demo_request(cfg.data_dir), shadow)
         # uvicorn re-raises the signal that stopped it; make SIGTERM unwind like Ctrl-C so the
         # `finally` below still stops our Redis.
         signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))

@@ -344,36 +344,39 @@ def test_up_runs_every_step_once_then_reuses_them(tmp_path: Path, redis_server, 
 
 
 def exported_names() -> set[str]:
-    """Every sample name the service's collectors expose (counter _total, histogram series)."""
-    names = set()
-    for obj in vars(metrics).values():
-        if isinstance(obj, MetricWrapperBase):
-            kind, base = obj._type, obj._name
-            suffixes = {"counter": ["_total"], "histogram": ["_bucket", "_sum", "_count"]}.get(kind, [""])
-            names.update(base + s for s in suffixes)
-    return names
+    """Every sample name the service's and the shadow consumer's collectors expose (counter _total,
+    histogram series)."""
+    from psad.shadow.consumer import Metrics
+
+    collectors = [o for o in vars(metrics).values() if isinstance(o, MetricWrapperBase)]
+    families = [m for c in collectors for m in c.collect()] + list(Metrics().registry.collect())
+    suffixes = {"counter": ["_total"], "histogram": ["_bucket", "_sum", "_count"]}
+    return {m.name + s for m in families for s in suffixes.get(m.type, [""])}
+
+
+def dashboard_panels() -> list[dict]:
+    """The panels that query (a row only groups the panels below it)."""
+    return [p for p in json.loads(DASHBOARD.read_text())["panels"] if p["type"] != "row"]
 
 
 def test_dashboard_queries_only_metrics_the_service_exports() -> None:
-    dashboard = json.loads(DASHBOARD.read_text())
+    panels = dashboard_panels()
     datasource = yaml.safe_load((DASHBOARD.parent / "datasource.yml").read_text())["datasources"][0]
-    exprs = [t["expr"] for p in dashboard["panels"] for t in p["targets"]]
+    exprs = [t["expr"] for p in panels for t in p["targets"]]
     queried = {m for e in exprs for m in re.findall(r"\bpsad_[a-z_]+", e)}
     core = {"psad_request_duration_seconds_bucket", "psad_requests_total", "psad_stage_duration_seconds_bucket"}
     assert queried >= core
     assert queried <= exported_names(), queried - exported_names()
-    uids = {p["datasource"]["uid"] for p in dashboard["panels"]}
+    uids = {p["datasource"]["uid"] for p in panels}
     assert uids == {datasource["uid"]}
 
 
 @pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool not installed")
 def test_dashboard_expressions_parse_as_promql(tmp_path: Path) -> None:
-    dashboard = json.loads(DASHBOARD.read_text())
-
     def concrete(expr: str) -> str:  # Grafana's variables, as Grafana substitutes them
         return expr.replace("$__rate_interval", "1m").replace("$route", ".*")
 
-    targets = [(p["id"], t) for p in dashboard["panels"] for t in p["targets"]]
+    targets = [(p["id"], t) for p in dashboard_panels() for t in p["targets"]]
     rules = [{"record": f"check_{pid}_{t['refId']}", "expr": concrete(t["expr"])} for pid, t in targets]
     path = tmp_path / "rules.yml"
     path.write_text(yaml.safe_dump({"groups": [{"name": "dashboard", "rules": rules}]}))
@@ -384,12 +387,12 @@ def test_dashboard_expressions_parse_as_promql(tmp_path: Path) -> None:
     assert config.returncode == 0, config.stdout + config.stderr
 
 
-def run_rule_test(tmp_path: Path, series: list[dict], expected: list[dict]) -> None:
-    """promtool's rule unit test of deploy/alerts.yml: input series sampled every 30 s, alert expectations."""
+def run_rule_test(tmp_path: Path, series: list[dict], expected: list[dict], interval: str = "30s") -> None:
+    """promtool's rule unit test of deploy/alerts.yml: input series sampled every `interval`, alert expectations."""
     case = {
         "rule_files": [str(REPO / "deploy" / "alerts.yml")],
-        "evaluation_interval": "30s",
-        "tests": [{"interval": "30s", "input_series": series, "alert_rule_test": expected}],
+        "evaluation_interval": interval,
+        "tests": [{"interval": interval, "input_series": series, "alert_rule_test": expected}],
     }
     path = tmp_path / "alerts_test.yml"
     path.write_text(yaml.safe_dump(case))
