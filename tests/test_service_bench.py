@@ -14,7 +14,7 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
-from loadtest.service_bench.report import BATCH_ROW
+from loadtest.service_bench.report import BATCH_ROW, ShadowResult
 from loadtest.service_bench.run import bench_service_command, run_bench
 from loadtest.service_bench.workload import BenchConfig
 from psad.procs import free_port, start_redis, stop_tree, tree_pids
@@ -47,6 +47,51 @@ def test_bench_service_measures_and_reports(tiny_data: Path, tiny_bundle: Path, 
     assert "`psad serve --workers 2`" in report and f"| {BATCH_ROW} |" in report
     assert report.count("| pass |") + report.count("| MISS |") == 6
     assert f"| degraded answers under load | < 0.1% | {result.loaded.degraded / len(result.loaded.ms):.3%}" in report
+
+
+def test_bench_service_compares_shadow_sampling_on_and_off(
+    tiny_data: Path, tiny_bundle: Path, tmp_path: Path, monkeypatch
+):
+    for name in ("REDIS_URL", "REDIS_CLUSTER", "INFERENCE_WORKERS", "PROCESSES", "SHADOW_SAMPLE_RATE"):
+        monkeypatch.delenv(f"PSAD_{name}", raising=False)
+    monkeypatch.setenv("PSAD_MODEL_REPO", str(tiny_bundle.parents[1]))
+    cfg = BenchConfig(
+        data=tiny_data,
+        list_length=10,
+        history=5,
+        requests=20,
+        duration_s=1.0,
+        concurrency=2,
+        shadow_rate=1.0,
+        var=tmp_path,
+    )
+    out = tmp_path / "shadow.md"
+    result = run_bench(cfg, load_settings(), out)
+
+    assert isinstance(result, ShadowResult)
+    assert [len(s.ms) for s in result.one] == [20, 20]
+    assert [name for name, _ in result.phases] == ["off", "on", "on", "off"] * 3
+    assert all(s.errors == 0 for s in (*result.one, *result.loaded)) and min(result.rps) > 0
+    # Every answer of the sampling server was recorded (rate 1), and the server at rate 0 wrote nothing:
+    # its own counters are 0, and the shared stream holds exactly the sampling server's records.
+    assert result.records["written"] == result.answered > len(result.one[1].ms) + len(result.loaded[1].ms)
+    assert result.records["dropped"] == result.records["failed"] == 0
+    assert result.off_records == {"written": 0, "dropped": 0, "failed": 0}
+    assert result.stream_len == result.records["written"]
+    report = out.read_text()
+    assert "--shadow-rate 1" in report and "| on / off |" in report and "## Targets (issue 17)" in report
+    assert all(cpu["server"] > 0 and cpu["redis"] > 0 for cpu in result.cpu_ms) and "| server + Redis |" in report
+    assert report.count("| pass |") + report.count("| MISS |") == 2
+    assert f"{result.records['written']:,.0f} written, 0 dropped, 0 failed" in report
+    assert "rate 0: 0 written, 0 dropped, 0 failed" in report and "biases the one-client ratio toward 1" in report
+
+
+def test_bench_service_shadow_rate_needs_its_own_servers():
+    app = typer.Typer()
+    app.command()(bench_service_command)
+    result = CliRunner().invoke(app, ["--shadow-rate", "1", "--url", "http://127.0.0.1:1"])
+    assert result.exit_code == 2 and "--shadow-rate starts its own two servers" in result.output
+    assert CliRunner().invoke(app, ["--shadow-rate", "1.5"]).exit_code == 2
 
 
 @pytest.mark.parametrize("field, value", [("requests", 5), ("concurrency", 0)])

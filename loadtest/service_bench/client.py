@@ -61,35 +61,43 @@ class Sample:
     def pct(self, q: float) -> float:
         return float(np.percentile(self.ms, q)) if len(self.ms) else float("nan")
 
+    @staticmethod
+    def merged(samples: list[Sample]) -> Sample:
+        """Several phases' samples as one."""
+        ms = np.concatenate([s.ms for s in samples])
+        return Sample(ms, sum(s.errors for s in samples), sum(s.degraded for s in samples))
+
 
 def _sample(ns: list[int], errors: int, degraded: int) -> Sample:
     return Sample(np.asarray(ns, dtype=np.float64) / 1e6, errors, degraded)
 
 
-async def one_client(host: str, port: int, rerank: list[bytes], floor: list[bytes], n: int) -> tuple[Sample, Sample]:
-    """Alternate /rerank and /bench/floor on one connection (the order flips every pair)."""
-    conn = await Connection.open(host, port)
-    ns: dict[str, list[int]] = {"rerank": [], "floor": []}
-    errors = {"rerank": 0, "floor": 0}
-    degraded = {"rerank": 0, "floor": 0}
+Target = tuple[int, list[bytes]]  # a server's port and the pre-encoded requests sent to it
+
+
+async def one_client(host: str, first: Target, second: Target, n: int) -> tuple[Sample, Sample]:
+    """Alternate two streams of requests request by request (the order flips every pair), so both
+    see the same machine state: /rerank and /bench/floor of one server on one connection, or the
+    same requests to two servers, one connection each."""
+    conns = {port: await Connection.open(host, port) for port in {first[0], second[0]}}
+    ns: list[list[int]] = [[], []]
+    errors, degraded = [0, 0], [0, 0]
     try:
         for i in range(-WARMUP_PAIRS, n):
-            pair = (("rerank", rerank), ("floor", floor))
-            for name, reqs in pair if i % 2 == 0 else pair[::-1]:
+            for k in (0, 1) if i % 2 == 0 else (1, 0):
+                port, reqs = (first, second)[k]
                 t0 = time.perf_counter_ns()
-                status, body = await conn.call(reqs[i % len(reqs)])
+                status, body = await conns[port].call(reqs[i % len(reqs)])
                 elapsed = time.perf_counter_ns() - t0
                 if i < 0:
                     continue
-                ns[name].append(elapsed)
-                errors[name] += status != 200
-                degraded[name] += b'"degraded":true' in body
+                ns[k].append(elapsed)
+                errors[k] += status != 200
+                degraded[k] += b'"degraded":true' in body
     finally:
-        conn.close()
-    return (
-        _sample(ns["rerank"], errors["rerank"], degraded["rerank"]),
-        _sample(ns["floor"], errors["floor"], degraded["floor"]),
-    )
+        for conn in conns.values():
+            conn.close()
+    return _sample(ns[0], errors[0], degraded[0]), _sample(ns[1], errors[1], degraded[1])
 
 
 async def throughput(

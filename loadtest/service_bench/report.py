@@ -1,10 +1,12 @@
-"""The benchmark's markdown report: the machine and the setup, both phases, the server's own means,
-CPU time per request, and the targets with pass or MISS."""
+"""The benchmark's markdown reports: the machine and the setup, both phases, the server's own means,
+CPU time per request, and the targets with pass or MISS; with --shadow-rate, shadow sampling on
+against off instead."""
 
 from __future__ import annotations
 
 import os
 import platform
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,6 +22,11 @@ TARGETS = {
     "degraded_share": 0.001,  # of the answers under load, on a healthy Redis
 }
 
+SHADOW_TARGETS = {
+    "rps_ratio": 0.90,  # throughput with sampling on / off (issue 17)
+    "p50_ratio": 1.05,  # one-client p50 on / off
+}
+
 BATCH_ROW = "lists per model call"
 
 
@@ -32,6 +39,26 @@ class Result:
     server_one: dict[str, float]  # means inside the server by route, stage and batch size, phase (a)
     server_loaded: dict[str, float]  # the same, phase (b)
     cpu_ms: dict[str, float] = field(default_factory=dict)  # CPU ms per request in phase (b), by process
+
+
+@dataclass
+class ShadowResult:
+    """Sampling off against on: index 0 is the server at rate 0, index 1 the one at `rate`."""
+
+    rate: float
+    one: tuple[Sample, Sample]  # one client, alternating the two servers request by request
+    loaded: tuple[Sample, Sample]  # the throughput phases of each server, merged
+    rps: tuple[float, float]
+    phases: list[tuple[str, float]]  # each throughput phase in the order run: server, requests/s
+    records: dict[str, float]  # the sampling server's psad_shadow_records_total, by result
+    answered: float  # /rerank answers of the sampling server, warm-ups included
+    cpu_ms: tuple[dict[str, float], dict[str, float]]  # CPU ms per request under load, by process
+    off_records: dict[str, float]  # the same counters of the server at rate 0: all 0 when it wrote nothing
+    stream_len: int  # XLEN of the shared stream at the end: the sampling server's writes, unless trimmed
+
+    def ratios(self) -> tuple[float, float]:
+        """(throughput on / off, one-client p50 on / off)."""
+        return self.rps[1] / max(self.rps[0], 1e-9), self.one[1].pct(50) / max(self.one[0].pct(50), 1e-9)
 
 
 def checks(r: Result) -> list[tuple[str, str, str, bool]]:
@@ -89,16 +116,19 @@ def cpu_lines(r: Result, cores: int) -> list[str]:
     return lines
 
 
-def render(cfg: BenchConfig, workload: Workload, ready: dict, r: Result, command: str, server: str) -> str:
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+def usable_cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def setup_lines(cfg: BenchConfig, workload: Workload, ready: dict, command: str, server: str) -> list[str]:
+    """The command, the machine, the server, the requests and the load generator."""
+    cores = usable_cores()
     model = ready.get("model") or {}
     load = cfg.load_average
     users_line = f"{len(workload.users)} real users whose stored history holds {workload.history} behaviours" + (
         f" ({workload.topped_up} of them completed through POST /events)" if workload.topped_up else ""
     )
-    lines = [
-        "# Service benchmark",
-        "",
+    return [
         f"Command: `{command}`",
         "",
         f"- machine: {cpu_model()}, {cores} cores usable, {platform.system()} {platform.release()}, "
@@ -113,10 +143,19 @@ def render(cfg: BenchConfig, workload: Workload, ready: dict, r: Result, command
                 f"- **the cores were busy**: load average {load:.2f} on {cores} cores before the run; other processes "
                 "took CPU time from the server and the client, so these figures are pessimistic"
             ]
-            if cores and load > 0.5 * cores
+            if load > 0.5 * cores
             else []
         ),
         "",
+    ]
+
+
+def render(cfg: BenchConfig, workload: Workload, ready: dict, r: Result, command: str, server: str) -> str:
+    cores = usable_cores()
+    lines = [
+        "# Service benchmark",
+        "",
+        *setup_lines(cfg, workload, ready, command, server),
         f"## (a) One client, {cfg.requests} requests per endpoint, alternating (after {WARMUP_PAIRS} warm-up pairs)",
         "",
         "| endpoint | p50 ms | p90 ms | p99 ms | max ms | errors | degraded |",
@@ -146,12 +185,102 @@ def render(cfg: BenchConfig, workload: Workload, ready: dict, r: Result, command
             if k.startswith(("/rerank", "/bench", "stage", BATCH_ROW))
         ),
         "",
-        *cpu_lines(r, cores or 1),
-        "## Targets (one client, list length 100, history 50, CPU; throughput on 2 cores)",
-        "",
-        "| target | threshold | measured | result |",
-        "|---|---|---|---|",
+        *cpu_lines(r, cores),
+        *target_lines("Targets (one client, list length 100, history 50, CPU; throughput on 2 cores)", checks(r)),
     ]
-    for name, threshold, measured, ok in checks(r):
-        lines.append(f"| {name} | {threshold} | {measured} | {'pass' if ok else 'MISS'} |")
     return "\n".join(lines) + "\n"
+
+
+def shadow_checks(r: ShadowResult) -> list[tuple[str, str, str, bool]]:
+    """(target, threshold, measured, passed) rows of issue 17's benchmark."""
+    rps_ratio, p50_ratio = r.ratios()
+    return [
+        (
+            "throughput on / off",
+            f">= {SHADOW_TARGETS['rps_ratio']:.2f}",
+            f"{rps_ratio:.3f}",
+            rps_ratio >= SHADOW_TARGETS["rps_ratio"],
+        ),
+        (
+            "p50 on / off (one client)",
+            f"<= {SHADOW_TARGETS['p50_ratio']:.2f}",
+            f"{p50_ratio:.3f}",
+            p50_ratio <= SHADOW_TARGETS["p50_ratio"],
+        ),
+    ]
+
+
+def render_shadow(cfg: BenchConfig, workload: Workload, ready: dict, r: ShadowResult, command: str, server: str) -> str:
+    rows = []
+    for k, name in enumerate(("off", "on")):
+        one, loaded = r.one[k], r.loaded[k]
+        rows.append(
+            f"| {name} | {(0.0, r.rate)[k]:g} | {one.pct(50):.3f} | {one.pct(99):.3f} | {r.rps[k]:,.0f} | "
+            f"{loaded.pct(50):.2f} | {loaded.pct(99):.2f} | {one.errors + loaded.errors} | "
+            f"{one.degraded + loaded.degraded} |"
+        )
+
+    def ratio(pick: Callable[[int], float]) -> str:
+        return f"{pick(1) / max(pick(0), 1e-9):.3f}"
+
+    def serving(k: int) -> float:
+        return r.cpu_ms[k].get("server", 0.0) + r.cpu_ms[k].get("redis", 0.0)
+
+    phases = ", ".join(f"{name} {rps:,.0f}" for name, rps in r.phases)
+    accounted = sum(r.records.values())
+    lines = [
+        "# Service benchmark: shadow sampling on against off",
+        "",
+        *setup_lines(cfg, workload, ready, command, server),
+        "Two servers of the same model on the same Redis (profiles and the shadow stream alike), one with "
+        f"`PSAD_SHADOW_SAMPLE_RATE=0` (off), one with `{r.rate:g}` (on). (a) one client alternates them request "
+        f"by request, {cfg.requests} requests each after {WARMUP_PAIRS} warm-up pairs; (b) {cfg.concurrency} "
+        f"connections, {len(r.phases)} throughput phases of {cfg.duration_s / (len(r.phases) // 2):g} s (after "
+        f"{WARMUP_S:.0f} s warm-up each), run in the order {', '.join(name for name, _ in r.phases)}, so a drift "
+        "of the host's speed falls on both alike.",
+        "",
+        "Both servers share this host and its Redis. In (a) the sampling server's writes (its flusher's CPU, "
+        "Redis's XADDs) run while the client waits on the server at rate 0, so they load that server too: this "
+        "biases the one-client ratio toward 1. The throughput phases (b) run one server at a time and do not "
+        "share that bias.",
+        "",
+        "| sampling | rate | one client p50 ms | one client p99 ms | requests/s | p50 ms under load | "
+        "p99 ms under load | errors | degraded |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        *rows,
+        f"| on / off | | {ratio(lambda k: r.one[k].pct(50))} | {ratio(lambda k: r.one[k].pct(99))} | "
+        f"{ratio(lambda k: r.rps[k])} | {ratio(lambda k: r.loaded[k].pct(50))} | "
+        f"{ratio(lambda k: r.loaded[k].pct(99))} | | |",
+        "",
+        f"Throughput phases in the order run (requests/s): {phases}.",
+        "",
+        "CPU ms per request under load (user + system time of each process during its server's phases / requests "
+        "sent): what sampling costs whatever else the host runs, where requests/s move with the CPU the run got.",
+        "",
+        "| process | off | on | on / off |",
+        "|---|---:|---:|---:|",
+        *(
+            f"| {k} | {off:.3f} | {r.cpu_ms[1][k]:.3f} | {r.cpu_ms[1][k] / max(off, 1e-9):.3f} |"
+            for k, off in r.cpu_ms[0].items()
+        ),
+        f"| server + Redis | {serving(0):.3f} | {serving(1):.3f} | {ratio(serving)} |",
+        "",
+        f"Shadow records of the sampling server: {r.records.get('written', 0):,.0f} written, "
+        f"{r.records.get('dropped', 0):,.0f} dropped, {r.records.get('failed', 0):,.0f} failed "
+        f"({accounted:,.0f} of {r.answered:,.0f} answered /rerank requests, warm-ups included). The server at "
+        f"rate 0: {r.off_records.get('written', 0):,.0f} written, {r.off_records.get('dropped', 0):,.0f} dropped, "
+        f"{r.off_records.get('failed', 0):,.0f} failed. The shared stream holds {r.stream_len:,} entries at the "
+        "end (trimmed to about `PSAD_SHADOW_STREAM_MAXLEN`).",
+        "",
+        *target_lines("Targets (issue 17)", shadow_checks(r)),
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def target_lines(title: str, checks: list[tuple[str, str, str, bool]]) -> list[str]:
+    """A section of the report: each target, its threshold, what was measured and pass or MISS."""
+    lines = [f"## {title}", "", "| target | threshold | measured | result |", "|---|---|---|---|"]
+    return lines + [
+        f"| {name} | {threshold} | {measured} | {'pass' if ok else 'MISS'} |"
+        for name, threshold, measured, ok in checks
+    ]

@@ -33,6 +33,7 @@ class BenchConfig:
     requests: int = 2000  # per endpoint in the one-client phase
     duration_s: float = 10.0
     concurrency: int = 16
+    shadow_rate: float = 0.0  # > 0: shadow sampling at this rate against 0, instead of the usual phases
     var: Path = Path("var/bench")
     load_average: float = 0.0  # 1-minute load average at the start: other processes on the cores
 
