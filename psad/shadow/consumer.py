@@ -421,10 +421,9 @@ def click_row(record_id: str, click: shadow.ClickRecord, ranks: Mapping[str, Any
 
 def done_member(row: Mapping[str, Any]) -> str:
     """A result's member of the done set: its record id, or for a click with an event_id the event
-    itself, so that a retried /events call (two click records) is counted once. The request id's
-    length comes first: both ids may contain ':', and ("a:b", "c") must not meet ("a", "b:c")."""
+    itself (results.event_key), so that a retried /events call (two click records) is counted once."""
     if row.get("event_id") is not None:
-        return f"click:{len(row['request_id'])}:{row['request_id']}:{row['event_id']}"
+        return results.event_key(row["request_id"], row["event_id"])
     return str(row["record_id"])
 
 

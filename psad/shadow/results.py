@@ -109,13 +109,22 @@ def read(
     return frame[~_identity(frame, kind).duplicated(keep="first")].reset_index(drop=True)
 
 
+def event_key(request_id: str, event_id: str) -> str:
+    """One event of a list, whatever records carried it: the key the consumer's done set and `read`
+    share. The request id's length comes first: both ids may contain ':', and ("a:b", "c") must
+    not meet ("a", "b:c"). A stream id ("<ms>-<seq>") never starts with "click:"."""
+    return f"click:{len(request_id)}:{request_id}:{event_id}"
+
+
 def _identity(frame: pd.DataFrame, kind: str) -> pd.Series:
-    """What makes two rows one result: the record id, or a click's (request id, event id). A stream
-    id never starts with "event:", and a request id holds no newline."""
+    """What makes two rows one result: the record id, or a click's event_key."""
     if kind != "clicks":
         return frame["record_id"]
-    event = "event:" + frame["request_id"] + "\n" + frame["event_id"]
-    return frame["record_id"].where(frame["event_id"].isna(), event)
+    keys = [
+        record if pd.isna(event) else event_key(request, event)
+        for record, request, event in zip(frame["record_id"], frame["request_id"], frame["event_id"], strict=True)
+    ]
+    return pd.Series(keys, index=frame.index)
 
 
 def _parts(kind_dir: Path, end: float | None) -> Iterable[Path]:
