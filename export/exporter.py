@@ -11,6 +11,8 @@
                              for offline shadow evaluation
         items.safetensors    the item side tables the model was built with
         config.json          the run's TrainConfig (+ data_dir)
+        config.pbtxt         Triton's model configuration for the same model.onnx (export/triton.py);
+                             Triton reads it one level up: copy it to <repo>/<name>/ (docs/export.md)
 
 A bundle is assembled in a hidden directory beside its final place and renamed into place only
 after every file is written and the parity gate passed, so a version directory that exists is
@@ -50,6 +52,7 @@ from export.contract.bundle import (
 from export.contract.fixtures import BatchMaker
 from export.contract.schema import INPUT_NAMES, MODEL_OUTPUT, FeatureSchema, SchemaError, TensorSpec, model_inputs
 from export.parity import FP16, FP32, ParityReport, check_parity, require_parity
+from export.triton import CONFIG_FILE, triton_config
 from training.checkpoint import (
     BEST_FILES,
     MODELS,
@@ -141,6 +144,7 @@ def export_run(
         shutil.copyfile(run_dir / BEST_FILES[shadow], tmp / "teacher.safetensors")
         shutil.copyfile(run_dir / "items.safetensors", tmp / "items.safetensors")
         shutil.copyfile(run_dir / "config.json", tmp / "config.json")
+        (tmp / CONFIG_FILE).write_text(triton_config(name, schema))
         steps.update()
         manifest = build_manifest(
             tmp, name, version, schema, config.model.arch, run_dir, data_dir, validation, parity, fp16

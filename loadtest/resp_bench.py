@@ -24,7 +24,7 @@ import typer
 from export.contract.errors import reported
 from loadtest.service_bench.client import run_async
 from loadtest.service_bench.report import cpu_model
-from psad.procs import free_port, start_redis, stop_tree
+from psad.procs import free_port, start_redis, stop_tree, tls_args, tls_files
 from service.profiles import ProfileStore, RedisPyReader, connect, history_key, member, user_key
 from service.resp import RespClient
 from service.settings import Settings
@@ -110,14 +110,19 @@ def main(
     reads: int = typer.Option(20_000, min=100, max=10_000_000, help="Timed reads per client."),
     warmup: int = typer.Option(2_000, min=0, max=1_000_000, help="Untimed reads per client first."),
     var: Path = typer.Option(Path("var/resp-bench"), help="Work directory of the private redis-server."),
+    tls: bool = typer.Option(False, help="Read over TLS (rediss://, a private CA) instead of plain TCP."),
 ) -> None:
     """Mean, p50 and p99 of one profile read through RespClient and through redis-py, and their ratio."""
     load_average = os.getloadavg()[0]
     with reported(redis.RedisError):
         port = free_port()
-        proc = start_redis(port, var / "redis")
+        tls_port = free_port()
+        files = tls_files(var / "tls") if tls else {}
+        proc = start_redis(port, var / "redis", tls_args(tls_port, files) if tls else ())
         try:
-            url = f"redis://127.0.0.1:{port}/0"
+            url = (
+                f"rediss://127.0.0.1:{tls_port}/0?ssl_ca_certs={files['ca']}" if tls else f"redis://127.0.0.1:{port}/0"
+            )
             users, version = load(url, profiles, history)
             us, loop = run_async(measure(url, users, history, reads, warmup))
         finally:
@@ -127,7 +132,8 @@ def main(
         "# Profile read: RespClient vs redis-py",
         "",
         f"- {profiles:,} profiles of {history} behaviours and {len(FEATURES)} features; {warmup:,} untimed then "
-        f"{reads:,} timed reads per client, alternating; one HGETALL + ZRANGE per read on loopback",
+        f"{reads:,} timed reads per client, alternating; one HGETALL + ZRANGE per read on loopback"
+        f"{' over TLS' if tls else ''}",
         f"- redis-server {version}; Python {platform.python_version()}, {loop}; {cpu_model()}, {cores} cores "
         f"usable, load average {load_average:.2f} at the start",
         "",

@@ -79,6 +79,33 @@ def start_redis(port: int, workdir: Path, args: Sequence[str] = (), timeout_s: f
     return proc
 
 
+def tls_files(workdir: Path) -> dict[str, Path]:
+    """A private CA and a server certificate for localhost and 127.0.0.1 signed by it, made with the
+    openssl CLI into `workdir` (for a TLS redis-server in the tests and benchmarks): keys ca, cert, key."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    files = {"ca": workdir / "ca.crt", "cert": workdir / "server.crt", "key": workdir / "server.key"}
+    ca_key, csr = workdir / "ca.key", workdir / "server.csr"
+    ext = workdir / "server.ext"
+    ext.write_text(f"subjectAltName=DNS:localhost,IP:{LOOPBACK}\n")
+    for cmd in (
+        ["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=psad-test-ca"]
+        + ["-keyout", ca_key, "-out", files["ca"]],
+        ["req", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=localhost", "-keyout", files["key"], "-out", csr],
+        ["x509", "-req", "-in", csr, "-CA", files["ca"], "-CAkey", ca_key, "-CAcreateserial", "-days", "2"]
+        + ["-extfile", ext, "-out", files["cert"]],
+    ):
+        subprocess.run(["openssl", *map(str, cmd)], check=True, capture_output=True)
+    return files
+
+
+def tls_args(port: int, files: dict[str, Path], auth_clients: bool = False) -> list[str]:
+    """start_redis args adding a TLS port (the plain port stays, for start_redis's readiness check)."""
+    return [
+        *("--tls-port", str(port), "--tls-cert-file", str(files["cert"]), "--tls-key-file", str(files["key"])),
+        *("--tls-ca-cert-file", str(files["ca"]), "--tls-auth-clients", "yes" if auth_clients else "no"),
+    ]
+
+
 def _proc_table() -> dict[int, tuple[int, float]]:
     """pid -> (parent pid, user + system CPU seconds) of every live process (Linux /proc; empty elsewhere)."""
     proc = Path("/proc")

@@ -384,3 +384,67 @@ def check_events(body: Event | EventBatch, settings: Settings, schema: FeatureSc
         if len(errors) >= MAX_ERRORS:
             break
     raise_if(errors)
+
+
+# KServe / Open Inference Protocol v2: read-only aliases of the health routes and the model's signature.
+OIP_DATATYPES = {"int64": "INT64", "float32": "FP32", "bool": "BOOL"}  # numpy dtype name -> OIP datatype
+OIP_PLATFORM = "onnxruntime_onnx"
+
+
+class ServerMetadata(BaseModel):
+    name: str
+    version: str
+    extensions: list[str]
+
+
+class Live(BaseModel):
+    live: bool
+
+
+class Ready(BaseModel):
+    ready: bool
+
+
+class ModelReady(BaseModel):
+    name: str
+    ready: bool
+
+
+class TensorMetadata(BaseModel):
+    name: str
+    datatype: str = Field(description="OIP datatype: INT64, FP32, BOOL")
+    shape: list[int] = Field(description="-1 for a dynamic axis (batch, list, history)")
+
+
+class ModelMetadata(BaseModel):
+    name: str
+    versions: list[str]
+    platform: str
+    inputs: list[TensorMetadata]
+    outputs: list[TensorMetadata]
+
+
+class OipError(BaseModel):
+    error: str
+
+
+def model_metadata(name: str, version: int, manifest: dict[str, Any]) -> ModelMetadata:
+    """The served bundle's signature as OIP metadata, read from its (verified) manifest."""
+
+    def tensors(specs: list[dict[str, Any]]) -> list[TensorMetadata]:
+        return [
+            TensorMetadata(
+                name=s["name"],
+                datatype=OIP_DATATYPES[s["dtype"]],
+                shape=[int(d) if d.isdigit() else -1 for d in s["dims"]],
+            )
+            for s in specs
+        ]
+
+    return ModelMetadata(
+        name=name,
+        versions=[str(version)],
+        platform=OIP_PLATFORM,
+        inputs=tensors(manifest["inputs"]),
+        outputs=tensors(manifest["outputs"]),
+    )

@@ -22,7 +22,7 @@ from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from service import api, logs, routes
+from service import api, logs, routes, tracing
 from service.deps import Service
 from service.health import StoreHealth, watch_redis
 from service.inference import Reranker, Scorer
@@ -40,6 +40,7 @@ GC_GEN0_THRESHOLD = 20_000
 async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     settings: Settings = app.state.settings
     log = logs.configure(settings.log_level)
+    stop_tracing = tracing.setup(settings.tracing or settings.otlp_endpoint is not None, settings.otlp_endpoint)
     models = ModelStore(settings)
     bundle = await models.start()
     timeout_s = settings.events_timeout_ms / 1000
@@ -88,6 +89,7 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
             await shadow.close()
         await scorer.stop()
         await profiles.aclose()
+        stop_tracing()
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -104,6 +106,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         description="Final-stage list reranking: POST candidates in the ranking stage's order, get them reordered.",
         lifespan=_lifespan,
         routes=own,
+        # FastAPI's own OpenTelemetry spans, metrics and logs, on whenever a provider is installed: off,
+        # service.tracing makes the one server span per request, and FastPath skips FastAPI anyway.
+        telemetry={"tracing": False, "metrics": False, "logs": False, "operation_spans": False},
     )
     app.state.settings = settings
 

@@ -32,7 +32,7 @@ from typing import Any, cast
 import numpy as np
 
 from export.runtime import Bundle
-from service import metrics
+from service import metrics, tracing
 from service.api import Degraded, RerankRequest
 from service.features import Job, build_inputs, given_scores, request_time
 from service.health import StoreHealth
@@ -50,6 +50,7 @@ class Outcome:
     reasons: list[Degraded] = field(default_factory=list)
     inputs: dict[str, np.ndarray] | None = None  # the batch's assembled inputs, shared by its lists
     row: int = 0  # this list's row of them
+    timing: tracing.BatchTiming | None = None  # the batch's stage times, kept only while tracing
 
 
 def run_batch(bundle: Bundle, jobs: list[Job]) -> list[Outcome]:
@@ -68,13 +69,18 @@ def run_batch(bundle: Bundle, jobs: list[Job]) -> list[Outcome]:
     except Exception:
         log.warning("model call failed", exc_info=True, extra={"version": bundle.version})
         return [Outcome(None, [*b, Degraded.MODEL_ERROR]) for b in base]
-    metrics.STAGE.inference.observe(time.perf_counter() - t1)
+    t2 = time.perf_counter()
+    metrics.STAGE.inference.observe(t2 - t1)
     metrics.BATCH_SIZE.observe(len(jobs))
+    timing = None if tracing.TRACER is None else tracing.BatchTiming(t0, t1, t2, len(jobs))
     out = []
     for i, job in enumerate(jobs):
         row = scores[i, : len(job.request.candidates)]
         finite = np.isfinite(row).all()
-        out.append(Outcome(row, base[i], inputs, i) if finite else Outcome(None, [*base[i], Degraded.MODEL_NONFINITE]))
+        if finite:
+            out.append(Outcome(row, base[i], inputs, i, timing))
+        else:
+            out.append(Outcome(None, [*base[i], Degraded.MODEL_NONFINITE], timing=timing))
     return out
 
 
@@ -193,7 +199,10 @@ class Reranker:
             raws, reason = [None] * len(requests), Degraded.REDIS_TIMEOUT
         except STORE_ERRORS:
             raws, reason = [None] * len(requests), Degraded.REDIS_UNAVAILABLE
-        metrics.STAGE.profile_read.observe(time.perf_counter() - t0)
+        t1 = time.perf_counter()
+        metrics.STAGE.profile_read.observe(t1 - t0)
+        if tracing.TRACER is not None:
+            tracing.stage("profile_read", t0, t1)
         return raws, reason
 
     async def rerank(
@@ -222,7 +231,12 @@ class Reranker:
             out.append(answer)
             if shadow is not None and outcome.inputs is not None and shadow.samples(rid):
                 shadow.offer(scored_list(request, rid, outcome, served, bundle))
-        metrics.STAGE.response.observe(time.perf_counter() - t0)
+        t1 = time.perf_counter()
+        metrics.STAGE.response.observe(t1 - t0)
+        if tracing.TRACER is not None:
+            for timing in {id(o.timing): o.timing for o in outcomes if o.timing is not None}.values():
+                tracing.batch(timing)
+            tracing.stage("response", t0, t1)
         return out
 
     async def floor(self, request: RerankRequest, request_id: str, bundle: Bundle | None = None) -> dict[str, Any]:

@@ -22,6 +22,8 @@ from typing import Any
 from pythonjsonlogger.core import RESERVED_ATTRS, LogData
 from pythonjsonlogger.orjson import OrjsonFormatter
 
+from service import tracing
+
 LOGGER_NAME = "psad.service"
 SERVER_LOGGERS = ("uvicorn", "uvicorn.error", "uvicorn.access", "uvicorn.asgi")
 KEYS = {"created": "ts", "levelname": "level", "name": "logger", "message": "msg", "exc_info": "exc"}
@@ -36,6 +38,8 @@ class JsonFormatter(OrjsonFormatter):
 
     def process_log_record(self, log_data: LogData) -> LogData:
         log_data["level"] = log_data["level"].lower()
+        if tracing.TRACER is not None:  # the ids of the request's span, when written inside one
+            log_data.update(tracing.log_ids())
         return log_data
 
 
@@ -71,6 +75,8 @@ def log_request(
 ) -> None:
     latency_ms = round((time.perf_counter() - started) * 1000, 3)
     level = logging.INFO if degraded else logging.DEBUG
+    if tracing.TRACER is not None:
+        tracing.annotate(request_id, degraded, fields)
     if logger.isEnabledFor(level):
         extra = {"route": route, "request_id": request_id, "latency_ms": latency_ms, "degraded": degraded, **fields}
         logger.log(level, "request", extra=extra)

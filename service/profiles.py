@@ -211,7 +211,7 @@ class ProfileReader(Protocol):
     """How a ProfileStore reads: its commands sent in one round trip, their replies in order, with
     raise_on_error=False an error reply in its command's place. service.resp.RespClient is the
     request path's reader; RedisPyReader is the reference, and the one wherever RespClient does
-    not apply (Redis Cluster, TLS: whatever RespClient.supports refuses)."""
+    not apply (Redis Cluster: whatever RespClient.supports refuses)."""
 
     async def execute(
         self, commands: Sequence[Command], timeout_s: float | None = None, raise_on_error: bool = True

@@ -4,10 +4,14 @@ Why not redis-py for this call: its connection checkout and release take locks a
 observability hooks and a health check per call, which costs more than the round trip
 itself. `python -m loadtest.resp_bench` measures the two against the same redis-server (figures
 in docs/benchmarks.md). This client is a service.profiles.ProfileReader; redis-py (RedisPyReader,
-the reference) reads where this client does not apply, and does everything else (appends, PING,
-TLS, Redis Cluster).
+the reference) reads where this client does not apply (Redis Cluster), and does everything else
+(appends, PING).
 
-Design: one TCP (or unix socket) connection per process, shared by all requests. Commands are
+TLS (rediss://): the SSLContext is the one redis-py builds from the same URL (its ssl_cert_reqs,
+ssl_ca_certs, ssl_certfile, ssl_keyfile, ssl_check_hostname query parameters), so one URL
+configures both clients the same way.
+
+Design: one TCP (TLS, or unix socket) connection per process, shared by all requests. Commands are
 written as they come (Redis answers in order) and replies are matched to their callers in FIFO
 order, decoded to text by hiredis in C (invalid UTF-8 becomes U+FFFD). A caller that gives up
 (its time budget ran out, the task was cancelled) leaves its slot in the queue: its replies are
@@ -22,6 +26,7 @@ ResponseError), so callers handle one family.
 from __future__ import annotations
 
 import asyncio
+import ssl
 import time
 from collections import deque
 from collections.abc import Awaitable, Sequence
@@ -127,7 +132,11 @@ class RespClient:
     """`await client.execute([(cmd, arg, ...), ...])` -> the replies (str, int, list, None), in order."""
 
     def __init__(self, url: str, connect_timeout_s: float = 1.0, stale_s: float = 1.0):
-        kwargs = aredis.ConnectionPool.from_url(url).connection_kwargs  # redis-py's URL rules
+        pool = aredis.ConnectionPool.from_url(url)  # redis-py's URL rules
+        kwargs = pool.connection_kwargs
+        self.ssl: ssl.SSLContext | None = None
+        if issubclass(pool.connection_class, aredis.SSLConnection):
+            self.ssl = pool.connection_class(**kwargs).ssl_context.get()
         self.path: str | None = kwargs.get("path")
         self.host: str = kwargs.get("host") or "localhost"
         self.port = int(kwargs.get("port") or 6379)
@@ -141,8 +150,8 @@ class RespClient:
 
     @staticmethod
     def supports(url: str) -> bool:
-        """TLS (rediss://) is left to redis-py (service.profiles.RedisPyReader)."""
-        return url.startswith(("redis://", "unix://"))
+        """A single Redis over TCP, TLS or a unix socket (Redis Cluster is left to RedisPyReader)."""
+        return url.startswith(("redis://", "rediss://", "unix://"))
 
     async def connect(self) -> None:
         """Open the connection now (else the first call does, inside its time budget)."""
@@ -206,7 +215,7 @@ class RespClient:
         if self.path:
             _, proto = await loop.create_unix_connection(_Protocol, self.path)
         else:
-            _, proto = await loop.create_connection(_Protocol, self.host, self.port)
+            _, proto = await loop.create_connection(_Protocol, self.host, self.port, ssl=self.ssl)
         setup: list[Command] = []
         if self.password is not None:
             setup.append(("AUTH", self.username, self.password) if self.username else ("AUTH", self.password))

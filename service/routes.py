@@ -11,6 +11,7 @@ import time
 import uuid
 from collections.abc import Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass
+from importlib import metadata
 from typing import Annotated, Any, get_type_hints
 
 import orjson
@@ -26,7 +27,7 @@ from starlette.routing import BaseRoute
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from export.contract.shadow import ClickRecord
-from service import api, logs, metrics
+from service import api, logs, metrics, tracing
 from service.deps import Service, service
 from service.profiles import STORE_ERRORS, AppendFailed
 from service.shadow import ShadowWriter
@@ -100,18 +101,29 @@ class BodyEndpoint:
         return cls(route.endpoint, validate, optional, headers, guards, frozenset(n.encode("latin-1") for n in names))
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if tracing.TRACER is None:
+            await self.serve(scope, receive, send)
+            return
+        with tracing.server_span(scope) as span:
+            status = await self.serve(scope, receive, send)
+            if status is not None:
+                span.set_attribute("http.response.status_code", status)
+
+    async def serve(self, scope: Scope, receive: Receive, send: Send) -> int | None:
+        """Answer the request; the status sent, None when the client went away first."""
         svc: Service = scope["app"].state.service
         headers = self.read_headers(scope)
         try:
             self.admit(svc, headers)
             raw = await read_body(receive)
             if raw is None:
-                return  # the client went away: nobody to answer
+                return None  # the client went away: nobody to answer
             body = None if self.optional and not raw else parse_body(self.validate, raw)
             response = await self.endpoint(body=body, svc=svc, **{p: headers.get(h) for p, h in self.headers.items()})
         except Exception as exc:
             response = error_response(svc, exc, scope["path"], headers.get("x-request-id"))
         await response(scope, receive, send)
+        return response.status_code
 
     def read_headers(self, scope: Scope) -> dict[str, str]:
         """The headers this endpoint reads; of a repeated one the first, as Starlette's Headers."""
@@ -334,6 +346,45 @@ async def readyz(svc: Svc) -> JSON:
         "profiles": svc.health.profiles,
     }
     return JSON(body, status_code=200 if body["ready"] else 503)
+
+
+@router.get("/v2", response_model=api.ServerMetadata)
+async def v2_server() -> JSON:
+    """Open Inference Protocol server metadata; no OIP extension is implemented."""
+    return JSON({"name": "psad", "version": metadata.version("psad"), "extensions": []})
+
+
+@router.get("/v2/health/live", response_model=api.Live)
+async def v2_live() -> JSON:
+    return JSON({"live": True})
+
+
+@router.get("/v2/health/ready", response_model=api.Ready, responses={503: {"model": api.Ready}})
+async def v2_ready(svc: Svc) -> JSON:
+    """/readyz's decision: ready once a model is loaded."""
+    ready = svc.models.current is not None
+    return JSON({"ready": ready}, status_code=200 if ready else 503)
+
+
+def served(svc: Service, name: str) -> JSON | None:
+    """OIP's 404 unless `name` is the model this service serves."""
+    if name == svc.settings.model_name and svc.models.current is not None:
+        return None
+    return JSON({"error": f"unknown model {name!r}; this service serves {svc.settings.model_name!r}"}, 404)
+
+
+@router.get("/v2/models/{name}", response_model=api.ModelMetadata, responses={404: {"model": api.OipError}})
+async def v2_model(name: str, svc: Svc) -> JSON:
+    bundle = svc.models.current
+    missing = served(svc, name)
+    if missing is not None:
+        return missing
+    return JSON(api.model_metadata(name, bundle.version, bundle.manifest).model_dump())
+
+
+@router.get("/v2/models/{name}/ready", response_model=api.ModelReady, responses={404: {"model": api.OipError}})
+async def v2_model_ready(name: str, svc: Svc) -> JSON:
+    return served(svc, name) or JSON({"name": name, "ready": True})
 
 
 @router.get(

@@ -107,7 +107,9 @@ class Settings(BaseSettings):
             "model version; leave it unset"
         ),
     )
-    admin_token: SecretStr | None = Field(None, description="bearer token of /admin/*; unset = admin disabled")
+    admin_token: SecretStr | None = Field(
+        None, description="bearer token of /admin/*; unset or empty = admin disabled (403 on /admin/*)"
+    )
 
     # Redis profile store.
     redis_url: str = Field(
@@ -210,6 +212,18 @@ class Settings(BaseSettings):
         ),
     )
 
+    # Tracing (service.tracing): OpenTelemetry spans over OTLP/HTTP; the OTEL_* variables apply too.
+    tracing: bool = Field(
+        False,
+        description=(
+            "OpenTelemetry tracing (needs `pip install 'psad[tracing]'`): spans to `OTEL_EXPORTER_OTLP_ENDPOINT` "
+            "(default http://localhost:4318); `PSAD_OTLP_ENDPOINT` turns it on too"
+        ),
+    )
+    otlp_endpoint: str | None = Field(
+        None, description="OTLP/HTTP collector base URL for traces (`/v1/traces` appended); set = tracing on"
+    )
+
     # Shadow sampling (service.shadow): answered lists and their clicks, to a Redis Stream.
     shadow_sample_rate: float = Field(
         0.0,
@@ -258,6 +272,12 @@ class Settings(BaseSettings):
         if v != "latest" and not (v.isdigit() and int(v) >= 1):
             raise ValueError("must be 'latest' or a version number >= 1")
         return v
+
+    @field_validator("admin_token", mode="before")
+    @classmethod
+    def _no_empty_token(cls, v: object) -> object:
+        """An empty token (compose's `${PSAD_ADMIN_TOKEN:-}`) disables admin rather than accepting `Bearer `."""
+        return None if isinstance(v, str) and not v.strip() else v
 
     @field_validator("redis_url", "shadow_redis_url")
     @classmethod

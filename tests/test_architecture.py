@@ -8,7 +8,11 @@ import sys
 
 from tests.conftest import REPO
 
-OFFLINE = ("training", "psad", "loadtest", "torch", "pandas", "pyarrow", "tqdm", "onnx", "safetensors", "matplotlib")
+# opentelemetry's SDK and exporter: the `tracing` extra, needed only with tracing on (the API comes with FastAPI).
+OFFLINE = (
+    *("training", "psad", "loadtest", "torch", "pandas", "pyarrow", "tqdm", "onnx", "safetensors", "matplotlib"),
+    *("opentelemetry.sdk", "opentelemetry.exporter"),
+)
 
 # A None entry in sys.modules makes `import name` (and any submodule) raise ImportError, as if the
 # package were not installed: the serving image's situation.

@@ -29,6 +29,7 @@ BUNDLE_FILES = {
     "teacher.safetensors",
     "items.safetensors",
     "config.json",
+    "config.pbtxt",
 }
 
 

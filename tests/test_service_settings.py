@@ -18,3 +18,12 @@ def test_the_docs_hold_the_table_the_settings_make() -> None:
     assert table in docs, f"docs/service.md's settings table differs; replace it with:\n\n{table}"
     rows = [line for line in table.splitlines() if line.startswith(f"| `{ENV_PREFIX}")]
     assert len(rows) == len(Settings.model_fields)
+
+
+def test_an_empty_admin_token_disables_admin() -> None:
+    """docker-compose passes `PSAD_ADMIN_TOKEN: ${PSAD_ADMIN_TOKEN:-}`: unset there must not mean a
+    token of "" (which `Authorization: Bearer ` would never match, answering 'wrong token')."""
+    assert Settings(admin_token="").admin_token is None
+    assert Settings(admin_token="  ").admin_token is None
+    token = Settings(admin_token="s3cret").admin_token
+    assert token is not None and token.get_secret_value() == "s3cret"
