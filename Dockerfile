@@ -5,6 +5,7 @@
 #
 #   docker build -t psad .                                                 # CPU
 #   docker build -t psad:gpu --build-arg ORT_PACKAGE="onnxruntime-gpu[cuda,cudnn]" .
+#   docker build -t psad --build-arg EXTRAS=remote,tracing .              # s3:// / gs:// models, OpenTelemetry
 #   docker build -t psad-tools --target tools .                            # `psad profiles load` etc.
 #   docker build -t psad-shadow --target shadow .                          # `psad shadow run`
 #
@@ -15,6 +16,9 @@ ARG PYTHON_VERSION=3.11
 
 FROM python:${PYTHON_VERSION}-slim AS build
 ARG ORT_PACKAGE=onnxruntime
+# Optional extras of the serving image, comma-separated: remote (PSAD_MODEL_REPO=s3://, gs://),
+# tracing (PSAD_TRACING); none by default.
+ARG EXTRAS=""
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 RUN python -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH
@@ -28,7 +32,7 @@ COPY service ./service
 # Without psad/ in the context the `psad` script could not start: the image runs `psad-serve`.
 # The import check fails the build if the request path reaches for any offline package.
 # hadolint ignore=DL3013
-RUN pip install . \
+RUN pip install ".${EXTRAS:+[$EXTRAS]}" \
  && if [ "$ORT_PACKAGE" != "onnxruntime" ]; then pip uninstall -y onnxruntime && pip install "$ORT_PACKAGE"; fi \
  && rm /opt/venv/bin/psad \
  && python -c "import sys; sys.modules.update(dict.fromkeys(('torch', 'pandas', 'pyarrow', 'tqdm', 'training', 'psad', 'loadtest'))); import service.app, service.cli"

@@ -1,5 +1,6 @@
 """Ports and child processes for the tools, the benchmarks and the tests: one way to pick a port,
-start a private redis-server, wait for a server and stop what was started.
+start a private redis-server (or a local Redis Cluster of them), wait for a server and stop what
+was started.
 
 A redis-server counts as started when it answers PING and INFO names its own pid: a port that
 another Redis took between the choice of a free port and the start fails at once instead of
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
 import shutil
 import signal
 import socket
@@ -172,3 +174,87 @@ def wait_http(
         except OSError:  # not listening yet, or not ready (an HTTPError is an OSError)
             time.sleep(0.2)
     raise RuntimeError(f"{url} did not answer 200 within {timeout_s:g} s{hint}")
+
+
+def cluster_ports(n: int) -> list[int]:
+    """Free ports whose cluster bus port (port + 10000) is free too (ephemeral ports are too high)."""
+    rng = random.Random()
+    ports: list[int] = []
+    while len(ports) < n:
+        port = rng.randrange(20_000, 30_000)
+        if port not in ports and all(port_free(p) for p in (port, port + 10_000)):
+            ports.append(port)
+    return ports
+
+
+class LocalCluster:
+    """`nodes` cluster-enabled redis-server processes on loopback joined into one Redis Cluster (no
+    replicas), for the tests and benchmarks. With `tls` (tls_files' files) each node also listens on
+    a TLS port, the cluster bus runs over TLS and `url` is the rediss:// one (a TLS client is told
+    the nodes' TLS ports); the plain ports stay for start_redis's readiness check. A node stopped
+    with stop_node and started again with start_node rejoins with its slots (its nodes.conf stays
+    in its directory) but without its data."""
+
+    def __init__(self, workdir: Path, nodes: int = 3, tls: dict[str, Path] | None = None):
+        self.workdir = workdir
+        self.tls = tls
+        ports = cluster_ports(2 * nodes if tls else nodes)  # a TLS port has its bus port too
+        self.ports, self.tls_ports = ports[:nodes], ports[nodes:]
+        self.procs: list[subprocess.Popen | None] = [None] * nodes
+
+    @property
+    def url(self) -> str:
+        if self.tls:
+            return f"rediss://{LOOPBACK}:{self.tls_ports[0]}/0?ssl_ca_certs={self.tls['ca']}"
+        return f"redis://{LOOPBACK}:{self.ports[0]}/0"
+
+    def start(self) -> None:
+        cli = shutil.which("redis-cli")
+        if cli is None:
+            raise FileNotFoundError(
+                "redis-cli is not installed: run `sudo apt-get install -y redis-server` (or `make setup` as root)"
+            )
+        for k in range(len(self.ports)):
+            self.start_node(k, wait=False)
+        create = [cli, "--cluster", "create", *(f"{LOOPBACK}:{p}" for p in self.ports)]
+        subprocess.run(
+            [*create, "--cluster-replicas", "0", "--cluster-yes"], check=True, capture_output=True, timeout=60
+        )
+        self.wait_ok()
+
+    def start_node(self, k: int, wait: bool = True) -> None:
+        """Start node `k` (again); with `wait`, return once every node reports the cluster ok."""
+        port = self.ports[k]
+        args = ["--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf"]
+        if self.tls:
+            args += [*tls_args(self.tls_ports[k], self.tls), "--tls-cluster", "yes"]
+        self.procs[k] = start_redis(port, self.workdir / str(port), args)
+        if wait:
+            self.wait_ok()
+
+    def stop_node(self, k: int) -> None:
+        stop_tree(self.procs[k])
+        self.procs[k] = None
+
+    def wait_ok(self, timeout_s: float = 30.0) -> None:
+        """Until every running node says cluster_state:ok."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if all(self._ok(p) for p, proc in zip(self.ports, self.procs, strict=True) if proc is not None):
+                return
+            time.sleep(0.05)
+        raise RuntimeError(f"redis cluster on ports {self.ports} did not become ready; see redis.log in {self.workdir}")
+
+    @staticmethod
+    def _ok(port: int) -> bool:
+        client = redis.Redis(host=LOOPBACK, port=port, socket_connect_timeout=0.5, socket_timeout=1)
+        try:
+            return b"cluster_state:ok" in client.execute_command("CLUSTER", "INFO")
+        except redis.RedisError:
+            return False
+        finally:
+            client.close()
+
+    def stop(self) -> None:
+        for k in range(len(self.ports)):
+            self.stop_node(k)

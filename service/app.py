@@ -20,6 +20,7 @@ from typing import Any
 
 from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
+from redis.asyncio.cluster import RedisCluster
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from service import api, logs, routes, tracing
@@ -30,6 +31,7 @@ from service.metrics import MetricsMiddleware
 from service.model_store import ModelStore
 from service.profiles import ProfileStore, connect
 from service.resp import RespClient
+from service.resp_cluster import ClusterReader
 from service.settings import Settings, load_settings
 from service.shadow import ShadowWriter
 
@@ -45,8 +47,10 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     bundle = await models.start()
     timeout_s = settings.events_timeout_ms / 1000
     client = connect(settings.redis_url, settings.redis_pool_size, timeout_s, cluster=settings.redis_cluster)
-    reader = None
-    if not settings.redis_cluster and RespClient.supports(settings.redis_url):
+    reader: RespClient | ClusterReader | None = None  # None: redis-py reads (a URL RespClient cannot take)
+    if isinstance(client, RedisCluster):
+        reader = ClusterReader(client, settings.redis_url, connect_timeout_s=timeout_s, stale_s=timeout_s)
+    elif RespClient.supports(settings.redis_url):
         reader = RespClient(settings.redis_url, connect_timeout_s=timeout_s, stale_s=timeout_s)
     profiles = ProfileStore(client, settings.key_prefix, settings.profile_ttl_s, reader)
     try:

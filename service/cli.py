@@ -23,7 +23,9 @@ from service.settings import ENV_PREFIX, Settings, SettingsError, load_settings
 APP_FACTORY = "service.app:create_app"
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
-MODEL_REPO = typer.Option(None, "--model-repo", help="Model repository (overrides PSAD_MODEL_REPO).")
+MODEL_REPO = typer.Option(
+    None, "--model-repo", help="Model repository: a directory or an fsspec URL (overrides PSAD_MODEL_REPO)."
+)
 MODEL_NAME = typer.Option(None, "--model-name", help="Model name in the repository (overrides PSAD_MODEL_NAME).")
 REDIS_URL = typer.Option(None, "--redis-url", help="Redis URL (overrides PSAD_REDIS_URL).")
 
@@ -93,7 +95,7 @@ def serve_command(
     workers: int = typer.Option(
         1, min=1, max=64, help="Server processes (one model session and one SO_REUSEPORT socket each)."
     ),
-    model_repo: Path | None = MODEL_REPO,
+    model_repo: str | None = MODEL_REPO,
     model_name: str | None = MODEL_NAME,
     redis_url: str | None = REDIS_URL,
 ) -> None:

@@ -185,25 +185,26 @@ class Reranker:
 
     async def read_profiles(
         self, requests: list[RerankRequest], now: list[float], max_history: int
-    ) -> tuple[Sequence[RawProfile | None], Degraded | None]:
-        """Raw profiles (None = cold start after a failed read) and the degradation reason, if any:
-        the failed read's, else profiles_missing while the store has no load marker."""
+    ) -> tuple[Sequence[RawProfile | None], list[Degraded | None]]:
+        """Raw profiles (None = cold start after a failed read) and each request's degradation
+        reason, if any: its failed read's (with Redis Cluster, one node may fail alone), else
+        profiles_missing while the store has no load marker."""
         t0 = time.perf_counter()
         raws: Sequence[RawProfile | None]
-        reason: Degraded | None
+        n = len(requests)
         try:
-            users = [r.user_id for r in requests]
-            raws = await self.profiles.read(users, now, max_history, self.budget_s)
-            reason = Degraded.PROFILES_MISSING if self.health.missing else None
+            raws = await self.profiles.read([r.user_id for r in requests], now, max_history, self.budget_s)
+            missing = Degraded.PROFILES_MISSING if self.health.missing else None
+            reasons = [Degraded.REDIS_UNAVAILABLE if raw is None else missing for raw in raws]
         except TimeoutError:
-            raws, reason = [None] * len(requests), Degraded.REDIS_TIMEOUT
+            raws, reasons = [None] * n, [Degraded.REDIS_TIMEOUT] * n
         except STORE_ERRORS:
-            raws, reason = [None] * len(requests), Degraded.REDIS_UNAVAILABLE
+            raws, reasons = [None] * n, [Degraded.REDIS_UNAVAILABLE] * n
         t1 = time.perf_counter()
         metrics.STAGE.profile_read.observe(t1 - t0)
         if tracing.TRACER is not None:
             tracing.stage("profile_read", t0, t1)
-        return raws, reason
+        return raws, reasons
 
     async def rerank(
         self, requests: list[RerankRequest], request_ids: list[str], bundle: Bundle | None = None
@@ -211,11 +212,13 @@ class Reranker:
         bundle = bundle or self.models.current  # taken once: a model swap does not affect this request
         now = [request_time(r) for r in requests]
         try:
-            raws, redis_reason = await self.read_profiles(requests, now, bundle.schema.max_history)
+            raws, redis_reasons = await self.read_profiles(requests, now, bundle.schema.max_history)
             jobs = [Job(r, p, t) for r, p, t in zip(requests, raws, now, strict=True)]
             outcomes = await self.scorer.score(bundle, jobs)
-            if redis_reason:
-                outcomes = [replace(o, reasons=[redis_reason, *o.reasons]) for o in outcomes]
+            outcomes = [
+                replace(o, reasons=[why, *o.reasons]) if why else o
+                for o, why in zip(outcomes, redis_reasons, strict=True)
+            ]
         except Exception:
             log.warning(
                 "rerank failed; answering in the ranking stage's order",
@@ -242,7 +245,7 @@ class Reranker:
     async def floor(self, request: RerankRequest, request_id: str, bundle: Bundle | None = None) -> dict[str, Any]:
         """The no-model baseline: same parsing and profile read, then a sort by the given score."""
         bundle = bundle or self.models.current
-        _, reason = await self.read_profiles([request], [request_time(request)], bundle.schema.max_history)
+        _, (reason,) = await self.read_profiles([request], [request_time(request)], bundle.schema.max_history)
         scores = given_scores(request, bundle.schema)
         return self.respond(request, request_id, Outcome(scores, [reason] if reason else []), bundle)[0]
 

@@ -64,6 +64,8 @@ PROFILES_MISSING = Gauge(
     multiprocess_mode="livemax",
 )
 RELOADS = Counter("psad_model_reload", "Model reload attempts, by result (loaded, unchanged, refused).", ["result"])
+for _result in ("loaded", "unchanged", "refused"):  # exported at 0, so increase() sees a first refusal
+    RELOADS.labels(_result)
 SHADOW_RECORDS = Counter(
     "psad_shadow_records",
     "Shadow records by outcome: written to the stream, dropped (the queue was full, or still queued at "

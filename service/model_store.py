@@ -17,11 +17,12 @@ import asyncio
 import logging
 from pathlib import Path
 
-from export.contract.bundle import BundleError, latest_version
+from export.contract.bundle import BundleError
 from export.runtime import Bundle, load_bundle
 from service import metrics
 from service.api import ReloadResult, WorkerVersion
 from service.fleet import FOLLOW_S, Fleet
+from service.model_repo import RepoUnavailable, open_repo
 from service.settings import Settings
 
 log = logging.getLogger("psad.service")
@@ -31,7 +32,7 @@ FLEET_WAIT_S = 60.0  # how long a reload waits for the other workers to load the
 class ModelStore:
     def __init__(self, settings: Settings):
         self.settings = settings
-        self.repo = Path(settings.model_repo)
+        self.repo = open_repo(settings)  # a directory, or an fsspec URL downloaded into a cache
         self._current: Bundle | None = None  # set by start(), before the app takes requests
         self._lock = asyncio.Lock()
         self._refused: dict[int, str] = {}
@@ -50,19 +51,30 @@ class ModelStore:
             return requested
         if self.settings.model_version != "latest":
             return int(self.settings.model_version)
-        version = latest_version(self.repo, self.settings.model_name)
+        version = self.repo.latest(self.settings.model_name)
         if version is None:
             raise BundleError(
-                f"{self.repo / self.settings.model_name}: no model version found; export one with `psad export` "
-                "or set PSAD_MODEL_REPO / PSAD_MODEL_NAME"
+                f"{self.settings.model_repo}/{self.settings.model_name}: no model version found; "
+                "export one with `psad export` or set PSAD_MODEL_REPO / PSAD_MODEL_NAME"
             )
         return version
 
+    def _resolve(self, requested: int | None, current: int) -> tuple[int, bool]:
+        """The version to load, and whether the repository lacks it."""
+        version = self.target_version(requested)
+        return version, version != current and not self.repo.exists(self.settings.model_name, version)
+
     def path(self, version: int) -> Path:
-        return self.repo / self.settings.model_name / str(version)
+        """The version's local directory (a URL repository's is downloaded into the cache first)."""
+        return self.repo.fetch(self.settings.model_name, version)
 
     def _load(self, version: int) -> Bundle:
-        return load_bundle(self.path(version), device=self.settings.device, threads=self.settings.threads)
+        name = self.settings.model_name
+        try:
+            return load_bundle(self.path(version), device=self.settings.device, threads=self.settings.threads)
+        except BundleError:
+            self.repo.discard(name, version)  # a corrupt download: fetch the upload again next time
+            raise
 
     async def start(self) -> Bundle:
         """Load the first model, the server's target when other workers already serve one; a
@@ -111,7 +123,8 @@ class ModelStore:
                     target is not None
                     and target != self.current.version
                     and target not in self._refused
-                    and self.path(target).is_dir()  # a missing version waits here, unretried and unlogged
+                    # a missing version waits here, unretried and unlogged
+                    and await asyncio.to_thread(self.repo.exists, self.settings.model_name, target)
                 ):
                     await self._reload_here(target)
             except Exception:  # keep following whatever the shared directory throws
@@ -126,20 +139,20 @@ class ModelStore:
     async def _reload_locked(self, requested: int | None) -> ReloadResult:
         async with self._lock:
             current = self._current.version if self._current else 0
-            try:
-                version = self.target_version(requested)
-                missing = version != current and not self.path(version).is_dir()
+            try:  # in a thread: a URL repository answers over the network
+                version, missing = await asyncio.to_thread(self._resolve, requested, current)
             except (BundleError, OSError) as exc:  # OSError: the repository unreadable, a name too long
                 return self._refuse(current, str(exc))
             if version == current:
                 metrics.RELOADS.labels("unchanged").inc()
                 return ReloadResult(result="unchanged", version=current, detail="")
             if missing:
-                return self._refuse(
-                    current, f"{self.path(version)}: no such bundle directory (yet); export it with `psad export`"
-                )
+                where = self.repo.describe(self.settings.model_name, version)
+                return self._refuse(current, f"{where}: no such bundle directory (yet); export it with `psad export`")
             try:
                 bundle = await asyncio.to_thread(self._load, version)
+            except RepoUnavailable as exc:  # not broken, not here yet: polling tries again
+                return self._refuse(current, str(exc))
             except Exception as exc:  # whatever the cause, refuse it once: polling must not retry it forever
                 self._refused[version] = str(exc) if isinstance(exc, BundleError) else repr(exc)
                 return self._refuse(current, self._refused[version])
@@ -161,12 +174,25 @@ class ModelStore:
         metrics.MODEL_INFO.labels(bundle.name, str(bundle.version), bundle.provider).set(1)
 
     async def poll(self, interval_s: float) -> None:
-        """Follow the repository: load each new latest version once (refused ones are skipped)."""
+        """Follow the repository: load each new latest version once (refused ones are skipped).
+
+        A repository that cannot be listed (a bucket unreachable) is logged when that starts and
+        when it ends, not at every poll."""
+        failing: str | None = None
         while True:
             await asyncio.sleep(interval_s)
             try:
-                latest = latest_version(self.repo, self.settings.model_name)
+                latest = await asyncio.to_thread(self.repo.latest, self.settings.model_name)
+            except Exception as exc:  # keep polling whatever a repository scan throws
+                if failing != repr(exc):
+                    log.warning("model repository poll failed", extra={"reason": repr(exc)}, exc_info=True)
+                failing = repr(exc)
+                continue
+            if failing is not None:
+                log.info("model repository readable again", extra={"repo": self.settings.model_repo})
+                failing = None
+            try:
                 if latest is not None and latest not in self._refused and latest != self.current.version:
                     await self.reload(latest)
-            except Exception:  # keep polling whatever a repository scan throws
-                log.warning("model repository poll failed", exc_info=True)
+            except Exception:  # a reload refuses instead of raising; this is the unforeseen
+                log.warning("model reload from polling failed", exc_info=True)

@@ -48,6 +48,8 @@ from service.resp import Command, within
 # What an unreachable or failing profile store raises: redis-py's errors, Redis Cluster's own
 # (RedisClusterException is no RedisError: cluster down, slot not covered), and socket errors.
 STORE_ERRORS = (redis.RedisError, redis.exceptions.RedisClusterException, OSError)
+# An error in a command's place that says the store was not reached, rather than that the keys are bad.
+UNREACHABLE = (redis.ConnectionError, redis.TimeoutError, OSError)
 
 # KEYS[1] = history, KEYS[2] = user hash; ARGV = cap, ttl, then (score, member) pairs. An event
 # whose id (a member's third field) is already in the history is skipped: a retry stores nothing,
@@ -202,7 +204,9 @@ def _members(reply: list) -> list[str]:
     return reply if not reply or isinstance(reply[0], str) else [_text(m) for m in reply]
 
 
-def _profile(user: Any, history: Any) -> RawProfile:
+def _profile(user: Any, history: Any) -> RawProfile | None:
+    if any(isinstance(r, UNREACHABLE) for r in (user, history)):
+        return None  # its node did not answer (Redis Cluster): a failed read, not a bad profile
     errors = [str(r) for r in (user, history) if isinstance(r, Exception)]
     return RawProfile(error="; ".join(errors)) if errors else RawProfile(_fields(user), _members(history))
 
@@ -210,8 +214,8 @@ def _profile(user: Any, history: Any) -> RawProfile:
 class ProfileReader(Protocol):
     """How a ProfileStore reads: its commands sent in one round trip, their replies in order, with
     raise_on_error=False an error reply in its command's place. service.resp.RespClient is the
-    request path's reader; RedisPyReader is the reference, and the one wherever RespClient does
-    not apply (Redis Cluster: whatever RespClient.supports refuses)."""
+    request path's reader on one node, service.resp_cluster.ClusterReader on Redis Cluster;
+    RedisPyReader is the reference, and the one wherever neither applies."""
 
     async def execute(
         self, commands: Sequence[Command], timeout_s: float | None = None, raise_on_error: bool = True
@@ -221,8 +225,8 @@ class ProfileReader(Protocol):
 
 
 class RedisPyReader:
-    """The reference ProfileReader: a redis-py pipeline over the store's client, so Redis Cluster
-    routes each command to its node and TLS comes with the client."""
+    """The reference ProfileReader: a redis-py pipeline over the store's client (on Redis Cluster a
+    ClusterPipeline, routing each command to its node), TLS coming with the client."""
 
     def __init__(self, client: aredis.Redis | RedisCluster):
         self.client = client
@@ -269,10 +273,11 @@ class ProfileStore:
 
     async def read(
         self, user_ids: Sequence[str], now: Sequence[float], max_history: int, timeout_s: float | None = None
-    ) -> list[RawProfile]:
+    ) -> list[RawProfile | None]:
         """Each user's features and their last max_history behaviours strictly before `now`;
         asyncio.TimeoutError past timeout_s (None: no limit). A user whose keys Redis cannot read
-        as a profile gets a RawProfile with `error` set; the other users are read as usual."""
+        as a profile gets a RawProfile with `error` set, one whose cluster node is unreachable gets
+        None; the other users are read as usual."""
         commands = self.read_commands(user_ids, now, max_history)
         replies = await self.reader.execute(commands, timeout_s, raise_on_error=False)
         return [_profile(u, h) for u, h in zip(replies[0::2], replies[1::2], strict=True)]

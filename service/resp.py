@@ -3,9 +3,9 @@
 Why not redis-py for this call: its connection checkout and release take locks and run
 observability hooks and a health check per call, which costs more than the round trip
 itself. `python -m loadtest.resp_bench` measures the two against the same redis-server (figures
-in docs/benchmarks.md). This client is a service.profiles.ProfileReader; redis-py (RedisPyReader,
-the reference) reads where this client does not apply (Redis Cluster), and does everything else
-(appends, PING).
+in docs/benchmarks.md). This client is a service.profiles.ProfileReader, and on Redis Cluster
+service.resp_cluster.ClusterReader runs one per node; redis-py (RedisPyReader) is the reference
+reader, and does everything else (appends, PING).
 
 TLS (rediss://): the SSLContext is the one redis-py builds from the same URL (its ssl_cert_reqs,
 ssl_ca_certs, ssl_certfile, ssl_keyfile, ssl_check_hostname query parameters), so one URL
@@ -150,7 +150,7 @@ class RespClient:
 
     @staticmethod
     def supports(url: str) -> bool:
-        """A single Redis over TCP, TLS or a unix socket (Redis Cluster is left to RedisPyReader)."""
+        """A single Redis over TCP, TLS or a unix socket (Redis Cluster: service.resp_cluster, one per node)."""
         return url.startswith(("redis://", "rediss://", "unix://"))
 
     async def connect(self) -> None:

@@ -9,12 +9,14 @@ from __future__ import annotations
 import difflib
 import math
 import os
+import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import SettingsError as SourceError
 
 from export.contract.bundle import NAME_PATTERN, Device
 
@@ -48,7 +50,17 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="forbid", protected_namespaces=())
 
     # Model repository: bundles live at <model_repo>/<model_name>/<version>/.
-    model_repo: Path = Field(Path("models"), description="model repository directory")
+    model_repo: str = Field(
+        "models", description="model repository: a directory, or an fsspec URL (`s3://bucket/prefix`, `gs://...`)"
+    )
+    model_repo_options: dict[str, Any] = Field(
+        {}, description='JSON object of fsspec storage options for a URL repository, e.g. `{"endpoint_url": ...}`'
+    )
+    model_cache_dir: Path = Field(
+        Path(tempfile.gettempdir()) / "psad-model-cache",
+        description="where versions of a URL repository are downloaded and verified (shared by the workers)",
+        json_schema_extra={"docs_default": "`$TMPDIR/psad-model-cache` (`/tmp/...` when unset)"},
+    )
     model_name: str = Field(
         "psad",
         pattern=NAME_PATTERN,
@@ -131,9 +143,8 @@ class Settings(BaseSettings):
         64,
         ge=1,
         description=(
-            "redis-py connections per worker process (per cluster node): appends, PING, and reads over "
-            "TLS or a cluster. Single-node `redis://` / `unix://` reads share one multiplexed connection "
-            "per process (below)"
+            "redis-py connections per worker process (per cluster node): appends and PING. Profile reads "
+            "share one multiplexed connection per process (per cluster node; below)"
         ),
     )
     events_timeout_ms: float = Field(1000.0, gt=0, description="time limit of an /events write (over it: 503)")
@@ -266,6 +277,11 @@ class Settings(BaseSettings):
         "info", description="`debug`, `info`, `warning`, `error`"
     )
 
+    @field_validator("model_repo", mode="before")
+    @classmethod
+    def _repo(cls, v: object) -> object:
+        return os.fspath(v) if isinstance(v, os.PathLike) else v  # callers pass a Path for a directory
+
     @field_validator("model_version")
     @classmethod
     def _version(cls, v: str) -> str:
@@ -340,6 +356,9 @@ def load_settings(**overrides: Any) -> Settings:
         for err in exc.errors():
             field = str(err["loc"][0]) if err["loc"] else "?"
             lines.append(f"{ENV_PREFIX}{field.upper()}={err.get('input')!r}: {err['msg']}")
+    except SourceError as exc:  # a variable of a structured setting that is not JSON
+        field = next((f for f in Settings.model_fields if f'"{f}"' in str(exc)), "?")
+        lines.append(f'{ENV_PREFIX}{field.upper()}: not valid JSON; give a JSON value, e.g. \'{{"key": "value"}}\'')
     if lines:
         raise SettingsError("invalid service settings:\n  " + "\n  ".join(lines)) from None
     return settings

@@ -96,17 +96,27 @@ def server_span(scope: Mapping[str, Any]) -> Iterator[Span]:
         yield span
 
 
+def _recording() -> bool:
+    """Whether the current span records: a request the sampler dropped gets no stage spans or
+    attributes, so it pays for its server span only."""
+    from opentelemetry import trace
+
+    return trace.get_current_span().is_recording()
+
+
 def stage(name: str, start: float, end: float, attributes: Mapping[str, Any] | None = None) -> None:
     """A finished child span of the current one, from perf_counter readings."""
     assert TRACER is not None
-    TRACER.start_span(name, start_time=_ns(start), attributes=attributes).end(end_time=_ns(end))
+    if _recording():
+        TRACER.start_span(name, start_time=_ns(start), attributes=attributes).end(end_time=_ns(end))
 
 
 def batch(timing: BatchTiming) -> None:
     """This request's feature_assembly and inference spans, with its batch's times."""
-    attributes = {"psad.batch_size": timing.size}
-    stage("feature_assembly", timing.start, timing.assembled, attributes)
-    stage("inference", timing.assembled, timing.end, attributes)
+    if _recording():
+        attributes = {"psad.batch_size": timing.size}
+        stage("feature_assembly", timing.start, timing.assembled, attributes)
+        stage("inference", timing.assembled, timing.end, attributes)
 
 
 def annotate(request_id: str, degraded: Sequence[str], fields: Mapping[str, object]) -> None:
@@ -115,6 +125,8 @@ def annotate(request_id: str, degraded: Sequence[str], fields: Mapping[str, obje
     from opentelemetry import trace
 
     span = trace.get_current_span()
+    if not span.is_recording():
+        return
     span.set_attribute("psad.request_id", request_id)
     span.set_attribute("psad.degraded_reasons", [str(d) for d in degraded])
     for key, value in fields.items():

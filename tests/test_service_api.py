@@ -47,7 +47,7 @@ def serve(settings: Settings, app: FastAPI | None = None) -> Iterator[httpx.Clie
         thread.join(timeout=30)
 
 
-def settings_for(repo: Path, redis_url: str, **overrides: object) -> Settings:
+def settings_for(repo: Path | str, redis_url: str, **overrides: object) -> Settings:
     """The service's settings for a test. The profile-read budget is 1 s unless a test sets it: the
     5 ms default is a production budget, and a loaded CI machine would degrade healthy reads."""
     overrides.setdefault("redis_budget_ms", 1000)

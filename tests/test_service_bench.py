@@ -1,9 +1,11 @@
 """`psad bench service` end to end on a tiny data set: it starts Redis and two server processes,
-measures both phases and writes a report with every table the docs quote. Also the profile-read
-micro-benchmark (`python -m loadtest.resp_bench`) and the process helpers both stand on (psad.procs)."""
+measures both phases and writes a report with every table the docs quote; its comparisons
+(shadow sampling, tracing, another source tree) likewise. Also the profile-read micro-benchmark
+(`python -m loadtest.resp_bench`) and the process helpers both stand on (psad.procs)."""
 
 from __future__ import annotations
 
+import shutil
 import signal
 import subprocess
 import sys
@@ -14,11 +16,14 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
-from loadtest.service_bench.report import BATCH_ROW, ShadowResult
-from loadtest.service_bench.run import bench_service_command, run_bench
+from loadtest.service_bench.report import BATCH_ROW, SPANS_PER_RERANK, Paired, ShadowResult, TracingResult
+from loadtest.service_bench.run import PAIR_ORDER, bench_service_command, run_bench
 from loadtest.service_bench.workload import BenchConfig
 from psad.procs import free_port, start_redis, stop_tree, tree_pids
 from service.settings import load_settings
+from tests.conftest import REPO
+
+COMPARED = ("REDIS_URL", "REDIS_CLUSTER", "INFERENCE_WORKERS", "PROCESSES", "SHADOW_SAMPLE_RATE", "TRACING")
 
 
 def test_bench_service_measures_and_reports(tiny_data: Path, tiny_bundle: Path, tmp_path: Path, monkeypatch):
@@ -49,48 +54,102 @@ def test_bench_service_measures_and_reports(tiny_data: Path, tiny_bundle: Path, 
     assert f"| degraded answers under load | < 0.1% | {result.loaded.degraded / len(result.loaded.ms):.3%}" in report
 
 
+def comparison(tiny_data: Path, tiny_bundle: Path, tmp_path: Path, monkeypatch, **mode: object) -> BenchConfig:
+    """A comparison run's config on the tiny data set: tiny request counts, two connections."""
+    for name in (*COMPARED, "OTLP_ENDPOINT"):
+        monkeypatch.delenv(f"PSAD_{name}", raising=False)
+    monkeypatch.delenv("OTEL_TRACES_SAMPLER", raising=False)  # every request traced
+    monkeypatch.setenv("PSAD_MODEL_REPO", str(tiny_bundle.parents[1]))
+    return BenchConfig(
+        data=tiny_data, list_length=10, history=5, requests=20, duration_s=1.0, concurrency=2, var=tmp_path, **mode
+    )
+
+
+def check_pair(pair: Paired, names: tuple[str, str], report: str) -> None:
+    """What every comparison measures and reports: both servers, every phase, each block's ratios."""
+    assert pair.names == names and [len(s.ms) for s in pair.one] == [20, 20]
+    assert [name for name, _ in pair.phases] == [names[k] for k in PAIR_ORDER]
+    assert all(s.errors == 0 for s in (*pair.one, *pair.loaded)) and min(pair.rps) > 0
+    assert all(cpu["server"] > 0 and cpu["redis"] > 0 for cpu in pair.cpu_ms) and "| server + Redis |" in report
+    assert len(pair.blocks) == 3 and all(b.rps > 0 and b.server_cpu > 0 and b.p50 > 0 for b in pair.blocks)
+    assert f"| {names[1]} / {names[0]} |" in report and "## Noise" in report and "| 3 |" in report
+
+
 def test_bench_service_compares_shadow_sampling_on_and_off(
     tiny_data: Path, tiny_bundle: Path, tmp_path: Path, monkeypatch
 ):
-    for name in ("REDIS_URL", "REDIS_CLUSTER", "INFERENCE_WORKERS", "PROCESSES", "SHADOW_SAMPLE_RATE"):
-        monkeypatch.delenv(f"PSAD_{name}", raising=False)
-    monkeypatch.setenv("PSAD_MODEL_REPO", str(tiny_bundle.parents[1]))
-    cfg = BenchConfig(
-        data=tiny_data,
-        list_length=10,
-        history=5,
-        requests=20,
-        duration_s=1.0,
-        concurrency=2,
-        shadow_rate=1.0,
-        var=tmp_path,
-    )
+    cfg = comparison(tiny_data, tiny_bundle, tmp_path, monkeypatch, shadow_rate=1.0)
     out = tmp_path / "shadow.md"
     result = run_bench(cfg, load_settings(), out)
 
     assert isinstance(result, ShadowResult)
-    assert [len(s.ms) for s in result.one] == [20, 20]
-    assert [name for name, _ in result.phases] == ["off", "on", "on", "off"] * 3
-    assert all(s.errors == 0 for s in (*result.one, *result.loaded)) and min(result.rps) > 0
+    report = out.read_text()
+    check_pair(result.pair, ("off", "on"), report)
     # Every answer of the sampling server was recorded (rate 1), and the server at rate 0 wrote nothing:
     # its own counters are 0, and the shared stream holds exactly the sampling server's records.
-    assert result.records["written"] == result.answered > len(result.one[1].ms) + len(result.loaded[1].ms)
+    assert result.records["written"] == result.answered > len(result.pair.one[1].ms) + len(result.pair.loaded[1].ms)
     assert result.records["dropped"] == result.records["failed"] == 0
     assert result.off_records == {"written": 0, "dropped": 0, "failed": 0}
     assert result.stream_len == result.records["written"]
-    report = out.read_text()
-    assert "--shadow-rate 1" in report and "| on / off |" in report and "## Targets (issue 17)" in report
-    assert all(cpu["server"] > 0 and cpu["redis"] > 0 for cpu in result.cpu_ms) and "| server + Redis |" in report
+    assert "--shadow-rate 1" in report and "## Targets (issue 17)" in report
     assert report.count("| pass |") + report.count("| MISS |") == 2
     assert f"{result.records['written']:,.0f} written, 0 dropped, 0 failed" in report
     assert "rate 0: 0 written, 0 dropped, 0 failed" in report and "biases the one-client ratio toward 1" in report
 
 
-def test_bench_service_shadow_rate_needs_its_own_servers():
+def test_bench_service_compares_tracing_on_and_off(tiny_data: Path, tiny_bundle: Path, tmp_path: Path, monkeypatch):
+    cfg = comparison(tiny_data, tiny_bundle, tmp_path, monkeypatch, tracing=True)
+    out = tmp_path / "tracing.md"
+    result = run_bench(cfg, load_settings(), out)
+
+    assert isinstance(result, TracingResult)
+    report = out.read_text()
+    check_pair(result.pair, ("off", "on"), report)
+    # Every span of every answer of the traced server reached the collector, and the other sent none.
+    assert result.answered > len(result.pair.one[1].ms) + len(result.pair.loaded[1].ms)
+    assert result.received["spans"] == SPANS_PER_RERANK * result.answered and result.received["exports"] > 0
+    assert result.pair.cpu_ms[1]["collector"] > 0 and "collector" not in result.pair.cpu_ms[0]
+    assert "--tracing" in report and f"{result.received['spans']:,} in" in report
+
+
+def test_bench_service_compares_this_checkout_with_another_tree(
+    tiny_data: Path, tiny_bundle: Path, tmp_path: Path, monkeypatch
+):
+    tree = tmp_path / "tree"
+    for package in ("service", "export"):  # what `python -m service.cli serve` imports
+        shutil.copytree(REPO / package, tree / package, ignore=shutil.ignore_patterns("__pycache__"))
+    cfg = comparison(tiny_data, tiny_bundle, tmp_path, monkeypatch, baseline_tree=tree)
+    out = tmp_path / "baseline.md"
+    result = run_bench(cfg, load_settings(), out)
+
+    assert isinstance(result, Paired)
+    report = out.read_text()
+    check_pair(result, ("baseline", "current"), report)
+    assert f"--baseline-tree {tree}" in report and f"| baseline ({tree}) |" in report
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--shadow-rate", "1", "--url", "http://127.0.0.1:1"], "--shadow-rate starts its own two servers"),
+        (["--tracing", "--url", "http://127.0.0.1:1"], "--tracing starts its own two servers"),
+        (["--tracing", "--shadow-rate", "0.5"], "--shadow-rate and --tracing: each is a comparison of its own"),
+        (["--baseline-tree", "."], "--baseline-tree .: no service/cli.py in it"),
+    ],
+)
+def test_bench_service_comparisons_need_their_own_servers_and_come_one_at_a_time(
+    args: list[str], message: str, tmp_path: Path, monkeypatch
+):
+    monkeypatch.chdir(tmp_path)
     app = typer.Typer()
     app.command()(bench_service_command)
-    result = CliRunner().invoke(app, ["--shadow-rate", "1", "--url", "http://127.0.0.1:1"])
-    assert result.exit_code == 2 and "--shadow-rate starts its own two servers" in result.output
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 2 and message in " ".join(result.output.split()), result.output
+
+
+def test_bench_service_shadow_rate_is_a_fraction():
+    app = typer.Typer()
+    app.command()(bench_service_command)
     assert CliRunner().invoke(app, ["--shadow-rate", "1.5"]).exit_code == 2
 
 

@@ -4,81 +4,29 @@ appended through the cluster client, and the service serving from them end to en
 from __future__ import annotations
 
 import asyncio
-import random
+import json
 import shutil
-import subprocess
-import time
 from collections.abc import Iterator
-from pathlib import Path
 
+import pandas as pd
 import pytest
-import redis
 from redis.cluster import RedisCluster
 
 from psad.load_profiles import bulk_load
-from psad.procs import port_free, start_redis, stop_tree
+from psad.procs import LocalCluster
+from service.app import create_app
 from service.profiles import ProfileStore, connect, history_key
+from service.resp_cluster import ClusterReader
 from tests.test_service_api import request, serve, settings_for
 
 NODES = 3
 
 
-def cluster_ports(n: int) -> list[int]:
-    """Free ports whose cluster bus port (port + 10000) is free too (ephemeral ports are too high)."""
-    rng = random.Random()
-    ports: list[int] = []
-    while len(ports) < n:
-        port = rng.randrange(20_000, 30_000)
-        if port not in ports and all(port_free(p) for p in (port, port + 10_000)):
-            ports.append(port)
-    return ports
-
-
-class Cluster:
-    """Three cluster-enabled redis-server processes joined into one cluster (no replicas)."""
-
-    def __init__(self, workdir: Path):
-        self.workdir = workdir
-        self.ports = cluster_ports(NODES)
-        self.procs: list[subprocess.Popen] = []
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.ports[0]}/0"
-
-    def start(self) -> None:
-        for port in self.ports:
-            args = ["--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf"]
-            self.procs.append(start_redis(port, self.workdir / str(port), args))
-        create = ["redis-cli", "--cluster", "create", *(f"127.0.0.1:{p}" for p in self.ports)]
-        subprocess.run(
-            [*create, "--cluster-replicas", "0", "--cluster-yes"], check=True, capture_output=True, timeout=60
-        )
-        for port in self.ports:
-            self._wait(lambda p=port: b"cluster_state:ok" in redis.Redis(port=p).execute_command("CLUSTER", "INFO"))
-
-    @staticmethod
-    def _wait(ready, timeout_s: float = 30.0) -> None:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            try:
-                if ready():
-                    return
-            except (redis.RedisError, OSError):
-                pass
-            time.sleep(0.05)
-        raise RuntimeError("redis cluster did not become ready")
-
-    def stop(self) -> None:
-        for proc in self.procs:
-            stop_tree(proc)
-
-
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
     if shutil.which("redis-server") is None or shutil.which("redis-cli") is None:
         pytest.fail("redis-server and redis-cli are needed: run `make setup` (apt-get install redis-server)")
-    c = Cluster(tmp_path_factory.mktemp("cluster"))
+    c = LocalCluster(tmp_path_factory.mktemp("cluster"), NODES)
     try:
         c.start()
         yield c
@@ -109,16 +57,14 @@ def test_profiles_on_a_cluster_are_appended_and_read_per_user(cluster):
 
 def test_the_service_serves_profiles_from_a_cluster(tiny_bundle, tiny_data, cluster):
     bulk_load(cluster.url, tiny_data, prefix="apitest", ttl_s=0, progress=False, cluster=True)
-    import json
-
-    import pandas as pd
-
     data = {
         "users": pd.read_parquet(tiny_data / "users.parquet")["user_id"].tolist(),
         "items": json.loads((tiny_data / "vocab.json").read_text())["items"],
     }
-    with serve(settings_for(tiny_bundle.parents[1], cluster.url, redis_cluster=True)) as c:
+    app = create_app(settings_for(tiny_bundle.parents[1], cluster.url, redis_cluster=True))
+    with serve(app.state.settings, app) as c:
         assert c.get("/readyz").json()["redis"] == "ok"
+        assert isinstance(app.state.service.profiles.reader, ClusterReader)  # the fast read, not redis-py's
         answers = [c.post("/rerank", json=request(data, user=u)).json() for u in data["users"][:10]]
         assert all(a["degraded"] is False for a in answers)
         cold = c.post("/rerank", json=request(data, user="never-seen-user")).json()
@@ -128,3 +74,31 @@ def test_the_service_serves_profiles_from_a_cluster(tiny_bundle, tiny_data, clus
     client = RedisCluster.from_url(cluster.url)
     assert client.zcard(history_key("apitest", "cluster-user")) == 1
     client.close()
+
+
+def test_a_node_down_degrades_only_its_users_answers_and_they_recover(tiny_bundle, tiny_data, cluster):
+    """Users whose slots live on a stopped node get cold-start answers flagged redis_unavailable
+    (not profile_corrupt); the others are served as usual; once the node is back, all are."""
+    bulk_load(cluster.url, tiny_data, prefix="apitest", ttl_s=0, progress=False, cluster=True)
+    data = {
+        "users": pd.read_parquet(tiny_data / "users.parquet")["user_id"].tolist(),
+        "items": json.loads((tiny_data / "vocab.json").read_text())["items"],
+    }
+    client = RedisCluster.from_url(cluster.url)
+    down = cluster.ports[2]
+    on_down = {u: client.get_node_from_key(history_key("apitest", u)).port == down for u in data["users"]}
+    client.close()
+    assert any(on_down.values()) and not all(on_down.values())
+    settings = settings_for(tiny_bundle.parents[1], cluster.url, redis_cluster=True)
+    with serve(settings) as c:
+        cluster.stop_node(2)
+        try:
+            answers = {u: c.post("/rerank", json=request(data, user=u)).json() for u in data["users"]}
+        finally:
+            cluster.start_node(2)
+        for user, answer in answers.items():
+            want = ["redis_unavailable"] if on_down[user] else []
+            assert answer["degraded_reasons"] == want, (user, answer)
+        bulk_load(cluster.url, tiny_data, prefix="apitest", ttl_s=0, progress=False, cluster=True)  # it restarted empty
+        again = [c.post("/rerank", json=request(data, user=u)).json() for u, d in on_down.items() if d]
+        assert all(a["degraded"] is False for a in again)

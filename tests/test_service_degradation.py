@@ -53,8 +53,10 @@ def copy_version(src: Path, repo: Path, version: int, model: onnx.ModelProto | N
     """A bundle at <repo>/psad/<version>: a copy of src, optionally with another (real) ONNX graph.
 
     The manifest is rewritten consistently (version, sha256 and size of the model), so the copy
-    passes verification and only what the test changes differs."""
-    dst = repo / "psad" / str(version)
+    passes verification and only what the test changes differs. Like `psad export`, it is assembled
+    beside its place and renamed into it, so a polling server never sees it half-written."""
+    final = repo / "psad" / str(version)
+    dst = repo / "psad" / f".{version}.tmp"
     shutil.copytree(src, dst)
     manifest = json.loads((dst / MANIFEST_FILE).read_text())
     manifest["version"] = version
@@ -63,7 +65,8 @@ def copy_version(src: Path, repo: Path, version: int, model: onnx.ModelProto | N
         raw = (dst / MODEL_FILE).read_bytes()
         manifest["files"][MODEL_FILE] = {"bytes": len(raw), "sha256": hashlib.sha256(raw).hexdigest()}
     (dst / MANIFEST_FILE).write_text(json.dumps(manifest))
-    return dst
+    dst.rename(final)
+    return final
 
 
 def failing_graph(schema: FeatureSchema, kind: str) -> onnx.ModelProto:

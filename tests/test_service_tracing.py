@@ -95,6 +95,19 @@ def test_without_a_traceparent_a_request_starts_its_own_trace(tiny_bundle, redis
     assert server[1].attributes["http.response.status_code"] == 422
 
 
+def test_a_request_its_caller_did_not_sample_exports_nothing_but_logs_its_trace(tiny_bundle, redis_server, data):
+    """traceparent flags 00: the default parent-based sampler records nothing for it (no stage span
+    either), while its log line still carries the caller's trace id for correlation."""
+    settings = settings_for(tiny_bundle.parents[1], redis_server.url, tracing=True, log_level="debug")
+    EXPORTER.clear()
+    with serve(settings) as client, captured_log() as stream:
+        headers = {"traceparent": f"00-{TRACE_ID}-{PARENT_ID}-00"}
+        assert client.post("/rerank", json=request(data, request_id="unsampled"), headers=headers).status_code == 200
+    assert EXPORTER.get_finished_spans() == ()
+    (line,) = [x for x in lines(stream) if x.get("request_id") == "unsampled"]
+    assert line["trace_id"] == TRACE_ID
+
+
 def test_tracing_off_records_no_spans_and_logs_no_ids(tiny_bundle, redis_server, data):
     settings = settings_for(tiny_bundle.parents[1], redis_server.url, log_level="debug")
     EXPORTER.clear()

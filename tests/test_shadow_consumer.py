@@ -44,6 +44,7 @@ from psad.shadow.consumer import (
     list_row,
     require_redis,
 )
+from service.model_repo import LocalRepo
 from tests.conftest import RedisServer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -111,8 +112,8 @@ def add(client: redis.Redis, prefix: str, *records: shadow.ListRecord | shadow.C
 
 
 def consumer(client: redis.Redis, prefix: str, tiny_bundle: Path, tmp_path: Path, **options) -> Consumer:
-    opts = Options(prefix=prefix, model_repo=tiny_bundle.parents[1], out=tmp_path / "shadow", **options)
-    worker = Consumer(client, opts, Teachers(opts.model_repo), Metrics())
+    opts = Options(prefix=prefix, out=tmp_path / "shadow", **options)
+    worker = Consumer(client, opts, Teachers(LocalRepo(tiny_bundle.parents[1])), Metrics())
     worker.ensure_group()
     return worker
 
@@ -563,7 +564,7 @@ def test_two_consumers_one_killed_mid_batch_lose_nothing_and_count_nothing_twice
 
     rows = results.read(out, "lists")
     assert len(rows) == n and sorted(rows["record_id"]) == sorted(ids)
-    teachers = Teachers(tiny_bundle.parents[1])
+    teachers = Teachers(LocalRepo(tiny_bundle.parents[1]))
     for rid, record in zip(ids, records, strict=True):
         want = list_row(rid, record, teachers.get("psad", 1), 10)
         got = rows[rows["record_id"] == rid].iloc[0]

@@ -19,6 +19,7 @@ from export.contract.shadow import ListRecord, decode, stream_key
 from export.exporter import load_torch_model
 from psad.shadow import results
 from psad.shadow.consumer import Consumer, Metrics, Options, Teachers
+from service.model_repo import LocalRepo
 from tests.conftest import RedisServer
 from tests.test_service_api import PREFIX, loaded_data, metric_samples, request, serve, settings_for
 
@@ -80,8 +81,8 @@ def test_answers_and_their_events_come_out_of_the_consumer_as_served(
             time.sleep(0.02)
 
     with redis.Redis.from_url(shadow_redis.url) as client:
-        options = Options(consumer="e2e", prefix=PREFIX, model_repo=tiny_bundle.parents[1], out=tmp_path / "out")
-        worker = Consumer(client, options, Teachers(options.model_repo), Metrics())
+        options = Options(consumer="e2e", prefix=PREFIX, out=tmp_path / "out")
+        worker = Consumer(client, options, Teachers(LocalRepo(tiny_bundle.parents[1])), Metrics())
         worker.ensure_group()
         worker.run(threading.Event(), once=True)
         records = [decode(fields) for _, fields in client.xrange(stream_key(PREFIX))]

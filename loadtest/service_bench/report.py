@@ -1,6 +1,6 @@
 """The benchmark's markdown reports: the machine and the setup, both phases, the server's own means,
-CPU time per request, and the targets with pass or MISS; with --shadow-rate, shadow sampling on
-against off instead."""
+CPU time per request, and the targets with pass or MISS; for a comparison (--shadow-rate,
+--tracing, --baseline-tree), the two servers side by side with their ratios and each block's."""
 
 from __future__ import annotations
 
@@ -9,6 +9,8 @@ import platform
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import numpy as np
 
 from loadtest.service_bench.client import WARMUP_PAIRS, WARMUP_S, Sample
 from loadtest.service_bench.workload import DISTINCT_REQUESTS, BenchConfig, Workload
@@ -42,23 +44,53 @@ class Result:
 
 
 @dataclass
-class ShadowResult:
-    """Sampling off against on: index 0 is the server at rate 0, index 1 the one at `rate`."""
+class Block:
+    """Candidate / reference ratios of one block of throughput phases (reference, candidate,
+    candidate, reference) and of the matching third of the one-client run: their spread across
+    blocks is the run's noise."""
 
-    rate: float
+    rps: float
+    server_cpu: float  # the server's CPU ms per request
+    serving_cpu: float  # the server's and Redis's
+    p50: float  # one client
+
+
+@dataclass
+class Paired:
+    """Two servers measured in one run: index 0 the reference, index 1 the candidate."""
+
+    names: tuple[str, str]
     one: tuple[Sample, Sample]  # one client, alternating the two servers request by request
     loaded: tuple[Sample, Sample]  # the throughput phases of each server, merged
     rps: tuple[float, float]
     phases: list[tuple[str, float]]  # each throughput phase in the order run: server, requests/s
+    cpu_ms: tuple[dict[str, float], dict[str, float]]  # CPU ms per request under load, by process
+    blocks: list[Block]
+
+    def ratios(self) -> tuple[float, float]:
+        """(throughput candidate / reference, one-client p50 candidate / reference)."""
+        return self.rps[1] / max(self.rps[0], 1e-9), self.one[1].pct(50) / max(self.one[0].pct(50), 1e-9)
+
+
+@dataclass
+class ShadowResult:
+    """Sampling off (the reference, rate 0) against on (`rate`)."""
+
+    rate: float
+    pair: Paired
     records: dict[str, float]  # the sampling server's psad_shadow_records_total, by result
     answered: float  # /rerank answers of the sampling server, warm-ups included
-    cpu_ms: tuple[dict[str, float], dict[str, float]]  # CPU ms per request under load, by process
     off_records: dict[str, float]  # the same counters of the server at rate 0: all 0 when it wrote nothing
     stream_len: int  # XLEN of the shared stream at the end: the sampling server's writes, unless trimmed
 
-    def ratios(self) -> tuple[float, float]:
-        """(throughput on / off, one-client p50 on / off)."""
-        return self.rps[1] / max(self.rps[0], 1e-9), self.one[1].pct(50) / max(self.one[0].pct(50), 1e-9)
+
+@dataclass
+class TracingResult:
+    """Tracing off (the reference) against on, and what the collector received from the traced server."""
+
+    pair: Paired
+    received: dict[str, int]  # exports and spans
+    answered: float  # /rerank answers of the traced server, warm-ups included
 
 
 def checks(r: Result) -> list[tuple[str, str, str, bool]]:
@@ -193,7 +225,7 @@ def render(cfg: BenchConfig, workload: Workload, ready: dict, r: Result, command
 
 def shadow_checks(r: ShadowResult) -> list[tuple[str, str, str, bool]]:
     """(target, threshold, measured, passed) rows of issue 17's benchmark."""
-    rps_ratio, p50_ratio = r.ratios()
+    rps_ratio, p50_ratio = r.pair.ratios()
     return [
         (
             "throughput on / off",
@@ -210,61 +242,99 @@ def shadow_checks(r: ShadowResult) -> list[tuple[str, str, str, bool]]:
     ]
 
 
-def render_shadow(cfg: BenchConfig, workload: Workload, ready: dict, r: ShadowResult, command: str, server: str) -> str:
+def quotient(candidate: float, reference: float) -> str:
+    """candidate / reference, blank where the reference is 0 (a process only the candidate has)."""
+    return f"{candidate / reference:.3f}" if reference > 0 else ""
+
+
+def spread(values: list[float]) -> str:
+    """Mean and range of a ratio over the blocks."""
+    return f"{np.mean(values):.3f} (blocks {min(values):.3f}-{max(values):.3f})"
+
+
+def pair_lines(cfg: BenchConfig, p: Paired, labels: tuple[str, str]) -> list[str]:
+    """The two servers side by side: latency and throughput, the phases, CPU per request, and each
+    block's ratios. labels: a description of each server for the table."""
+    ref, cand = p.names
     rows = []
-    for k, name in enumerate(("off", "on")):
-        one, loaded = r.one[k], r.loaded[k]
+    for k in (0, 1):
+        one, loaded = p.one[k], p.loaded[k]
         rows.append(
-            f"| {name} | {(0.0, r.rate)[k]:g} | {one.pct(50):.3f} | {one.pct(99):.3f} | {r.rps[k]:,.0f} | "
-            f"{loaded.pct(50):.2f} | {loaded.pct(99):.2f} | {one.errors + loaded.errors} | "
-            f"{one.degraded + loaded.degraded} |"
+            f"| {labels[k]} | {one.pct(50):.3f} | {one.pct(99):.3f} | {p.rps[k]:,.0f} | {loaded.pct(50):.2f} | "
+            f"{loaded.pct(99):.2f} | {one.errors + loaded.errors} | {one.degraded + loaded.degraded} |"
         )
 
     def ratio(pick: Callable[[int], float]) -> str:
-        return f"{pick(1) / max(pick(0), 1e-9):.3f}"
+        return quotient(pick(1), pick(0))
 
-    def serving(k: int) -> float:
-        return r.cpu_ms[k].get("server", 0.0) + r.cpu_ms[k].get("redis", 0.0)
+    processes = list(dict.fromkeys([*p.cpu_ms[0], *p.cpu_ms[1]]))
+    n = len(p.phases) // len(p.blocks)
+    return [
+        f"(a) one client alternates the two servers request by request, {cfg.requests} requests each after "
+        f"{WARMUP_PAIRS} warm-up pairs; (b) {cfg.concurrency} connections, {len(p.phases)} throughput phases of "
+        f"{cfg.duration_s / (len(p.phases) // 2):.3g} s (after {WARMUP_S:.0f} s warm-up each), run in the order "
+        f"{', '.join(name for name, _ in p.phases)}, so a drift of the host's speed falls on both alike.",
+        "",
+        "| server | one client p50 ms | one client p99 ms | requests/s | p50 ms under load | p99 ms under load | "
+        "errors | degraded |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        *rows,
+        f"| {cand} / {ref} | {ratio(lambda k: p.one[k].pct(50))} | {ratio(lambda k: p.one[k].pct(99))} | "
+        f"{ratio(lambda k: p.rps[k])} | {ratio(lambda k: p.loaded[k].pct(50))} | "
+        f"{ratio(lambda k: p.loaded[k].pct(99))} | | |",
+        "",
+        f"Throughput phases in the order run (requests/s): {', '.join(f'{x} {rps:,.0f}' for x, rps in p.phases)}.",
+        "",
+        "CPU ms per request under load (user + system time / requests sent to the server): a server's own "
+        "processes over all the phases (what they do while the other server is measured is theirs), Redis and "
+        "the load generator over that server's phases. Unlike requests/s it does not move with the CPU the run got.",
+        "",
+        f"| process | {ref} | {cand} | {cand} / {ref} |",
+        "|---|---:|---:|---:|",
+        *(
+            f"| {k} | {p.cpu_ms[0].get(k, 0.0):.3f} | {p.cpu_ms[1].get(k, 0.0):.3f} | "
+            f"{quotient(p.cpu_ms[1].get(k, 0.0), p.cpu_ms[0].get(k, 0.0))} |"
+            for k in processes
+        ),
+        f"| server + Redis | {serving(p.cpu_ms[0]):.3f} | {serving(p.cpu_ms[1]):.3f} | "
+        f"{ratio(lambda side: serving(p.cpu_ms[side]))} |",
+        "",
+        f"## Noise: {cand} / {ref} in each block of {n} throughput phases and its third of the one-client run",
+        "",
+        "| block | requests/s | server CPU per request | server + Redis CPU per request | one client p50 |",
+        "|---:|---:|---:|---:|---:|",
+        *(
+            f"| {b + 1} | {x.rps:.3f} | {x.server_cpu:.3f} | {x.serving_cpu:.3f} | {x.p50:.3f} |"
+            for b, x in enumerate(p.blocks)
+        ),
+        "",
+        f"Mean over the blocks (range): requests/s {spread([x.rps for x in p.blocks])}, server CPU per request "
+        f"{spread([x.server_cpu for x in p.blocks])}, server + Redis CPU {spread([x.serving_cpu for x in p.blocks])}, "
+        f"one client p50 {spread([x.p50 for x in p.blocks])}.",
+        "",
+    ]
 
-    phases = ", ".join(f"{name} {rps:,.0f}" for name, rps in r.phases)
+
+def serving(cpu: dict[str, float]) -> float:
+    """CPU ms per request of what serves it: the server and Redis."""
+    return cpu.get("server", 0.0) + cpu.get("redis", 0.0)
+
+
+def render_shadow(cfg: BenchConfig, workload: Workload, ready: dict, r: ShadowResult, command: str, server: str) -> str:
     accounted = sum(r.records.values())
     lines = [
         "# Service benchmark: shadow sampling on against off",
         "",
         *setup_lines(cfg, workload, ready, command, server),
         "Two servers of the same model on the same Redis (profiles and the shadow stream alike), one with "
-        f"`PSAD_SHADOW_SAMPLE_RATE=0` (off), one with `{r.rate:g}` (on). (a) one client alternates them request "
-        f"by request, {cfg.requests} requests each after {WARMUP_PAIRS} warm-up pairs; (b) {cfg.concurrency} "
-        f"connections, {len(r.phases)} throughput phases of {cfg.duration_s / (len(r.phases) // 2):g} s (after "
-        f"{WARMUP_S:.0f} s warm-up each), run in the order {', '.join(name for name, _ in r.phases)}, so a drift "
-        "of the host's speed falls on both alike.",
+        f"`PSAD_SHADOW_SAMPLE_RATE=0` (off), one with `{r.rate:g}` (on).",
         "",
         "Both servers share this host and its Redis. In (a) the sampling server's writes (its flusher's CPU, "
         "Redis's XADDs) run while the client waits on the server at rate 0, so they load that server too: this "
         "biases the one-client ratio toward 1. The throughput phases (b) run one server at a time and do not "
         "share that bias.",
         "",
-        "| sampling | rate | one client p50 ms | one client p99 ms | requests/s | p50 ms under load | "
-        "p99 ms under load | errors | degraded |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
-        *rows,
-        f"| on / off | | {ratio(lambda k: r.one[k].pct(50))} | {ratio(lambda k: r.one[k].pct(99))} | "
-        f"{ratio(lambda k: r.rps[k])} | {ratio(lambda k: r.loaded[k].pct(50))} | "
-        f"{ratio(lambda k: r.loaded[k].pct(99))} | | |",
-        "",
-        f"Throughput phases in the order run (requests/s): {phases}.",
-        "",
-        "CPU ms per request under load (user + system time of each process during its server's phases / requests "
-        "sent): what sampling costs whatever else the host runs, where requests/s move with the CPU the run got.",
-        "",
-        "| process | off | on | on / off |",
-        "|---|---:|---:|---:|",
-        *(
-            f"| {k} | {off:.3f} | {r.cpu_ms[1][k]:.3f} | {r.cpu_ms[1][k] / max(off, 1e-9):.3f} |"
-            for k, off in r.cpu_ms[0].items()
-        ),
-        f"| server + Redis | {serving(0):.3f} | {serving(1):.3f} | {ratio(serving)} |",
-        "",
+        *pair_lines(cfg, r.pair, ("off (rate 0)", f"on (rate {r.rate:g})")),
         f"Shadow records of the sampling server: {r.records.get('written', 0):,.0f} written, "
         f"{r.records.get('dropped', 0):,.0f} dropped, {r.records.get('failed', 0):,.0f} failed "
         f"({accounted:,.0f} of {r.answered:,.0f} answered /rerank requests, warm-ups included). The server at "
@@ -273,6 +343,55 @@ def render_shadow(cfg: BenchConfig, workload: Workload, ready: dict, r: ShadowRe
         "end (trimmed to about `PSAD_SHADOW_STREAM_MAXLEN`).",
         "",
         *target_lines("Targets (issue 17)", shadow_checks(r)),
+    ]
+    return "\n".join(lines) + "\n"
+
+
+SPANS_PER_RERANK = 5  # the server span and its stages: profile_read, feature_assembly, inference, response
+
+
+def sampler() -> str:
+    """The trace sampler the traced server reads from the environment (OTEL_TRACES_SAMPLER[_ARG])."""
+    name = os.environ.get("OTEL_TRACES_SAMPLER", "parentbased_always_on")
+    arg = os.environ.get("OTEL_TRACES_SAMPLER_ARG")
+    return f"`{name}`" + (f" (argument `{arg}`)" if arg else "")
+
+
+def render_tracing(
+    cfg: BenchConfig, workload: Workload, ready: dict, r: TracingResult, command: str, server: str
+) -> str:
+    spans = r.received.get("spans", 0)
+    lines = [
+        "# Service benchmark: tracing on against off",
+        "",
+        *setup_lines(cfg, workload, ready, command, server),
+        "Two servers of the same model on the same Redis, one with tracing off (`PSAD_TRACING` unset), one with "
+        f"`PSAD_TRACING=true` and `PSAD_OTLP_ENDPOINT` set, sampler {sampler()} (`OTEL_TRACES_SAMPLER`; the "
+        "default traces every request), every recorded span exported by the SDK's BatchSpanProcessor and "
+        "OTLP/HTTP exporter (protobuf) to a collector process on this host that counts the spans and drops them "
+        "(`loadtest/service_bench/collector.py`; its CPU is the collector row, not counted in server + Redis).",
+        "",
+        *pair_lines(cfg, r.pair, ("off", "on")),
+        f"Spans received by the collector: {spans:,} in {r.received.get('exports', 0):,} exports, for "
+        f"{r.answered:,.0f} /rerank requests answered by the traced server (warm-ups included): "
+        f"{spans / max(r.answered, 1):.3f} per request, of {SPANS_PER_RERANK} made (a server span and its four "
+        "stages) for each sampled request; with every request sampled, fewer means the batch processor's queue "
+        "overflowed and dropped some.",
+        "",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def render_baseline(cfg: BenchConfig, workload: Workload, ready: dict, r: Paired, command: str, server: str) -> str:
+    lines = [
+        f"# Service benchmark: this checkout against {cfg.baseline_tree}",
+        "",
+        *setup_lines(cfg, workload, ready, command, server),
+        f"Two servers of the same model on the same Redis, with this interpreter and its packages: `{r.names[0]}` "
+        f"runs the source tree `{cfg.baseline_tree}`, `{r.names[1]}` this checkout; tracing is off on both "
+        "(`PSAD_TRACING` and `PSAD_OTLP_ENDPOINT` unset).",
+        "",
+        *pair_lines(cfg, r, (f"{r.names[0]} ({cfg.baseline_tree})", f"{r.names[1]} (this checkout)")),
     ]
     return "\n".join(lines) + "\n"
 

@@ -12,17 +12,26 @@ stored history holds H behaviours (workload.py).
 (b) throughput: C keep-alive connections in one asyncio (uvloop) process, each sending its next
     /rerank as soon as the previous answer arrives, for a fixed duration.
 
-With --shadow-rate R, shadow sampling's cost instead, in one run: two servers of the same model on
-the same Redis, at PSAD_SHADOW_SAMPLE_RATE 0 and R; (a) one client alternates them request by
-request, (b) their throughput phases alternate (off, on, on, off, three times: a drift of the
-host's speed falls on both alike); then the sampling server's record counts, once every answer is
-accounted for (written, dropped or failed), the other's (all 0) and the stream's length. The two
-servers share the host and Redis, so in (a) the sampling server's writes also load the server at
-rate 0, which biases the one-client ratio toward 1; (b) runs one server at a time, without that bias.
+A comparison instead measures two servers of the same model on the same Redis, a reference and a
+candidate, in one run (measure_pair): (a) one client alternates them request by request, (b) their
+throughput phases alternate (reference, candidate, candidate, reference, three times: a drift of
+the host's speed falls on both alike), and each block of four phases gives its own candidate /
+reference ratios, whose spread is the run's noise. Three comparisons:
+
+- --shadow-rate R: PSAD_SHADOW_SAMPLE_RATE 0 against R; then the sampling server's record counts,
+  once every answer is accounted for (written, dropped or failed), the other's (all 0) and the
+  stream's length. The sampling server's writes also load the server at rate 0 during (a), which
+  biases the one-client ratio toward 1; (b) runs one server at a time, without that bias.
+- --tracing: tracing off against on, every span exported over OTLP/HTTP by the SDK's batch
+  processor to a collector process that counts and drops them (collector.py); then the spans it
+  received against the traced server's answered requests.
+- --baseline-tree DIR: a server run from another source tree (`git archive REV | tar -x -C DIR`,
+  this interpreter and packages) against this checkout's, both with tracing off (PSAD_TRACING and
+  PSAD_OTLP_ENDPOINT unset: a tree from before tracing refuses settings it does not know).
 
 The load generator (client.py) runs on the same cores as the server and Redis on a small machine:
 the report (report.py) says how many there are. This module starts and stops the processes,
-runs both phases and is the command.
+runs the phases and is the command.
 """
 
 from __future__ import annotations
@@ -33,11 +42,14 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from contextlib import ExitStack
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+import numpy as np
 import orjson
 import redis
 import typer
@@ -45,18 +57,32 @@ from redis.cluster import RedisCluster
 
 from export.contract.errors import reported
 from export.contract.shadow import stream_key
+from loadtest.service_bench import collector
 from loadtest.service_bench.client import WARMUP_S, Sample, http_request, one_client, run_async, throughput
-from loadtest.service_bench.report import BATCH_ROW, Result, ShadowResult, render, render_shadow
+from loadtest.service_bench.report import (
+    BATCH_ROW,
+    Block,
+    Paired,
+    Result,
+    ShadowResult,
+    TracingResult,
+    render,
+    render_baseline,
+    render_shadow,
+    render_tracing,
+    serving,
+)
 from loadtest.service_bench.workload import BenchConfig, plan_workload, request_bodies, top_up
-from psad.procs import free_port, start_redis, stop_tree, tree_cpu_s, wait_http
+from psad.procs import LOOPBACK, free_port, start_redis, stop_tree, tree_cpu_s, wait_http
 from service.cli import MODEL_REPO, REDIS_URL, apply_overrides
 from service.settings import ENV_PREFIX, Settings, load_settings
 
 READY_TIMEOUT_S = 180.0  # a server the benchmark starts: model load and warm-up included
 URL_READY_TIMEOUT_S = 10.0  # a server given by --url should be up already
-# The throughput phases with --shadow-rate: off, on, on, off, three times, so a drift of the shared
-# host's speed, steady or not, falls on both servers alike.
-SHADOW_ORDER = ("off", "on", "on", "off") * 3
+# A comparison's throughput phases, 0 the reference server and 1 the candidate: blocks of 0, 1, 1, 0,
+# three times, so a drift of the shared host's speed, steady or not, falls on both servers alike.
+BLOCK = (0, 1, 1, 0)
+PAIR_ORDER = BLOCK * 3
 ACCOUNTED_TIMEOUT_S = 10.0  # how long the sampling server may take to write what it still holds
 
 
@@ -71,30 +97,97 @@ def wait_ready(base: str, proc: subprocess.Popen | None, log: Path | None) -> di
     return orjson.loads(wait_http(f"{base}/readyz", URL_READY_TIMEOUT_S, hint=hint))
 
 
+@dataclass(frozen=True)
+class Variant:
+    """How one server of the run is started: PSAD_* settings over this process's environment (a
+    value None unsets the variable), and the source tree it runs (None: this one)."""
+
+    env: Mapping[str, str | None] = field(default_factory=dict)
+    tree: Path | None = None
+
+
 def start_server(
     port: int,
     workers: int,
     redis_url: str,
-    model_repo: Path,
+    model_repo: str | Path,
     log: Path,
     cluster: bool = False,
-    shadow_rate: float | None = None,
+    variant: Variant = Variant(),
 ) -> subprocess.Popen:
-    """`python -m service.cli serve`; shadow_rate None: PSAD_SHADOW_SAMPLE_RATE as this process has it."""
+    """`python -m service.cli serve` of this tree or `variant.tree`, with the variant's settings."""
+    repo = str(model_repo)
     env = {
         **os.environ,
         f"{ENV_PREFIX}ENABLE_FLOOR_ENDPOINT": "true",
         f"{ENV_PREFIX}REDIS_URL": redis_url,
         f"{ENV_PREFIX}REDIS_CLUSTER": str(cluster).lower(),
-        f"{ENV_PREFIX}MODEL_REPO": str(model_repo.resolve()),
+        f"{ENV_PREFIX}MODEL_REPO": repo if "://" in repo else os.path.abspath(repo),  # a URL, or a directory
         f"{ENV_PREFIX}LOG_LEVEL": "warning",
     }
-    if shadow_rate is not None:
-        env[f"{ENV_PREFIX}SHADOW_SAMPLE_RATE"] = repr(shadow_rate)
+    for name, value in variant.env.items():
+        if value is None:
+            env.pop(f"{ENV_PREFIX}{name}", None)
+        else:
+            env[f"{ENV_PREFIX}{name}"] = value
+    cwd = None
+    if variant.tree is not None:  # its modules first: the working directory and PYTHONPATH
+        cwd = variant.tree.resolve()
+        env["PYTHONPATH"] = str(cwd)
     cmd = [sys.executable, "-m", "service.cli", "serve", "--port", str(port), "--workers", str(workers)]
     log.parent.mkdir(parents=True, exist_ok=True)
     with log.open("wb") as out:
-        return subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT)
+        return subprocess.Popen(cmd, cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT)
+
+
+TRACING_UNSET = {"TRACING": None, "OTLP_ENDPOINT": None}  # off, the default; and a tree before tracing knows neither
+
+
+def variants(cfg: BenchConfig, collector_url: str | None) -> dict[str, Variant]:
+    """The servers of this run by name: one (the plain benchmark), or a comparison's reference then
+    its candidate."""
+    if cfg.shadow_rate:
+        return {
+            "off": Variant({"SHADOW_SAMPLE_RATE": "0.0"}),
+            "on": Variant({"SHADOW_SAMPLE_RATE": repr(cfg.shadow_rate)}),
+        }
+    if cfg.tracing:
+        return {"off": Variant(TRACING_UNSET), "on": Variant({"TRACING": "true", "OTLP_ENDPOINT": collector_url})}
+    if cfg.baseline_tree is not None:
+        return {"baseline": Variant(TRACING_UNSET, cfg.baseline_tree), "current": Variant(TRACING_UNSET)}
+    return {"server": Variant()}  # PSAD_SHADOW_SAMPLE_RATE and tracing as this process has them
+
+
+def comparison_flags(cfg: BenchConfig) -> list[str]:
+    """The comparison flags given (at most one is valid)."""
+    given = {"--shadow-rate": cfg.shadow_rate > 0, "--tracing": cfg.tracing, "--baseline-tree": bool(cfg.baseline_tree)}
+    return [flag for flag, on in given.items() if on]
+
+
+def check_comparison(cfg: BenchConfig) -> None:
+    flags = comparison_flags(cfg)
+    if len(flags) > 1:
+        raise typer.BadParameter(f"{' and '.join(flags)}: each is a comparison of its own; give one of them")
+    if flags and cfg.url:
+        raise typer.BadParameter(f"{flags[0]} starts its own two servers: omit --url")
+    tree = cfg.baseline_tree
+    if tree is not None and not (tree / "service" / "cli.py").is_file():
+        raise typer.BadParameter(
+            f"--baseline-tree {tree}: no service/cli.py in it; export a revision with `git archive REV | tar -x -C DIR`"
+        )
+
+
+def start_collector(var: Path) -> tuple[subprocess.Popen, str]:
+    """The OTLP sink (collector.py) on a free port, once it answers; its process and base URL."""
+    port = free_port()
+    log = var / "collector.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, "-m", "loadtest.service_bench.collector", "--port", str(port)]
+    with log.open("wb") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
+    url = f"http://{LOOPBACK}:{port}"
+    wait_http(f"{url}{collector.SPANS_PATH}", URL_READY_TIMEOUT_S, proc, log)
+    return proc, url
 
 
 # What the server and the processes measured -----------------------------------------------------
@@ -170,7 +263,7 @@ def measure(base: str, cfg: BenchConfig, bodies: list[bytes], pids: dict[str, in
     return Result(one_rerank, one_floor, loaded, rps, means[0], means[1], cpu)
 
 
-def shadow_counts(base: str) -> tuple[dict[str, float], float]:
+def server_counts(base: str) -> tuple[dict[str, float], float]:
     """psad_shadow_records_total by result, and the /rerank requests answered 200."""
     records: dict[str, float] = {}
     answered = 0.0
@@ -192,44 +285,97 @@ def stream_length(redis_url: str, cluster: bool, prefix: str) -> int:
         client.close()
 
 
-def measure_shadow(
-    bases: dict[str, str], cfg: BenchConfig, bodies: list[bytes], pids: dict[str, int], stream: Callable[[], int]
-) -> ShadowResult:
-    """(a) and (b) against the servers "off" and "on", then both servers' record counts and the
-    stream's length. pids: each server's and Redis's, for the CPU each phase took per request."""
-    ports = {name: urlsplit(base).port or 80 for name, base in bases.items()}
-    host = "127.0.0.1"
-    rerank = [http_request(host, "/rerank", b) for b in bodies]
+Snapshot = tuple[list[dict[str, float]], dict[str, float]]  # CPU s of each server's processes; of the shared ones
+
+
+def snapshot(owned: list[dict[str, int]], shared: dict[str, int]) -> Snapshot:
+    return [{label: tree_cpu_s(pid) for label, pid in mine.items()} for mine in owned], cpu_snapshot(shared)
+
+
+def pair_cpu_ms(snaps: list[Snapshot], sent: list[float], phases: range) -> tuple[dict[str, float], dict[str, float]]:
+    """CPU ms per request sent to each server over `phases` (indices into PAIR_ORDER): a server's
+    own processes over all of them (what they do while the other server is measured, e.g. exporting
+    queued spans, is theirs), the shared ones (Redis, the load generator) over its own phases."""
+    out = []
+    for k in (0, 1):
+        mine = [i for i in phases if PAIR_ORDER[i] == k]
+        n = max(1.0, sum(sent[i] for i in mine))
+        first, last = snaps[phases[0]], snaps[phases[-1] + 1]
+        cpu = {label: last[0][k][label] - first[0][k][label] for label in first[0][k]}
+        for label in first[1]:
+            cpu[label] = sum(snaps[i + 1][1][label] - snaps[i][1][label] for i in mine)
+        out.append({label: 1000 * v / n for label, v in cpu.items()})
+    return out[0], out[1]
+
+
+def measure_pair(
+    bases: dict[str, str],
+    cfg: BenchConfig,
+    bodies: list[bytes],
+    owned: dict[str, dict[str, int]],
+    shared: dict[str, int],
+) -> Paired:
+    """(a) and (b) against the reference and the candidate server (`bases` in that order). owned: each
+    server's processes by label ("server", its collector); shared: the processes both use ("redis")."""
+    names = list(bases)
+    ports = [urlsplit(bases[name]).port or 80 for name in names]
+    rerank = [http_request(LOOPBACK, "/rerank", b) for b in bodies]
     typer.echo(f"(a) one client: {cfg.requests} x /rerank to each server, alternating ...")
-    one = run_async(one_client(host, (ports["off"], rerank), (ports["on"], rerank), cfg.requests))
-    phase_s = cfg.duration_s / SHADOW_ORDER.count("on")
-    loaded: dict[str, list[Sample]] = {"off": [], "on": []}
-    cpu_s: dict[str, dict[str, float]] = {"off": {}, "on": {}}  # CPU seconds by process, over the phases
-    sent = {"off": 0.0, "on": 0.0}
+    one = run_async(one_client(LOOPBACK, (ports[0], rerank), (ports[1], rerank), cfg.requests))
+    phase_s = cfg.duration_s / PAIR_ORDER.count(1)
+    mine = [owned[name] for name in names]
+    snaps = [snapshot(mine, shared)]
+    samples: list[Sample] = []
     phases = []
-    for name in SHADOW_ORDER:
-        typer.echo(f"(b) throughput, sampling {name}: {cfg.concurrency} connections for {phase_s:g} s ...")
-        watched = {"server": pids[name], **({"redis": pids["redis"]} if "redis" in pids else {})}
-        cpu0 = cpu_snapshot(watched)
-        sample, rps = run_async(throughput(host, ports[name], rerank, cfg.concurrency, phase_s))
-        cpu1 = cpu_snapshot(watched)
-        for k in cpu1:
-            cpu_s[name][k] = cpu_s[name].get(k, 0.0) + cpu1[k] - cpu0[k]
-        sent[name] += len(sample.ms) * (WARMUP_S + phase_s) / phase_s  # the warm-up second included
-        loaded[name].append(sample)
-        phases.append((name, rps))
-    merged = (Sample.merged(loaded["off"]), Sample.merged(loaded["on"]))
-    rates = (len(merged[0].ms) / cfg.duration_s, len(merged[1].ms) / cfg.duration_s)
-    cpu_ms = tuple({k: 1000 * v / max(1.0, sent[name]) for k, v in cpu_s[name].items()} for name in ("off", "on"))
+    for k in PAIR_ORDER:
+        typer.echo(f"(b) throughput, {names[k]}: {cfg.concurrency} connections for {phase_s:g} s ...")
+        sample, rps = run_async(throughput(LOOPBACK, ports[k], rerank, cfg.concurrency, phase_s))
+        snaps.append(snapshot(mine, shared))
+        samples.append(sample)
+        phases.append((names[k], rps))
+    sent = [len(s.ms) * (WARMUP_S + phase_s) / phase_s for s in samples]  # the warm-up second included
+    merged = tuple(Sample.merged([s for s, k in zip(samples, PAIR_ORDER, strict=True) if k == side]) for side in (0, 1))
+    chunks = [np.array_split(s.ms, len(PAIR_ORDER) // len(BLOCK)) for s in one]
+    blocks = []
+    for b, (ref_ms, cand_ms) in enumerate(zip(*chunks, strict=True)):
+        span = range(b * len(BLOCK), (b + 1) * len(BLOCK))
+        means = [float(np.mean([phases[i][1] for i in span if PAIR_ORDER[i] == side])) for side in (0, 1)]
+        cpu = pair_cpu_ms(snaps, sent, span)
+        blocks.append(
+            Block(
+                rps=means[1] / max(means[0], 1e-9),
+                server_cpu=cpu[1]["server"] / max(cpu[0]["server"], 1e-9),
+                serving_cpu=serving(cpu[1]) / max(serving(cpu[0]), 1e-9),
+                p50=float(np.percentile(cand_ms, 50) / max(np.percentile(ref_ms, 50), 1e-9)),
+            )
+        )
+    return Paired(
+        names=(names[0], names[1]),
+        one=one,
+        loaded=(merged[0], merged[1]),
+        rps=(len(merged[0].ms) / cfg.duration_s, len(merged[1].ms) / cfg.duration_s),
+        phases=phases,
+        cpu_ms=pair_cpu_ms(snaps, sent, range(len(PAIR_ORDER))),
+        blocks=blocks,
+    )
+
+
+def shadow_accounting(pair: Paired, cfg: BenchConfig, bases: dict[str, str], stream: Callable[[], int]) -> ShadowResult:
+    """Both servers' record counts, once the sampling server has accounted for every answer (rate
+    1), and the stream's length."""
     deadline = time.monotonic() + ACCOUNTED_TIMEOUT_S
-    records, answered = shadow_counts(bases["on"])
+    records, answered = server_counts(bases["on"])
     while cfg.shadow_rate >= 1.0 and sum(records.values()) < answered and time.monotonic() < deadline:
         time.sleep(0.1)  # every answer sampled: wait until the server has written (or counted) them all
-        records, answered = shadow_counts(bases["on"])
-    off_records, _ = shadow_counts(bases["off"])
-    return ShadowResult(
-        cfg.shadow_rate, one, merged, rates, phases, records, answered, (cpu_ms[0], cpu_ms[1]), off_records, stream()
-    )
+        records, answered = server_counts(bases["on"])
+    off_records, _ = server_counts(bases["off"])
+    return ShadowResult(cfg.shadow_rate, pair, records, answered, off_records, stream())
+
+
+def collector_counts(url: str) -> dict[str, int]:
+    """What the collector received: exports and spans."""
+    with urllib.request.urlopen(f"{url}{collector.SPANS_PATH}", timeout=5) as resp:
+        return orjson.loads(resp.read())
 
 
 def command_line(cfg: BenchConfig, out: Path | None) -> str:
@@ -239,23 +385,28 @@ def command_line(cfg: BenchConfig, out: Path | None) -> str:
     args += ["--concurrency", str(cfg.concurrency)]
     args += ["--url", cfg.url] if cfg.url else ["--workers", str(cfg.workers)]
     args += ["--shadow-rate", f"{cfg.shadow_rate:g}"] if cfg.shadow_rate else []
+    args += ["--tracing"] if cfg.tracing else []
+    args += ["--baseline-tree", str(cfg.baseline_tree)] if cfg.baseline_tree else []
     return shlex.join(args + (["--out", str(out)] if out else []))
 
 
-def run_bench(cfg: BenchConfig, settings: Settings, out: Path | None) -> Result | ShadowResult:
+Outcome = Result | ShadowResult | TracingResult | Paired
+
+
+def run_bench(cfg: BenchConfig, settings: Settings, out: Path | None) -> Outcome:
     """Set up (or use --url), measure, print the report, and write it when `out` is given."""
     from psad.load_profiles import bulk_load
 
-    if cfg.shadow_rate and cfg.url:
-        raise typer.BadParameter("--shadow-rate starts its own two servers: omit --url")
+    check_comparison(cfg)
     cfg.load_average = os.getloadavg()[0]
     workload, missing = plan_workload(cfg.data, cfg.history, settings.history_len)
     bodies = request_bodies(workload, cfg.list_length)
-    redis_proc = None
     servers: dict[str, subprocess.Popen] = {}
     bases: dict[str, str] = {}
-    result: Result | ShadowResult
-    try:
+    shared: dict[str, int] = {}
+    sink, collector_url = None, ""  # the OTLP collector, with --tracing
+    result: Outcome
+    with ExitStack() as stack:  # stops what it started, last started first
         if cfg.url:
             bases["server"], described = cfg.url.rstrip("/"), f"given by --url {cfg.url}"
         else:
@@ -263,6 +414,8 @@ def run_bench(cfg: BenchConfig, settings: Settings, out: Path | None) -> Result 
             if f"{ENV_PREFIX}REDIS_URL" not in os.environ:
                 redis_port = free_port()
                 redis_proc = start_redis(redis_port, cfg.var / "redis")
+                stack.callback(stop_tree, redis_proc)
+                shared["redis"] = redis_proc.pid
                 redis_url, cluster = f"redis://127.0.0.1:{redis_port}/0", False
             typer.echo(f"loading profiles from {cfg.data} into {redis_url} ...")
             bulk_load(
@@ -274,11 +427,14 @@ def run_bench(cfg: BenchConfig, settings: Settings, out: Path | None) -> Result 
                 progress=True,
                 cluster=cluster,
             )
-            rates = {"off": 0.0, "on": cfg.shadow_rate} if cfg.shadow_rate else {"server": None}
-            for name, rate in rates.items():
+            if cfg.tracing:
+                sink, collector_url = start_collector(cfg.var)
+                stack.callback(stop_tree, sink)
+            for name, variant in variants(cfg, collector_url or None).items():
                 port = free_port()
                 log = cfg.var / f"{name}.log"
-                servers[name] = start_server(port, cfg.workers, redis_url, settings.model_repo, log, cluster, rate)
+                servers[name] = start_server(port, cfg.workers, redis_url, settings.model_repo, log, cluster, variant)
+                stack.callback(stop_tree, servers[name])
                 bases[name] = f"http://127.0.0.1:{port}"
             threads = load_settings(processes=cfg.workers).inference_workers  # what each server process reads
             described = (
@@ -289,21 +445,30 @@ def run_bench(cfg: BenchConfig, settings: Settings, out: Path | None) -> Result 
             )
         readies = {name: wait_ready(base, servers.get(name), cfg.var / f"{name}.log") for name, base in bases.items()}
         top_up(next(iter(bases.values())), workload, missing)  # one Redis: the servers share the profiles
-        pids = {name: proc.pid for name, proc in servers.items()}
-        if redis_proc is not None:
-            pids["redis"] = redis_proc.pid
-        if cfg.shadow_rate:
-            prefix = settings.key_prefix
-            result = measure_shadow(bases, cfg, bodies, pids, lambda: stream_length(redis_url, cluster, prefix))
-        else:
+        if not comparison_flags(cfg):
+            pids = {"server": servers["server"].pid, **shared} if servers else {}
             result = measure(bases["server"], cfg, bodies, pids)
-    finally:
-        for proc in servers.values():
-            stop_tree(proc)
-        stop_tree(redis_proc)
+        else:
+            owned = {name: {"server": proc.pid} for name, proc in servers.items()}
+            if sink is not None:
+                owned["on"]["collector"] = sink.pid
+            pair = measure_pair(bases, cfg, bodies, owned, shared)
+            if cfg.shadow_rate:
+                prefix = settings.key_prefix
+                result = shadow_accounting(pair, cfg, bases, lambda: stream_length(redis_url, cluster, prefix))
+            elif sink is not None:
+                _, answered = server_counts(bases["on"])
+                stop_tree(servers["on"])  # its shutdown exports the spans still queued
+                result = TracingResult(pair, collector_counts(collector_url), answered)
+            else:
+                result = pair
     ready, command = next(iter(readies.values())), command_line(cfg, out)
     if isinstance(result, ShadowResult):
         report = render_shadow(cfg, workload, ready, result, command, described)
+    elif isinstance(result, TracingResult):
+        report = render_tracing(cfg, workload, ready, result, command, described)
+    elif isinstance(result, Paired):
+        report = render_baseline(cfg, workload, ready, result, command, described)
     else:
         report = render(cfg, workload, ready, result, command, described)
     typer.echo(report)
@@ -331,6 +496,12 @@ def bench_service_command(
         max=1.0,
         help="Measure shadow sampling instead: a server at this PSAD_SHADOW_SAMPLE_RATE against one at 0.",
     ),
+    tracing: bool = typer.Option(
+        False, "--tracing", help="Measure tracing instead: a server exporting every span over OTLP against one off."
+    ),
+    baseline_tree: Path | None = typer.Option(
+        None, help="Measure this checkout against a server run from this source tree (e.g. `git archive REV`'s)."
+    ),
     out: Path | None = typer.Option(None, help="Also write the report as markdown (docs/benchmarks-service.md)."),
 ) -> None:
     """Closed-loop latency (rerank vs the no-model floor) and throughput on this machine."""
@@ -345,6 +516,8 @@ def bench_service_command(
         duration_s=duration_s,
         concurrency=concurrency,
         shadow_rate=shadow_rate,
+        tracing=tracing,
+        baseline_tree=baseline_tree,
     )
     with reported():
         run_bench(config, settings, out)

@@ -34,6 +34,8 @@ class BenchConfig:
     duration_s: float = 10.0
     concurrency: int = 16
     shadow_rate: float = 0.0  # > 0: shadow sampling at this rate against 0, instead of the usual phases
+    tracing: bool = False  # tracing on (spans exported over OTLP) against off, instead of the usual phases
+    baseline_tree: Path | None = None  # a source tree's server against this one's, instead of the usual phases
     var: Path = Path("var/bench")
     load_average: float = 0.0  # 1-minute load average at the start: other processes on the cores
 

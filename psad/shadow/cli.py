@@ -25,6 +25,7 @@ from export.contract.errors import FAILED, fail, reported
 from psad.shadow.consumer import DEFAULTS, Consumer, Metrics, Options, Teachers, require_redis
 from psad.shadow.report import report_command
 from service.cli import MODEL_REPO, apply_overrides
+from service.model_repo import open_repo
 
 CONSUMER_NAME = re.compile(NAME_PATTERN)  # it names part files: a model name's rule, one path component
 CONSUMER_NAME_MAX = 100
@@ -37,7 +38,7 @@ def run_command(
         None, "--redis-url", help="Redis of the shadow stream (default: PSAD_SHADOW_REDIS_URL, else PSAD_REDIS_URL)."
     ),
     prefix: str | None = typer.Option(None, "--prefix", help="Redis key prefix (overrides PSAD_KEY_PREFIX)."),
-    model_repo: Path | None = MODEL_REPO,
+    model_repo: str | None = MODEL_REPO,
     out: Path = typer.Option(DEFAULTS.out, "--out", help="Results directory (parquet, per kind and window)."),
     consumer: str | None = typer.Option(
         None, "--consumer", help="This consumer's name in the group, unique per process (default: <hostname>-<pid>)."
@@ -88,7 +89,6 @@ def run_command(
     options = Options(
         consumer=name,
         prefix=settings.key_prefix,
-        model_repo=settings.model_repo,
         out=out,
         window_s=window_s,
         k=k,
@@ -103,7 +103,7 @@ def run_command(
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())  # the batch in hand is finished and acknowledged first
-    worker = Consumer(client, options, Teachers(options.model_repo), metrics)
+    worker = Consumer(client, options, Teachers(open_repo(settings)), metrics)
     try:
         require_redis(str(client.info("server")["redis_version"]))
         worker.ensure_group()

@@ -53,6 +53,7 @@ from export.contract.schema import INPUT_NAMES
 from export.runtime import InputCheck
 from psad.shadow import results
 from psad.shadow.agreement import agreement, order_by_scores
+from service.model_repo import ModelRepo
 
 if TYPE_CHECKING:
     from training.models.reranker import Reranker
@@ -140,7 +141,6 @@ class Options:
 
     consumer: str
     prefix: str = "psad"
-    model_repo: Path = Path("models")
     out: Path = Path("shadow")
     window_s: int = 3600
     k: int = 10
@@ -204,10 +204,13 @@ class Teacher:
 
 class Teachers:
     """Teachers by (model, version), the `capacity` most recently used kept loaded. A version that
-    failed to load is not retried for `retry_s`, so a flood of its records costs one load."""
+    failed to load is not retried for `retry_s`, so a flood of its records costs one load. The
+    repository is the service's (a directory or a URL downloaded into a cache); a download that
+    fails on the way (RepoUnavailable) is raised, not dead-lettered: the batch stays pending and is
+    claimed again."""
 
-    def __init__(self, repo: Path, capacity: int = 4, retry_s: float = 60.0):
-        self.repo = Path(repo)
+    def __init__(self, repo: ModelRepo, capacity: int = 4, retry_s: float = 60.0):
+        self.repo = repo
         self.capacity = capacity
         self.retry_s = retry_s
         self._loaded: OrderedDict[tuple[str, int], Teacher] = OrderedDict()
@@ -238,8 +241,8 @@ class Teachers:
 
         if not MODEL_NAME.fullmatch(model):
             raise Poison("version", f"field meta.model: {model!r} is not a model name")
-        path = self.repo / model / str(version)
         try:
+            path = self.repo.fetch(model, version)
             _, schema, _ = verify_bundle(path)
             net = load_torch_model(path)
         except BundleError as exc:
