@@ -19,12 +19,18 @@ def export_command(
         int | None, typer.Option("--version", min=1, help="Version number; default: one past the latest.")
     ] = None,
     fp16: Annotated[bool, typer.Option("--fp16", help="Also write model_fp16.onnx (GPUs), parity-checked.")] = False,
+    int8: Annotated[
+        bool, typer.Option("--int8", help="Also write model_int8.onnx (dynamic int8 quantisation), parity-checked.")
+    ] = False,
+    fuse: Annotated[
+        bool, typer.Option("--fuse/--no-fuse", help="PSAD: write the fused graph (fewer kernels, same scores).")
+    ] = True,
 ) -> None:
     """Export a run as a versioned model bundle (ONNX UPN + student), gated on ONNX/PyTorch parity."""
     from export.exporter import export_run
 
     with reported():  # a bad run or flag exits 2; a failed export or parity gate, 1
-        bundle = export_run(run, repo, name=name, version=version, fp16=fp16, progress=True)
+        bundle = export_run(run, repo, name=name, version=version, fp16=fp16, int8=int8, fuse=fuse, progress=True)
     manifest = json.loads((bundle / "manifest.json").read_text())
     for report in manifest["parity"].values():
         typer.echo(

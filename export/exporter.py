@@ -1,8 +1,10 @@
 """Exports a training run as a versioned model bundle, laid out like a Triton model repository.
 
     <repo>/<name>/<version>/
-        model.onnx           UPN + student in one graph: inputs INPUT_NAMES, output "scores"
+        model.onnx           UPN + student in one graph: inputs INPUT_NAMES, output "scores"; for PSAD
+                             the fused graph of export/fusion.py (fewer kernels, same function)
         model_fp16.onnx      optional float16 variant for GPUs (--fp16), float32 inputs and outputs
+        model_int8.onnx      optional int8 variant (--int8): weights and item table dynamically quantised
         manifest.json        what the bundle is, where it came from, parity results, sha256 of every file
         schema.json          the FeatureSchema the service assembles inputs with
         vocab.json           item ids and user categorical values -> indices (unseen -> OOV row)
@@ -43,6 +45,7 @@ from tqdm import tqdm
 from export.contract.bundle import (
     FORMAT_VERSION,
     FP16_FILE,
+    INT8_FILE,
     MANIFEST_FILE,
     MODEL_FILE,
     NAME_PATTERN,
@@ -51,7 +54,9 @@ from export.contract.bundle import (
 )
 from export.contract.fixtures import BatchMaker
 from export.contract.schema import INPUT_NAMES, MODEL_OUTPUT, FeatureSchema, SchemaError, TensorSpec, model_inputs
-from export.parity import FP16, FP32, ParityReport, check_parity, require_parity
+from export.fusion import FusedScorer, fused_serving_module
+from export.parity import FP16, FP32, INT8, ParityReport, check_parity, require_parity
+from export.runtime import CPU, DISABLED_OPTIMIZERS, session_options
 from export.triton import CONFIG_FILE, triton_config
 from training.checkpoint import (
     BEST_FILES,
@@ -89,9 +94,14 @@ def export_run(
     name: str = "psad",
     version: int | None = None,
     fp16: bool = False,
+    int8: bool = False,
+    fuse: bool = True,
     progress: bool = False,
 ) -> Path:
-    """Export `run_dir` to `repo_dir/name/version` (next free version when None); returns that directory."""
+    """Export `run_dir` to `repo_dir/name/version` (next free version when None); returns that directory.
+
+    fuse: write PSAD's fused graph (export/fusion.py); False writes its plain serving module, for
+    comparisons. Either way the parity gate compares the graph with the plain serving module."""
     run_dir, repo_dir = Path(run_dir), Path(repo_dir)
     if not re.match(NAME_PATTERN, name):
         raise ExportInputError(f"--name {name!r}: use letters, digits, '_', '.', '-' (it becomes a directory name)")
@@ -122,22 +132,25 @@ def export_run(
     model_dir.mkdir(parents=True, exist_ok=True)
     tmp = model_dir / f".{version}.tmp-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
-    steps = tqdm(total=4 + fp16, desc=f"export {name}/{version}", disable=not progress, leave=False)
+    steps = tqdm(total=4 + fp16 + int8, desc=f"export {name}/{version}", disable=not progress, leave=False)
     try:
         val_inputs = load_split(data_dir, "val", schema).inputs if (data_dir / "val.parquet").is_file() else None
         maker = BatchMaker(schema, val_inputs, seed=0)
-        serving = model.serving_module().eval()
+        serving = model.serving_module().eval()  # the reference every graph is gated against
         steps.set_postfix_str("torch.onnx.export")
-        export_onnx(serving, maker, tmp / MODEL_FILE)
+        graph = fused_serving_module(model) if fuse else serving
+        export_onnx(graph, maker, tmp / MODEL_FILE)
         steps.update()
         steps.set_postfix_str("parity")
         parity = [require_parity(check_parity(serving, tmp / MODEL_FILE, maker, FP32))]
         steps.update()
-        if fp16:
-            steps.set_postfix_str("fp16")
-            convert_fp16(tmp / MODEL_FILE, tmp / FP16_FILE)
-            parity.append(require_parity(check_parity(serving, tmp / FP16_FILE, maker, FP16)))
-            steps.update()
+        extra = ((fp16, FP16_FILE, convert_fp16, FP16), (int8, INT8_FILE, quantize_int8, INT8))
+        for wanted, file, convert, tolerance in extra:
+            if wanted:
+                steps.set_postfix_str(file)
+                convert(tmp / MODEL_FILE, tmp / file)
+                parity.append(require_parity(check_parity(serving, tmp / file, maker, tolerance)))
+                steps.update()
         steps.set_postfix_str("files")
         schema.save(tmp / "schema.json")
         vocabs.save(tmp / "vocab.json")
@@ -146,8 +159,10 @@ def export_run(
         shutil.copyfile(run_dir / "config.json", tmp / "config.json")
         (tmp / CONFIG_FILE).write_text(triton_config(name, schema))
         steps.update()
+        kernels = {r.model_file: graph_kernels(tmp / r.model_file) for r in parity}
+        graph_info = {"fused": isinstance(graph, FusedScorer), "kernels": kernels}
         manifest = build_manifest(
-            tmp, name, version, schema, config.model.arch, run_dir, data_dir, validation, parity, fp16
+            tmp, name, version, schema, config.model.arch, run_dir, data_dir, validation, parity, graph_info
         )
         (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2, sort_keys=True))
         if final.exists():
@@ -213,7 +228,7 @@ def export_onnx(module: nn.Module, maker: BatchMaker, path: Path) -> None:
     dims = {"batch": Dim("batch", min=1), "list": Dim("list", min=1), "history": Dim("history", min=0)}
     dynamic = tuple({axis: dims[d] for axis, d in enumerate(s.dims) if d in dims} for s in specs)
     try:
-        with _quiet_exporter():
+        with _quiet("torch.onnx._internal.exporter._registration"):
             program = torch.onnx.export(
                 module,
                 args,
@@ -236,9 +251,10 @@ def export_onnx(module: nn.Module, maker: BatchMaker, path: Path) -> None:
 
 
 @contextlib.contextmanager
-def _quiet_exporter() -> Iterator[None]:
-    """Silence the exporter's notes (torchvision not installed, axis names merged): axes are named after."""
-    logger = logging.getLogger("torch.onnx._internal.exporter._registration")
+def _quiet(logger_name: str) -> Iterator[None]:
+    """Silence a converter's notes: the exporter's (torchvision not installed, axis names merged:
+    axes are named after), the quantiser's (pre-processing advice, on the root logger)."""
+    logger = logging.getLogger(logger_name)
     level = logger.level
     logger.setLevel(logging.ERROR)
     try:
@@ -287,6 +303,31 @@ def convert_fp16(src: Path, dst: Path) -> None:
     onnx.save_model(model, str(dst))
 
 
+def quantize_int8(src: Path, dst: Path) -> None:
+    """int8 dynamic quantisation: the MatMuls with a constant operand get int8 weights and activations
+    quantised per call, the gathered tables 8-bit values; MatMuls of two activations (the
+    attention's) stay float32."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    with _quiet(""):
+        quantize_dynamic(src, dst, weight_type=QuantType.QInt8, extra_options={"MatMulConstBOnly": True})
+
+
+def graph_kernels(path: Path, disabled: tuple[str, ...] = DISABLED_OPTIMIZERS) -> int:
+    """Nodes of the graph ONNX Runtime runs (CPU provider, the serving session options with the
+    optimisers `disabled`): one kernel each per call."""
+    import tempfile
+
+    import onnx
+    import onnxruntime as ort
+
+    with tempfile.TemporaryDirectory() as tmp:
+        options = session_options(threads=1, disabled=disabled)
+        options.optimized_model_filepath = str(Path(tmp) / "optimized.onnx")
+        ort.InferenceSession(str(path), options, providers=[CPU])
+        return len(onnx.load(options.optimized_model_filepath).graph.node)
+
+
 def build_manifest(
     bundle: Path,
     name: str,
@@ -297,7 +338,7 @@ def build_manifest(
     data_dir: Path,
     validation: dict[str, Any],
     parity: list[ParityReport],
-    fp16: bool,
+    graph: dict[str, Any],
 ) -> dict[str, Any]:
     import onnx
     import onnxruntime
@@ -306,7 +347,8 @@ def build_manifest(
     def spec(s: TensorSpec) -> dict[str, Any]:
         return {"name": s.name, "dtype": s.dtype, "dims": list(s.dims)}
 
-    models = {"fp32": MODEL_FILE, **({"fp16": FP16_FILE} if fp16 else {})}
+    variants = {MODEL_FILE: "fp32", FP16_FILE: "fp16", INT8_FILE: "int8"}
+    models = {variants[r.model_file]: r.model_file for r in parity}
     return {
         "format_version": FORMAT_VERSION,
         "name": name,
@@ -317,6 +359,7 @@ def build_manifest(
         "inputs": [spec(s) for s in model_inputs(schema)],
         "outputs": [spec(MODEL_OUTPUT)],
         "opset": OPSET,
+        "graph": graph,
         "schema_version": schema.version,
         "schema": schema.to_dict(),
         "software": {

@@ -48,6 +48,7 @@ class Tolerance:
 
 FP32 = Tolerance(max_abs=1e-4, tie_eps=1e-5)
 FP16 = Tolerance(max_abs=1e-2, tie_eps=1e-2, top_k=10)
+INT8 = Tolerance(max_abs=0.25, tie_eps=0.25, top_k=10)  # a gate against a broken quantisation, not a quality claim
 
 
 @dataclass(frozen=True)

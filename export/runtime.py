@@ -11,7 +11,9 @@ as a warning.
 Threads: a serving process runs one session per worker process, so intra-op threads default to
 1 (pass more for large batches), inter-op threads to 1 with sequential execution, and idle pool
 threads do not spin (spinning buys a little latency alone but steals cores from neighbours).
-numpy and onnxruntime only: the service imports this without torch.
+On the CPU provider ONNX Runtime's SkipLayerNormalization fusion is turned off: at this model's
+widths its CPU kernel is slower than the Add and LayerNormalization it replaces (docs/benchmarks.md,
+"A shorter model call"). numpy and onnxruntime only: the service imports this without torch.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from export.contract.bundle import DEVICES, FP16_FILE, MODEL_FILE, BundleError, verify_bundle
+from export.contract.bundle import DEVICES, FP16_FILE, INT8_FILE, MODEL_FILE, BundleError, verify_bundle
 from export.contract.fixtures import BatchMaker
 from export.contract.schema import (
     INPUT_NAMES,
@@ -35,6 +37,7 @@ from export.contract.schema import (
 
 CPU, CUDA = "CPUExecutionProvider", "CUDAExecutionProvider"
 WARMUP_RUNS = 3
+DISABLED_OPTIMIZERS = ("SkipLayerNormFusion",)  # its CPU kernel is slower than the Add + LayerNorm it fuses
 
 log = logging.getLogger(__name__)
 
@@ -98,22 +101,26 @@ def load_bundle(
     threads: int | None = None,
     spinning: bool = False,
     fp16: bool = False,
+    int8: bool = False,
     warmup: bool = True,
 ) -> Bundle:
     """Verify the bundle at `path` (a version directory) and open an ONNX Runtime session on it.
 
     device: "auto" (CUDA when it works, else CPU), "cuda" (CPU with a warning when CUDA does
-    not work) or "cpu". threads: intra-op threads, default 1. fp16: serve model_fp16.onnx.
+    not work) or "cpu". threads: intra-op threads, default 1. fp16: serve model_fp16.onnx; int8:
+    serve model_int8.onnx (each only when exported; not both).
     """
     if device not in DEVICES:
         raise ValueError(f"device must be one of {list(DEVICES)}, got {device!r}")
     if threads is not None and threads < 1:
         raise ValueError(f"threads must be >= 1, got {threads}")
+    if fp16 and int8:
+        raise ValueError("fp16 and int8 name two model files: pick one")
     path = Path(path)
     manifest, schema, vocabs = verify_bundle(path)
-    model_file = FP16_FILE if fp16 else MODEL_FILE
+    model_file, flag = (FP16_FILE, "--fp16") if fp16 else (INT8_FILE, "--int8") if int8 else (MODEL_FILE, "")
     if model_file not in manifest["files"]:
-        raise BundleError(f"{path}: no {model_file} in this bundle; export it with `psad export --fp16`")
+        raise BundleError(f"{path}: no {model_file} in this bundle; export it with `psad export {flag}`")
     session = _session(path / model_file, device, threads or 1, spinning)
     bundle = Bundle(
         path=path,
@@ -142,8 +149,9 @@ def load_bundle(
     return bundle
 
 
-def session_options(threads: int, spinning: bool = False):
-    """The serving process's ONNX Runtime settings (see the module docstring)."""
+def session_options(threads: int, spinning: bool = False, disabled: tuple[str, ...] = DISABLED_OPTIMIZERS):
+    """The serving process's ONNX Runtime settings (see the module docstring); `disabled`: the graph
+    optimisers turned off (() = ONNX Runtime's defaults, for comparisons)."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
@@ -153,6 +161,8 @@ def session_options(threads: int, spinning: bool = False):
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
     options.add_session_config_entry("session.inter_op.allow_spinning", "0")
+    if disabled:
+        options.add_session_config_entry("optimization.disable_specified_optimizers", ";".join(disabled))
     options.log_severity_level = 3
     return options
 
@@ -160,9 +170,10 @@ def session_options(threads: int, spinning: bool = False):
 def _session(model: Path, device: str, threads: int, spinning: bool):
     import onnxruntime as ort
 
-    options = session_options(threads, spinning)
     want_cuda = device != "cpu" and CUDA in ort.get_available_providers()
     providers = [CUDA, CPU] if want_cuda else [CPU]
+    # the disabled fusions were measured on the CPU provider; CUDA keeps ONNX Runtime's defaults
+    options = session_options(threads, spinning, disabled=() if want_cuda else DISABLED_OPTIMIZERS)
     try:
         return ort.InferenceSession(str(model), options, providers=providers)
     except Exception as exc:  # onnxruntime raises its own exception types for unreadable graphs

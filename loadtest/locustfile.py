@@ -22,6 +22,8 @@ Other knobs, all environment variables:
     PSAD_LOADTEST_CLICK_BIAS    position bias of clicks: 0 = any rank alike, 1 = 1/rank (default 1.0)
     PSAD_LOADTEST_RECENT        answers remembered for clicks, per locust process (default 1000)
     PSAD_LOADTEST_SEED          seed of the request generator (default 0)
+    PSAD_LOADTEST_RATE          task runs (/rerank and /events together) per second per user, locust's
+                                constant_throughput (default 0: the next 0-10 ms after an answer)
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ from dataclasses import dataclass
 from itertools import accumulate
 from pathlib import Path
 
-from locust import FastHttpUser, between, events, task
+from locust import FastHttpUser, between, constant_throughput, events, task
 
 
 def env_number(name: str, default: float, minimum: float, kind: type[int] | type[float] = int) -> float:
@@ -91,6 +93,7 @@ EVENTS_EVERY = env_int("PSAD_LOADTEST_EVENTS_EVERY", 10, 1)
 ACTION = os.environ.get("PSAD_LOADTEST_ACTION", POPULATION.action)
 CLICK_BIAS = env_number("PSAD_LOADTEST_CLICK_BIAS", 1.0, 0.0, float)
 RNG = random.Random(env_int("PSAD_LOADTEST_SEED", 0, 0))
+RATE = env_number("PSAD_LOADTEST_RATE", 0.0, 0.0, float)
 # Answers received (request id, user id, item ids in the answer's order), newest last; locust's
 # users of one process are greenlets, so they share it without locks.
 RECENT: deque[tuple[str, str, list[str]]] = deque(maxlen=env_int("PSAD_LOADTEST_RECENT", 1000, 1))
@@ -105,7 +108,8 @@ def describe(environment: object, **_kwargs: object) -> None:
     print(
         f"psad loadtest: {len(POPULATION.users):,} users, {len(POPULATION.items):,} items from {POPULATION.source}; "
         f"{LIST_LENGTH} candidates per /rerank, one /events per {EVENTS_EVERY} /rerank, "
-        f"clicks on recent answers with probability 1/rank^{CLICK_BIAS:g}"
+        f"clicks on recent answers with probability 1/rank^{CLICK_BIAS:g}; "
+        + (f"{RATE:g} task runs per second per user" if RATE else "each user's next task 0-10 ms after its answer")
     )
 
 
@@ -121,7 +125,9 @@ def click_event() -> dict[str, object]:
 class RerankUser(FastHttpUser):
     """A ranking stage calling the reranker, and the event pipeline feeding behaviours back."""
 
-    wait_time = between(0.0, 0.01)
+    # A constant rate per user (PSAD_LOADTEST_RATE) holds while answers take less than 1 / rate; a user
+    # still waits for its answer, so past that the rate falls (`psad bench service --rate` does not).
+    wait_time = constant_throughput(RATE) if RATE else between(0.0, 0.01)
 
     @task(EVENTS_EVERY)
     def rerank(self) -> None:

@@ -7,6 +7,11 @@ calls, input checks included); PyTorch eager runs the same serving architecture 
 teacher.safetensors weights: latency does not depend on them) under
 torch.inference_mode. Runs on the CPU, and on CUDA as well when a GPU is present. --profile
 adds ONNX Runtime's per-operator profile of the target cell: where the time goes.
+
+--compare-unfused (with --run) also exports the run's plain graph, and --int8 adds the bundle's
+int8 graph: every graph of a cell is timed in the same alternating rounds as eager PyTorch, so
+the host's drift falls on all of them, and each graph's kernels per call (the nodes of the graph
+ONNX Runtime runs) are reported beside its p50 by list length.
 """
 
 from __future__ import annotations
@@ -31,9 +36,55 @@ import typer
 from export.contract.errors import fail, reported
 
 TARGET_SHAPE = (1, 100, 50)  # batch, list, history
-TARGET_P50_MS = 0.5
+TARGET_P50_MS = 0.25
 TARGET_SPEEDUP = 3.0
 WARMUP_CALLS = 5
+ROUNDS = 4  # each engine and graph of a cell is timed in this many alternating slices of its budget
+SERVED = "served"  # the label of the bundle's own model.onnx (the fused graph for PSAD)
+GRAPHS = {
+    SERVED: "the bundle's model.onnx",
+    "unfused": "the plain serving module's graph",
+    "before": "that graph with every ONNX Runtime fusion on (SkipLayerNormalization too), as served before issue 19",
+    "int8": "model_int8.onnx",
+}
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One graph to time: a bundle's model.onnx (or its model_int8.onnx), under the serving session
+    options or (ort_defaults) with every ONNX Runtime fusion on, as served before issue 19."""
+
+    label: str
+    bundle: Path
+    int8: bool = False
+    ort_defaults: bool = False
+
+    @property
+    def model_file(self) -> Path:
+        from export.contract.bundle import INT8_FILE, MODEL_FILE
+
+        return self.bundle / (INT8_FILE if self.int8 else MODEL_FILE)
+
+    @property
+    def disabled(self) -> tuple[str, ...]:
+        from export.runtime import DISABLED_OPTIMIZERS
+
+        return () if self.ort_defaults else DISABLED_OPTIMIZERS
+
+    def load(self, device: str, threads: int, spinning: bool):
+        """The variant's Bundle (export.runtime), its session built with the variant's optimisers."""
+        import dataclasses
+
+        import onnxruntime as ort
+
+        from export.runtime import load_bundle, session_options
+
+        bundle = load_bundle(self.bundle, device=device, threads=threads, spinning=spinning, int8=self.int8)
+        if not self.ort_defaults:
+            return bundle
+        options = session_options(threads, spinning, disabled=self.disabled)
+        session = ort.InferenceSession(str(self.model_file), options, providers=bundle.session.get_providers())
+        return dataclasses.replace(bundle, session=session)
 
 
 @dataclass(frozen=True)
@@ -51,23 +102,37 @@ class Cell:
     batch: int
     list: int
     history: int
-    ort: Timing
+    graphs: dict[str, Timing]  # ONNX Runtime, by variant label; the first is the served graph
     eager: Timing
+
+    @property
+    def ort(self) -> Timing:
+        return next(iter(self.graphs.values()))
 
     @property
     def speedup(self) -> float:
         return self.eager.p50 / self.ort.p50
 
 
-def time_calls(fn: Callable[[], Any], batch: int, seconds: float, max_iters: int) -> Timing:
-    for _ in range(WARMUP_CALLS):
-        fn()
-    samples: list[int] = []
-    deadline = time.perf_counter() + seconds
-    while len(samples) < max_iters and (len(samples) < WARMUP_CALLS or time.perf_counter() < deadline):
-        start = time.perf_counter_ns()
-        fn()
-        samples.append(time.perf_counter_ns() - start)
+def time_calls(fns: dict[str, Callable[[], Any]], batch: int, seconds: float, max_iters: int) -> dict[str, Timing]:
+    """Time each function for up to `seconds` or `max_iters` calls, in ROUNDS alternating slices."""
+    for fn in fns.values():
+        for _ in range(WARMUP_CALLS):
+            fn()
+    samples: dict[str, list[int]] = {label: [] for label in fns}
+    for _ in range(ROUNDS):
+        for label, fn in fns.items():
+            taken = samples[label]
+            quota = min(max_iters, len(taken) + max(WARMUP_CALLS, max_iters // ROUNDS))
+            deadline = time.perf_counter() + seconds / ROUNDS
+            while len(taken) < quota and (len(taken) < WARMUP_CALLS or time.perf_counter() < deadline):
+                start = time.perf_counter_ns()
+                fn()
+                taken.append(time.perf_counter_ns() - start)
+    return {label: _timing(taken, batch) for label, taken in samples.items()}
+
+
+def _timing(samples: list[int], batch: int) -> Timing:
     ms = np.asarray(samples, dtype=np.float64) / 1e6
     p50, p90, p99 = np.percentile(ms, [50, 90, 99])
     return Timing(float(p50), float(p90), float(p99), batch * 1000.0 / float(ms.mean()), len(samples))
@@ -84,7 +149,7 @@ def parse_sizes(text: str, option: str, minimum: int) -> list[int]:
 
 
 def run_bench(
-    bundle_dir: Path,
+    variants: list[Variant],
     threads: int,
     batches: list[int],
     lists: list[int],
@@ -94,7 +159,8 @@ def run_bench(
     spinning: bool,
     progress: bool,
 ) -> tuple[list[Cell], list[str]]:
-    """Time every cell on every available device; returns the cells and notes on the devices."""
+    """Time every cell on every available device, every variant in each; returns the cells and notes
+    on the devices. The first variant is the served graph (and the source of the eager model)."""
     import torch
     from tqdm import tqdm
 
@@ -106,15 +172,17 @@ def run_bench(
     devices, notes = ["cpu"], []
     if torch.cuda.is_available():
         devices.append("cuda")
-    maker = BatchMaker(load_bundle(bundle_dir, device="cpu", warmup=False).schema, seed=0)  # verifies first
-    module = load_torch_model(bundle_dir).serving_module().eval()
+    served = variants[0].bundle
+    maker = BatchMaker(load_bundle(served, device="cpu", warmup=False).schema, seed=0)  # verifies first
+    module = load_torch_model(served).serving_module().eval()
     shapes = [(b, n, h) for b in batches for n in lists for h in histories]
     cells = []
     bar = tqdm(total=len(devices) * len(shapes), desc="bench model", disable=not progress)
     for device in devices:
-        bundle = load_bundle(bundle_dir, device=device, threads=threads, spinning=spinning)
-        notes.append(f"{device}: ONNX Runtime provider {bundle.provider}")
-        if device == "cuda" and bundle.provider != CUDA:
+        bundles = {v.label: v.load(device, threads, spinning) for v in variants}
+        provider = bundles[variants[0].label].provider
+        notes.append(f"{device}: ONNX Runtime provider {provider}")
+        if device == "cuda" and provider != CUDA:
             notes.append("cuda: skipped, ONNX Runtime has no working CUDA provider here")
             bar.update(len(shapes))
             continue
@@ -122,9 +190,11 @@ def run_bench(
         for batch, length, history in shapes:
             bar.set_postfix_str(f"{device} B={batch} L={length} H={history}")
             inputs = maker.make(batch, length, history, pad_last=False)
-            ort_timing = time_calls(partial(bundle.score, inputs), batch, seconds, max_iters)
-            eager_timing = time_calls(partial(_eager_call, eager, inputs, device), batch, seconds, max_iters)
-            cells.append(Cell(device, batch, length, history, ort_timing, eager_timing))
+            fns: dict[str, Callable[[], Any]] = {label: partial(b.score, inputs) for label, b in bundles.items()}
+            fns["eager"] = partial(_eager_call, eager, inputs, device)
+            timings = time_calls(fns, batch, seconds, max_iters)
+            eager_timing = timings.pop("eager")
+            cells.append(Cell(device, batch, length, history, timings, eager_timing))
             bar.update()
     bar.close()
     return cells, notes
@@ -155,6 +225,63 @@ def format_table(cells: list[Cell]) -> str:
     return "\n".join(lines)
 
 
+def format_graphs(cells: list[Cell], kernels: dict[str, int]) -> str:
+    """p50 of every graph, cell by cell, against the served graph, and each graph's kernels per call."""
+    labels = list(kernels)
+    others = labels[1:]
+    lines = [
+        "Graphs: " + "; ".join(f"{label} = {GRAPHS[label]}" for label in labels) + ".",
+        "",
+        "Kernels per call (nodes of the graph ONNX Runtime runs, CPU provider): "
+        + ", ".join(f"{label} {n}" for label, n in kernels.items()),
+        "",
+        "| device | batch | list | history | "
+        + " | ".join(f"{label} p50 ms" for label in labels)
+        + "".join(f" | {label} / {SERVED}" for label in others)
+        + " |",
+        "|:--|--:|--:|--:|" + "--:|" * (len(labels) + len(others)),
+    ]
+    for c in cells:
+        p50 = [c.graphs[label].p50 for label in labels]
+        ratios = "".join(f" | {c.graphs[label].p50 / c.ort.p50:.2f}" for label in others)
+        cell = f"| {c.device} | {c.batch} | {c.list} | {c.history} | "
+        lines.append(cell + " | ".join(f"{t:.3f}" for t in p50) + ratios + " |")
+    return "\n".join(lines)
+
+
+def graph_quality(variants: list[Variant], split: str, batch: int = 256) -> str:
+    """NDCG@10 of every graph on one split of the served bundle's data set, each against the served
+    graph with a paired 95% interval: what a lossy graph (int8) costs in ranking quality."""
+    from training.data.store import load_split
+    from training.metrics import ndcg_at_k, paired_bootstrap, ranking_from_scores
+
+    bundles = {v.label: v.load("cpu", threads=1, spinning=False) for v in variants}
+    served = bundles[SERVED]
+    data_dir = Path(served.manifest["source"]["data"])
+    data = load_split(data_dir, split, served.schema)
+    mask = data.inputs["cand_mask"]
+    per_list = {}
+    for label, bundle in bundles.items():
+        scores = np.concatenate(
+            [
+                bundle.score({k: v[start : start + batch] for k, v in data.inputs.items()})
+                for start in range(0, len(data), batch)
+            ]
+        )
+        per_list[label] = ndcg_at_k(ranking_from_scores(scores, mask), data.labels, mask, 10)
+    lines = [
+        f"NDCG@10 on the {split} split of {data_dir} ({len(data):,} lists), each graph against {SERVED}:",
+        "",
+        "| graph | NDCG@10 | difference | paired 95% interval |",
+        "|:--|--:|--:|:--|",
+    ]
+    for label, values in per_list.items():
+        diff = values - per_list[SERVED]
+        low, high = paired_bootstrap(diff) if label != SERVED else (0.0, 0.0)
+        lines.append(f"| {label} | {values.mean():.4f} | {diff.mean():+.4f} | [{low:+.4f}, {high:+.4f}] |")
+    return "\n".join(lines)
+
+
 def check_targets(cells: list[Cell], threads: int) -> list[str]:
     """Pass/miss lines for the project's latency targets (CPU, one thread)."""
     cpu = [c for c in cells if c.device == "cpu"]
@@ -181,7 +308,8 @@ def check_targets(cells: list[Cell], threads: int) -> list[str]:
 
 
 def profile_ort(bundle_dir: Path, threads: int, runs: int = 200) -> str:
-    """ONNX Runtime's own profile of the target cell on the CPU: time per operator type and top nodes."""
+    """ONNX Runtime's own profile of the target cell on the CPU (the served graph): time per operator
+    type and top nodes."""
     import onnx
     import onnxruntime as ort
 
@@ -257,7 +385,8 @@ def environment(bundle_dir: Path, threads: int, spinning: bool) -> list[str]:
         f"- machine: {cpu}, {os.cpu_count()} logical cores; {datetime.now(UTC):%Y-%m-%d %H:%M} UTC",
         f"- software: onnxruntime {onnxruntime.__version__}, torch {torch.__version__}, "
         f"python {platform.python_version()}",
-        f"- model: {manifest['name']}/{manifest['version']} ({knobs})",
+        f"- model: {manifest['name']}/{manifest['version']} ({knobs}); model.onnx is "
+        f"{'the fused graph (export/fusion.py)' if manifest.get('graph', {}).get('fused') else 'the plain graph'}",
         f"- threads: {threads} intra-op (ORT and torch); ORT inter-op 1, sequential, "
         f"spinning {'on' if spinning else 'off'}",
     ]
@@ -274,11 +403,22 @@ def bench_model_command(
     iters: Annotated[int, typer.Option("--iters", min=5, help="Most timed calls per cell and engine.")] = 2000,
     spinning: Annotated[bool, typer.Option("--spinning", help="Let idle ORT pool threads spin.")] = False,
     profile: Annotated[bool, typer.Option("--profile", help="Add ONNX Runtime's operator profile.")] = False,
+    compare_unfused: Annotated[
+        bool, typer.Option("--compare-unfused", help="With --run: also export and time the plain (unfused) graph.")
+    ] = False,
+    int8: Annotated[
+        bool, typer.Option("--int8", help="Also time model_int8.onnx (exported with --int8 when given --run).")
+    ] = False,
+    quality: Annotated[
+        str | None, typer.Option("--quality", help="Also NDCG@10 of every graph on this split (val) of the data set.")
+    ] = None,
     out: Annotated[Path | None, typer.Option("--out", help="Write the report as markdown here.")] = None,
 ) -> None:
     """Model latency percentiles and throughput: ONNX Runtime versus PyTorch eager."""
     if (bundle is None) == (run is None):
         raise typer.BadParameter("pass exactly one of --bundle or --run")
+    if compare_unfused and run is None:
+        raise typer.BadParameter("--compare-unfused exports the run's plain graph beside the fused one: pass --run")
     sizes = (
         parse_sizes(batches, "--batches", 1),
         parse_sizes(lists, "--lists", 1),
@@ -287,17 +427,26 @@ def bench_model_command(
     command = ["psad", "bench", "model", "--bundle" if bundle else "--run", str(bundle or run)]
     command += ["--threads", str(threads), "--batches", batches, "--lists", lists, "--histories", histories]
     command += ["--seconds", str(seconds), "--iters", str(iters)] + ["--spinning"] * spinning + ["--profile"] * profile
+    command += ["--compare-unfused"] * compare_unfused + ["--int8"] * int8 + (["--quality", quality] if quality else [])
     command += ["--out", str(out)] if out else []
     if out is not None:
         _check_out(out)
-    from export.exporter import export_run
+    from export.exporter import export_run, graph_kernels
 
     # A bad run or bundle exits 2; a failed export or parity gate, 1.
     with reported(), tempfile.TemporaryDirectory() as tmp:
         if run is not None:
-            bundle = export_run(run, Path(tmp), name="bench", version=1, progress=True)
+            bundle = export_run(run, Path(tmp), name="bench", version=1, int8=int8, progress=True)
         assert bundle is not None
-        cells, notes = run_bench(bundle, threads, *sizes, seconds, iters, spinning, progress=True)
+        variants = [Variant(SERVED, bundle)]
+        if compare_unfused:
+            assert run is not None
+            plain = export_run(run, Path(tmp), name="bench-unfused", version=1, fuse=False, progress=True)
+            variants += [Variant("unfused", plain), Variant("before", plain, ort_defaults=True)]
+        if int8:
+            variants.append(Variant("int8", bundle, int8=True))
+        cells, notes = run_bench(variants, threads, *sizes, seconds, iters, spinning, progress=True)
+        kernels = {v.label: graph_kernels(v.model_file, v.disabled) for v in variants}
         report = [
             "## Model: ONNX Runtime vs PyTorch eager",
             "",
@@ -308,12 +457,16 @@ def bench_model_command(
             "",
             format_table(cells),
             "",
+            format_graphs(cells, kernels),
+            "",
             "Targets:",
             "",
             *check_targets(cells, threads),
         ]
         if profile:
             report += ["", profile_ort(bundle, threads)]
+        if quality:
+            report += ["", graph_quality(variants, quality)]
     text = "\n".join(report) + "\n"
     typer.echo(text)
     if out is not None:

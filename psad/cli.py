@@ -11,6 +11,7 @@ import typer
 
 from export.cli import export_command
 from loadtest.model_bench import bench_model_command
+from loadtest.peers.run import bench_peers_command
 from loadtest.service_bench.run import bench_service_command
 from psad.load_profiles import profiles_load_command
 from psad.shadow.cli import shadow_app
@@ -39,6 +40,7 @@ app.add_typer(profiles_app, name="profiles")
 bench = typer.Typer(help="Benchmarks that print figures (see docs/benchmarks.md).", no_args_is_help=True)
 bench.command("model")(bench_model_command)
 bench.command("service")(bench_service_command)
+bench.command("peers")(bench_peers_command)
 app.add_typer(bench, name="bench")
 app.add_typer(shadow_app, name="shadow")
 

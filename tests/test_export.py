@@ -202,3 +202,66 @@ def test_bench_model_reports_bad_arguments_in_one_line(tiny_bundle: Path, tmp_pa
         done = CliRunner().invoke(app, ["bench", "model", *args, "--lists", "10", "--histories", "0"])
         assert done.exit_code == 2 and done.output.startswith("error: "), done.output
         assert message in done.output and len(done.output.splitlines()) == 1
+
+
+def test_manifest_records_the_fused_graph_and_its_kernels(tiny_bundle: Path) -> None:
+    from export.exporter import graph_kernels
+
+    graph = json.loads((tiny_bundle / "manifest.json").read_text())["graph"]
+    assert graph["fused"] is True
+    assert graph["kernels"] == {"model.onnx": graph_kernels(tiny_bundle / "model.onnx")}
+
+
+@pytest.mark.slow
+def test_int8_export_is_listed_verified_and_loadable(tmp_path: Path, tiny_bundle: Path, tiny_run: Path) -> None:
+    """--int8 adds model_int8.onnx: hashed and parity-gated in the manifest, served by load_bundle(int8=True),
+    refused when altered, and asked for by name when a bundle lacks it."""
+    from export.contract.bundle import BundleError
+    from export.parity import INT8
+
+    with pytest.raises(BundleError, match=r"no model_int8\.onnx in this bundle; export it with `psad export --int8`"):
+        load_bundle(tiny_bundle, device="cpu", int8=True)
+    bundle = export_run(tiny_run, tmp_path, name="psad", int8=True)
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    assert manifest["models"] == {"fp32": "model.onnx", "int8": "model_int8.onnx"}
+    assert manifest["files"]["model_int8.onnx"]["sha256"] == sha256(bundle / "model_int8.onnx")
+    report = manifest["parity"]["model_int8.onnx"]
+    assert report["passed"] and report["tolerance"]["max_abs"] == INT8.max_abs
+    assert {(s["batch"], s["list"], s["history"]) for s in report["shapes"]} == set(SHAPES)
+    assert (bundle / "model_int8.onnx").stat().st_size < (bundle / "model.onnx").stat().st_size
+    fp32, int8 = load_bundle(bundle, device="cpu"), load_bundle(bundle, device="cpu", int8=True)
+    inputs = BatchMaker(fp32.schema, seed=3).make(4, 10, 5)
+    mask = inputs["cand_mask"]
+    got, want = int8.score(inputs), fp32.score(inputs)
+    assert not np.array_equal(got[mask], want[mask])  # a different graph, really quantised
+    np.testing.assert_allclose(got[mask], want[mask], atol=INT8.max_abs, rtol=0)
+    with pytest.raises(ValueError, match="pick one"):
+        load_bundle(bundle, device="cpu", fp16=True, int8=True)
+    raw = bytearray((bundle / "model_int8.onnx").read_bytes())
+    raw[-1] ^= 0xFF
+    (bundle / "model_int8.onnx").write_bytes(bytes(raw))
+    with pytest.raises(BundleError, match=r"model_int8\.onnx: sha256 mismatch"):
+        load_bundle(bundle, device="cpu", int8=True)
+
+
+@pytest.mark.slow
+def test_bench_model_compares_fused_unfused_and_int8_in_one_run(tiny_run: Path) -> None:
+    args = ["--run", str(tiny_run), "--compare-unfused", "--int8", "--batches", "1", "--lists", "10,30"]
+    args += ["--histories", "5", "--seconds", "0.01", "--iters", "5", "--quality", "val"]
+    done = CliRunner().invoke(app, ["bench", "model", *args])
+    assert done.exit_code == 0, done.output
+    kernels = next(line for line in done.output.splitlines() if line.startswith("Kernels per call"))
+    counts = dict(part.rsplit(" ", 1) for part in kernels.split(": ", 1)[1].split(", "))
+    assert set(counts) == {"served", "unfused", "before", "int8"}
+    assert int(counts["served"]) < int(counts["unfused"]) and int(counts["served"]) < int(counts["before"])
+    assert "| served p50 ms | unfused p50 ms | before p50 ms | int8 p50 ms |" in done.output
+    assert [line.split(" | ")[:4] for line in done.output.splitlines() if line.startswith("| cpu | 1 | ")][-2:] == [
+        ["| cpu", "1", "10", "5"],
+        ["| cpu", "1", "30", "5"],
+    ]
+    assert "| int8 | " in done.output.split("NDCG@10 on the val split")[1]
+
+
+def test_bench_model_compare_unfused_needs_a_run(tiny_bundle: Path) -> None:
+    done = CliRunner().invoke(app, ["bench", "model", "--bundle", str(tiny_bundle), "--compare-unfused"])
+    assert done.exit_code == 2 and "--compare-unfused exports the run's plain graph" in done.output

@@ -12,11 +12,20 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import typer
 from typer.testing import CliRunner
 
-from loadtest.service_bench.report import BATCH_ROW, SPANS_PER_RERANK, Paired, ShadowResult, TracingResult
+from loadtest.service_bench.report import (
+    BATCH_ROW,
+    SPANS_PER_RERANK,
+    OpenLoop,
+    Paired,
+    ShadowResult,
+    TracingResult,
+    crossing,
+)
 from loadtest.service_bench.run import PAIR_ORDER, bench_service_command, run_bench
 from loadtest.service_bench.workload import BenchConfig
 from psad.procs import free_port, start_redis, stop_tree, tree_pids
@@ -128,9 +137,50 @@ def test_bench_service_compares_this_checkout_with_another_tree(
     assert f"--baseline-tree {tree}" in report and f"| baseline ({tree}) |" in report
 
 
+def test_bench_service_open_loop_measures_each_rate_and_endpoint(
+    tiny_data: Path, tiny_bundle: Path, tmp_path: Path, monkeypatch
+):
+    """--rate: each rate against /rerank and the floor on a real server, every request due answered,
+    latencies from the scheduled send times, the CPU of each process, and the 800 req/s target row."""
+    cfg = comparison(tiny_data, tiny_bundle, tmp_path, monkeypatch, rates=(40.0, 800.0), poisson_seed=1)
+    out = tmp_path / "openloop.md"
+    result = run_bench(cfg, load_settings(), out)
+
+    assert isinstance(result, OpenLoop)
+    assert [(p.result.rate, p.path) for p in result.points] == [
+        (rate, path) for rate in (40.0, 800.0) for path in ("/rerank", "/bench/floor")
+    ]
+    for point in result.points:
+        r = point.result
+        assert r.scheduled > 0 and r.errors == r.unfinished == 0 and len(r.latency_ms) == r.scheduled
+        # A latency includes its request's send lag, so the longest latency is at least the longest lag.
+        assert len(r.send_lag_ms) == r.scheduled and r.pct(100) >= np.max(r.send_lag_ms)
+        assert point.cores["server"] > 0 and point.cores["load generator"] > 0 and "redis" in point.cores
+        assert point.others >= 0
+    report = out.read_text()
+    assert "--rate 40,800 --max-connections 256 --poisson-seed 1" in report
+    assert "a Poisson process of rate R (seed 1)" in report
+    assert report.count("| /rerank |") == report.count("| /bench/floor |") == 2
+    assert "- /rerank: p99 passes 20 ms" in report and "## Target (issue 19, on 2 cores)" in report
+    assert report.count("| pass |") + report.count("| MISS |") == 1
+
+
+def test_the_rate_where_p99_passes_its_limit_is_interpolated_between_measured_rates():
+    assert crossing([(1000.0, 30.0), (400.0, 5.0), (800.0, 10.0)], 20.0).startswith("at about 900 req/s")
+    assert crossing([(400.0, 25.0), (800.0, 40.0)], 20.0).startswith("below 400 req/s")
+    assert crossing([(400.0, 5.0), (800.0, 19.0)], 20.0).startswith("above 800 req/s")
+    noisy = crossing([(400.0, 52.0), (800.0, 9.0), (1000.0, 86.0)], 20.0)
+    assert noisy.startswith("below 400 req/s") and noisy.endswith(
+        "back under it at 800 req/s: not monotonic in the rate, a noisy run"
+    )
+
+
 @pytest.mark.parametrize(
     "args, message",
     [
+        (["--rate", "400,x"], "--rate 400,x: expected requests/s separated by commas"),
+        (["--rate", "400,0"], "--rate 400,0: each rate must be > 0"),
+        (["--rate", "400", "--tracing"], "--rate and --tracing: --rate measures one server"),
         (["--shadow-rate", "1", "--url", "http://127.0.0.1:1"], "--shadow-rate starts its own two servers"),
         (["--tracing", "--url", "http://127.0.0.1:1"], "--tracing starts its own two servers"),
         (["--tracing", "--shadow-rate", "0.5"], "--shadow-rate and --tracing: each is a comparison of its own"),

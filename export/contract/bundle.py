@@ -15,6 +15,7 @@ FORMAT_VERSION = 1
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"  # a model name: one path component, no leading dot
 MODEL_FILE = "model.onnx"
 FP16_FILE = "model_fp16.onnx"
+INT8_FILE = "model_int8.onnx"
 MANIFEST_FILE = "manifest.json"
 REQUIRED_FILES = (MODEL_FILE, "schema.json", "vocab.json")
 Device = Literal["auto", "cpu", "cuda"]  # where a model runs: CUDA when it works (auto), or as named

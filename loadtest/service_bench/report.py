@@ -1,6 +1,7 @@
 """The benchmark's markdown reports: the machine and the setup, both phases, the server's own means,
 CPU time per request, and the targets with pass or MISS; for a comparison (--shadow-rate,
---tracing, --baseline-tree), the two servers side by side with their ratios and each block's."""
+--tracing, --baseline-tree), the two servers side by side with their ratios and each block's; for
+open-loop load (--rate), latency by rate and where p99 passes its limit."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
+from loadtest.openloop import DRAIN_S, LATE_MS, OpenLoopResult
 from loadtest.service_bench.client import WARMUP_PAIRS, WARMUP_S, Sample
 from loadtest.service_bench.workload import DISTINCT_REQUESTS, BenchConfig, Workload
 
@@ -28,6 +30,8 @@ SHADOW_TARGETS = {
     "rps_ratio": 0.90,  # throughput with sampling on / off (issue 17)
     "p50_ratio": 1.05,  # one-client p50 on / off
 }
+
+OPEN_LOOP_TARGET = (800.0, 20.0)  # (requests/s, ms): open-loop p99 of /rerank at that rate on 2 cores (issue 19)
 
 BATCH_ROW = "lists per model call"
 
@@ -91,6 +95,21 @@ class TracingResult:
     pair: Paired
     received: dict[str, int]  # exports and spans
     answered: float  # /rerank answers of the traced server, warm-ups included
+
+
+@dataclass
+class RatePoint:
+    """One open-loop run: an endpoint at a rate, and the CPU each process used meanwhile."""
+
+    path: str
+    result: OpenLoopResult
+    cores: dict[str, float]  # CPU seconds per second of the run, by process (server, redis, load generator)
+    others: float  # the same of every other process on the machine (nan where /proc/stat is missing)
+
+
+@dataclass
+class OpenLoop:
+    points: list[RatePoint]  # in the order run
 
 
 def checks(r: Result) -> list[tuple[str, str, str, bool]]:
@@ -403,3 +422,89 @@ def target_lines(title: str, checks: list[tuple[str, str, str, bool]]) -> list[s
         f"| {name} | {threshold} | {measured} | {'pass' if ok else 'MISS'} |"
         for name, threshold, measured, ok in checks
     ]
+
+
+def crossing(points: list[tuple[float, float]], limit: float) -> str:
+    """Where p99 first passes `limit` ms, from (rate, p99) pairs: interpolated linearly between the
+    two measured rates around it, or said to lie outside the measured ones; flagged when a higher
+    rate is back under the limit (p99 not monotonic in the rate: the host was noisy)."""
+    pts = sorted(points)
+    over = next((i for i, (_, p99) in enumerate(pts) if p99 > limit), len(pts))
+    if over == len(pts):
+        return f"above {pts[-1][0]:,.0f} req/s, the highest rate measured (p99 {pts[-1][1]:.1f} ms there)"
+    rate, p99 = pts[over]
+    if over == 0:
+        text = f"below {rate:,.0f} req/s, the lowest rate measured (p99 {p99:.1f} ms there)"
+    else:
+        r0, p0 = pts[over - 1]
+        at = r0 + (limit - p0) * (rate - r0) / (p99 - p0)
+        text = (
+            f"at about {at:,.0f} req/s (interpolated linearly between {r0:,.0f} req/s, p99 {p0:.1f} ms, and "
+            f"{rate:,.0f} req/s, p99 {p99:.1f} ms)"
+        )
+    back = [f"{r:,.0f}" for r, p in pts[over + 1 :] if p <= limit]
+    if back:
+        text += f"; but p99 is back under it at {', '.join(back)} req/s: not monotonic in the rate, a noisy run"
+    return text
+
+
+def open_loop_row(point: RatePoint) -> str:
+    r, cores = point.result, point.cores
+    generator = cores.get("load generator", 0.0)
+    busy = ", ".join(f"{name} {value:.2f}" for name, value in cores.items())
+    return (
+        f"| {r.rate:,.0f} | {point.path} | {r.achieved_rate:,.0f} | {r.pct(50):.2f} | {r.pct(99):.2f} | "
+        f"{r.pct(99.9):.2f} | {r.pct(100):.2f} | {r.errors} | {r.late} | {r.waited} | {r.unfinished} | "
+        f"{r.peak_connections} | {np.percentile(r.send_lag_ms, 99) if len(r.send_lag_ms) else float('nan'):.2f} | "
+        f"{busy} | {point.others:.2f} | {generator / max(sum(cores.values()), 1e-9):.0%} |"
+    )
+
+
+def render_open_loop(cfg: BenchConfig, workload: Workload, ready: dict, r: OpenLoop, command: str, server: str) -> str:
+    arrivals = (
+        "evenly spaced (request k due at t0 + k / R)"
+        if cfg.poisson_seed is None
+        else f"a Poisson process of rate R (seed {cfg.poisson_seed})"
+    )
+    limit_rate, limit_ms = OPEN_LOOP_TARGET
+    by_path: dict[str, list[tuple[float, float]]] = {}
+    for point in r.points:
+        by_path.setdefault(point.path, []).append((point.result.rate, point.result.pct(99)))
+    target = [p for p in r.points if p.path == "/rerank" and p.result.rate == limit_rate]
+    lines = [
+        "# Service benchmark: open-loop latency",
+        "",
+        *setup_lines(cfg, workload, ready, command, server),
+        f"At each rate R, after {WARMUP_S:.0f} s of warm-up (sent, not counted), for {cfg.duration_s:g} s: requests "
+        f"are due {arrivals} whatever the answers do, each sent on an idle keep-alive connection or on a new one "
+        f"when all are busy ({cfg.concurrency} opened first, at most {cfg.max_connections}). A latency runs from "
+        "the request's scheduled send time to its answer, so time spent waiting for a connection, for the load "
+        "generator's event loop or in the server's queue is counted (no coordinated omission). Each rate runs "
+        "/rerank then /bench/floor. Percentiles by nearest rank over the answers with status 200.",
+        "",
+        f"Late: sent more than {LATE_MS:g} ms after it was due; waited: found every connection busy at the cap; "
+        f"unfinished: no answer {DRAIN_S:g} s after the last send; CPU: seconds of CPU per second of the run, by "
+        "process, of every other process on the machine (the cores are shared), and the load generator's share "
+        "of the CPU the run's own processes used.",
+        "",
+        "| rate req/s | endpoint | answered req/s | p50 ms | p99 ms | p99.9 ms | max ms | errors | late sends | "
+        "waited | unfinished | connections | send lag p99 ms | CPU cores busy | other processes | "
+        "load generator share |",
+        "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|",
+        *(open_loop_row(point) for point in r.points),
+        "",
+        *(f"- {path}: p99 passes {limit_ms:g} ms {crossing(points, limit_ms)}" for path, points in by_path.items()),
+        "",
+    ]
+    if target:
+        p99 = target[0].result.pct(99)
+        row = (
+            f"open-loop p99 at {limit_rate:,.0f} req/s (rerank)",
+            f"<= {limit_ms:g} ms",
+            f"{p99:.2f} ms",
+            p99 <= limit_ms,
+        )
+        lines += target_lines("Target (issue 19, on 2 cores)", [row])
+    else:
+        lines.append(f"Target (issue 19): open-loop p99 at {limit_rate:,.0f} req/s: not measured (add it to --rate).")
+    return "\n".join(lines) + "\n"

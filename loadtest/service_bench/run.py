@@ -12,6 +12,10 @@ stored history holds H behaviours (workload.py).
 (b) throughput: C keep-alive connections in one asyncio (uvloop) process, each sending its next
     /rerank as soon as the previous answer arrives, for a fixed duration.
 
+Open-loop load instead (--rate R1,R2,...): at each rate, /rerank then /bench/floor at a fixed
+arrival rate, each latency from the request's scheduled send time (loadtest/openloop.py), with the
+CPU each process used; the report gives p50/p99/p99.9 by rate and where p99 passes 20 ms.
+
 A comparison instead measures two servers of the same model on the same Redis, a reference and a
 candidate, in one run (measure_pair): (a) one client alternates them request by request, (b) their
 throughput phases alternate (reference, candidate, candidate, reference, three times: a drift of
@@ -57,17 +61,29 @@ from redis.cluster import RedisCluster
 
 from export.contract.errors import reported
 from export.contract.shadow import stream_key
+from loadtest.openloop import run_open_loop
 from loadtest.service_bench import collector
-from loadtest.service_bench.client import WARMUP_S, Sample, http_request, one_client, run_async, throughput
+from loadtest.service_bench.client import (
+    WARMUP_S,
+    Connection,
+    Sample,
+    http_request,
+    one_client,
+    run_async,
+    throughput,
+)
 from loadtest.service_bench.report import (
     BATCH_ROW,
     Block,
+    OpenLoop,
     Paired,
+    RatePoint,
     Result,
     ShadowResult,
     TracingResult,
     render,
     render_baseline,
+    render_open_loop,
     render_shadow,
     render_tracing,
     serving,
@@ -166,6 +182,8 @@ def comparison_flags(cfg: BenchConfig) -> list[str]:
 
 def check_comparison(cfg: BenchConfig) -> None:
     flags = comparison_flags(cfg)
+    if flags and cfg.rates:
+        raise typer.BadParameter(f"--rate and {flags[0]}: --rate measures one server; give one of them")
     if len(flags) > 1:
         raise typer.BadParameter(f"{' and '.join(flags)}: each is a comparison of its own; give one of them")
     if flags and cfg.url:
@@ -240,11 +258,17 @@ def phase_means(before: dict[str, tuple[float, float]], after: dict[str, tuple[f
 # Orchestration --------------------------------------------------------------------------------
 
 
-def measure(base: str, cfg: BenchConfig, bodies: list[bytes], pids: dict[str, int] | None = None) -> Result:
+def loopback(base: str) -> tuple[str, int]:
+    """The host and port of a server on this machine."""
     parts = urlsplit(base)
     host, port = parts.hostname or "127.0.0.1", parts.port or 80
     if host not in ("127.0.0.1", "localhost", "::1"):
         raise typer.BadParameter(f"--url {base}: the benchmark runs over loopback only (127.0.0.1)")
+    return host, port
+
+
+def measure(base: str, cfg: BenchConfig, bodies: list[bytes], pids: dict[str, int] | None = None) -> Result:
+    host, port = loopback(base)
     rerank = [http_request(host, "/rerank", b) for b in bodies]
     floor = [http_request(host, "/bench/floor", b) for b in bodies]
     typer.echo(f"(a) one client: {cfg.requests} x /rerank and /bench/floor, alternating ...")
@@ -261,6 +285,65 @@ def measure(base: str, cfg: BenchConfig, bodies: list[bytes], pids: dict[str, in
     sent = max(1, round(len(loaded.ms) * (WARMUP_S + cfg.duration_s) / cfg.duration_s))
     cpu = {k: 1000 * (cpu1[k] - cpu0[k]) / sent for k in cpu1}
     return Result(one_rerank, one_floor, loaded, rps, means[0], means[1], cpu)
+
+
+OPEN_LOOP_PATHS = ("/rerank", "/bench/floor")
+
+
+def machine_busy_s() -> float:
+    """CPU seconds every process on this machine has used since boot (/proc/stat; nan without it)."""
+    try:
+        fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
+    except OSError:
+        return float("nan")
+    user, nice, system, _idle, _iowait, irq, softirq, steal = (int(x) for x in fields[:8])
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
+def measure_rates(base: str, cfg: BenchConfig, bodies: list[bytes], pids: dict[str, int]) -> OpenLoop:
+    """Open-loop load at each of cfg.rates: /rerank, then the floor, each with the CPU (seconds per
+    second) of the server, Redis and the load generator meanwhile, and of the machine's other
+    processes (the cores are shared)."""
+    host, port = loopback(base)
+
+    async def connect() -> Connection:
+        return await Connection.open(host, port)
+
+    points = []
+    for rate in cfg.rates:
+        for path in OPEN_LOOP_PATHS:
+            typer.echo(f"open loop: {rate:g} requests/s to {path} for {WARMUP_S:g} + {cfg.duration_s:g} s ...")
+            requests = [http_request(host, path, b) for b in bodies]
+            cpu0, busy0, wall0 = cpu_snapshot(pids), machine_busy_s(), time.perf_counter()
+            result = run_async(
+                run_open_loop(
+                    connect,
+                    requests,
+                    rate,
+                    cfg.duration_s,
+                    warmup_s=WARMUP_S,
+                    connections=cfg.concurrency,
+                    max_connections=cfg.max_connections,
+                    seed=cfg.poisson_seed,
+                )
+            )
+            cpu1, busy1, wall = cpu_snapshot(pids), machine_busy_s(), time.perf_counter() - wall0
+            cores = {k: (cpu1[k] - cpu0[k]) / wall for k in cpu1}
+            points.append(RatePoint(path, result, cores, max(0.0, (busy1 - busy0) / wall - sum(cores.values()))))
+    return OpenLoop(points)
+
+
+def parse_rates(text: str | None) -> tuple[float, ...]:
+    """--rate's comma-separated arrival rates."""
+    if not text:
+        return ()
+    try:
+        rates = tuple(float(part) for part in text.split(","))
+    except ValueError:
+        raise typer.BadParameter(f"--rate {text}: expected requests/s separated by commas, e.g. 400,800") from None
+    if not all(0 < r <= 100_000 for r in rates):
+        raise typer.BadParameter(f"--rate {text}: each rate must be > 0 and at most 100000 requests/s")
+    return rates
 
 
 def server_counts(base: str) -> tuple[dict[str, float], float]:
@@ -387,10 +470,13 @@ def command_line(cfg: BenchConfig, out: Path | None) -> str:
     args += ["--shadow-rate", f"{cfg.shadow_rate:g}"] if cfg.shadow_rate else []
     args += ["--tracing"] if cfg.tracing else []
     args += ["--baseline-tree", str(cfg.baseline_tree)] if cfg.baseline_tree else []
+    if cfg.rates:
+        args += ["--rate", ",".join(f"{r:g}" for r in cfg.rates), "--max-connections", str(cfg.max_connections)]
+        args += ["--poisson-seed", str(cfg.poisson_seed)] if cfg.poisson_seed is not None else []
     return shlex.join(args + (["--out", str(out)] if out else []))
 
 
-Outcome = Result | ShadowResult | TracingResult | Paired
+Outcome = Result | ShadowResult | TracingResult | Paired | OpenLoop
 
 
 def run_bench(cfg: BenchConfig, settings: Settings, out: Path | None) -> Outcome:
@@ -447,7 +533,10 @@ def run_bench(cfg: BenchConfig, settings: Settings, out: Path | None) -> Outcome
         top_up(next(iter(bases.values())), workload, missing)  # one Redis: the servers share the profiles
         if not comparison_flags(cfg):
             pids = {"server": servers["server"].pid, **shared} if servers else {}
-            result = measure(bases["server"], cfg, bodies, pids)
+            if cfg.rates:
+                result = measure_rates(bases["server"], cfg, bodies, pids)
+            else:
+                result = measure(bases["server"], cfg, bodies, pids)
         else:
             owned = {name: {"server": proc.pid} for name, proc in servers.items()}
             if sink is not None:
@@ -469,6 +558,8 @@ def run_bench(cfg: BenchConfig, settings: Settings, out: Path | None) -> Outcome
         report = render_tracing(cfg, workload, ready, result, command, described)
     elif isinstance(result, Paired):
         report = render_baseline(cfg, workload, ready, result, command, described)
+    elif isinstance(result, OpenLoop):
+        report = render_open_loop(cfg, workload, ready, result, command, described)
     else:
         report = render(cfg, workload, ready, result, command, described)
     typer.echo(report)
@@ -489,7 +580,9 @@ def bench_service_command(
     history: int = typer.Option(50, min=0, max=10_000, help="Behaviours per bench user's profile."),
     requests: int = typer.Option(2000, min=10, max=1_000_000, help="Requests per endpoint, one client."),
     duration_s: float = typer.Option(10.0, min=1.0, max=600.0, help="Length of the throughput phase."),
-    concurrency: int = typer.Option(16, min=1, max=1024, help="Connections of the throughput phase."),
+    concurrency: int = typer.Option(
+        16, min=1, max=1024, help="Connections of the throughput phase (with --rate: opened before the first send)."
+    ),
     shadow_rate: float = typer.Option(
         0.0,
         min=0.0,
@@ -502,9 +595,20 @@ def bench_service_command(
     baseline_tree: Path | None = typer.Option(
         None, help="Measure this checkout against a server run from this source tree (e.g. `git archive REV`'s)."
     ),
+    rate: str | None = typer.Option(
+        None,
+        help="Open-loop load instead: requests/s, comma-separated (e.g. 400,800,1000,1200), --duration-s at each.",
+    ),
+    max_connections: int = typer.Option(
+        256, min=1, max=4096, help="With --rate: the most connections open, new ones opened while all are busy."
+    ),
+    poisson_seed: int | None = typer.Option(
+        None, min=0, help="With --rate: Poisson arrivals drawn from this seed instead of evenly spaced ones."
+    ),
     out: Path | None = typer.Option(None, help="Also write the report as markdown (docs/benchmarks-service.md)."),
 ) -> None:
-    """Closed-loop latency (rerank vs the no-model floor) and throughput on this machine."""
+    """Closed-loop latency (rerank vs the no-model floor) and throughput on this machine; with --rate,
+    open-loop latency by arrival rate."""
     settings = apply_overrides(model_repo=model_repo, redis_url=redis_url)
     config = BenchConfig(
         url=url,
@@ -518,6 +622,9 @@ def bench_service_command(
         shadow_rate=shadow_rate,
         tracing=tracing,
         baseline_tree=baseline_tree,
+        rates=parse_rates(rate),
+        max_connections=max_connections,
+        poisson_seed=poisson_seed,
     )
     with reported():
         run_bench(config, settings, out)

@@ -36,6 +36,9 @@ class BenchConfig:
     shadow_rate: float = 0.0  # > 0: shadow sampling at this rate against 0, instead of the usual phases
     tracing: bool = False  # tracing on (spans exported over OTLP) against off, instead of the usual phases
     baseline_tree: Path | None = None  # a source tree's server against this one's, instead of the usual phases
+    rates: tuple[float, ...] = ()  # open-loop arrival rates (requests/s), instead of the usual phases
+    max_connections: int = 256  # open loop: the most connections opened when the others are busy
+    poisson_seed: int | None = None  # open loop: Poisson arrivals from this seed (None: evenly spaced)
     var: Path = Path("var/bench")
     load_average: float = 0.0  # 1-minute load average at the start: other processes on the cores
 
