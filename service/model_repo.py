@@ -113,10 +113,15 @@ class RemoteRepo:
 
     def fetch(self, name: str, version: int) -> Path:
         """The cached copy of a version, downloaded first when the cache has none or when the
-        upload's manifest is not the cached one (a version deleted and uploaded again)."""
+        upload's manifest is not the cached one (a version deleted and uploaded again). A store that
+        cannot be read leaves the cached copy in use (load_bundle verifies it all the same)."""
         dest = self.local_path(name, version)
         if dest.is_dir():
-            if (dest / MANIFEST_FILE).read_bytes() == self.fs.cat_file(self._remote(name, version, MANIFEST_FILE)):
+            try:
+                uploaded = self.fs.cat_file(self._remote(name, version, MANIFEST_FILE))
+            except Exception:  # noqa: BLE001 - unreachable, credentials, deleted: serve what was verified
+                return dest
+            if (dest / MANIFEST_FILE).read_bytes() == uploaded:
                 return dest
             self.discard(name, version)
         dest.parent.mkdir(parents=True, exist_ok=True)

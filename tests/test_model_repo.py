@@ -101,6 +101,19 @@ def test_a_version_uploaded_again_is_downloaded_again(s3, endpoint, tiny_bundle,
     assert json.loads(cached.read_text())["note"] == "again"  # the new upload, not the stale copy
 
 
+def test_a_pinned_version_starts_from_the_cache_while_the_store_is_unreachable(s3, endpoint, tiny_bundle, tmp_path):
+    fs, bucket = s3
+    upload(fs, tiny_bundle, bucket, 1)
+    url = f"s3://{bucket}/repo"
+    cache = tmp_path / "cache"
+    asyncio.run(ModelStore(s3_settings(endpoint, url, cache)).start())  # downloaded and verified once
+    pinned = load_settings(
+        model_repo=url, model_repo_options={"endpoint_url": "http://127.0.0.1:9"}, model_cache_dir=cache,
+        model_version="1", device="cpu",
+    )  # fmt: skip
+    assert asyncio.run(ModelStore(pinned).start()).version == 1  # nothing listens on port 9
+
+
 def test_tampered_file_is_refused_and_removed(s3, endpoint, tiny_bundle, tmp_path):
     fs, bucket = s3
     upload(fs, tiny_bundle, bucket, 1)
