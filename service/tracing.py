@@ -113,10 +113,9 @@ def stage(name: str, start: float, end: float, attributes: Mapping[str, Any] | N
 
 def batch(timing: BatchTiming) -> None:
     """This request's feature_assembly and inference spans, with its batch's times."""
-    if _recording():
-        attributes = {"psad.batch_size": timing.size}
-        stage("feature_assembly", timing.start, timing.assembled, attributes)
-        stage("inference", timing.assembled, timing.end, attributes)
+    attributes = {"psad.batch_size": timing.size}
+    stage("feature_assembly", timing.start, timing.assembled, attributes)
+    stage("inference", timing.assembled, timing.end, attributes)
 
 
 def annotate(request_id: str, degraded: Sequence[str], fields: Mapping[str, object]) -> None:

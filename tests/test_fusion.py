@@ -13,6 +13,7 @@ from export.contract.schema import INPUT_NAMES, CategoricalFeature, FeatureSchem
 from export.exporter import export_onnx, graph_kernels
 from export.fusion import FusedScorer, fused_serving_module
 from export.parity import FP32, SHAPES, check_parity
+from tests.test_models import one_thread  # noqa: F401  (an autouse fixture: tiny tensors, one thread)
 from training.models.baselines import BASELINES
 from training.models.config import ModelConfig
 from training.models.psad import PSAD
@@ -38,14 +39,6 @@ VARIANTS = [
     {"use_upn": False},
     {"position_encoding": False},
 ]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def trained_like(schema: FeatureSchema, seed: int = 0, **overrides) -> PSAD:

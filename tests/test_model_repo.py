@@ -12,7 +12,9 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import moto.server as moto_server
 import pytest
+import s3fs
 
 from export.contract.bundle import MANIFEST_FILE, BundleError
 from psad.procs import free_port
@@ -20,9 +22,6 @@ from service.model_repo import RemoteRepo
 from service.model_store import ModelStore
 from service.settings import Settings, load_settings
 from tests.test_service_api import loaded_data, request, serve, settings_for
-
-s3fs = pytest.importorskip("s3fs")
-moto_server = pytest.importorskip("moto.server")
 
 ADMIN = {"Authorization": "Bearer secret"}
 
