@@ -37,4 +37,8 @@ def export_command(
             f"parity {report['model_file']}: passed on {len(report['shapes'])} shapes, "
             f"max |onnx - torch| = {report['max_abs_diff']:.3g} (tolerance {report['tolerance']['max_abs']:g})"
         )
+    codes = manifest["item_encoder"].get("parity")
+    if codes is not None:  # sid: the code tables' checks
+        mismatched = sum(c["mismatched"] for c in codes["checks"])
+        typer.echo(f"parity codes: passed {len(codes['checks'])} checks, {mismatched} items' codes differ")
     typer.echo(f"wrote {bundle}")

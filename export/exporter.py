@@ -5,13 +5,18 @@
                              the fused graph of export/fusion.py (fewer kernels, same function)
         model_fp16.onnx      optional float16 variant for GPUs (--fp16), float32 inputs and outputs
         model_int8.onnx      optional int8 variant (--int8): weights and item table dynamically quantised
+        item_codes.npy       sid models: uint8 [n_items, levels], each known item's codes (model.onnx
+                             then reads one token per item, not an index into an item table)
+        assign.onnx          sid models: content_cat, content_num -> codes, a new item's codes
         manifest.json        what the bundle is, where it came from, parity results, sha256 of every file
-        schema.json          the FeatureSchema the service assembles inputs with
+        schema.json          the FeatureSchema the service assembles inputs with: the items seen in
+                             training only (schema.known_only(); an item first seen later is new to it)
         vocab.json           item ids and user categorical values -> indices (unseen -> OOV row)
         teacher.safetensors  the whole model state dict at the teacher's best validation epoch (the
-                             run's teacher.safetensors; model.safetensors for scorer-only baselines),
-                             for offline shadow evaluation
-        items.safetensors    the item side tables the model was built with
+                             run's teacher.safetensors; model.safetensors for scorer-only baselines
+                             and for sid models, whose recorded tokens name that epoch's codes),
+                             for offline shadow evaluation, its item rows cut to the known items
+        items.safetensors    the item side tables the model was built with (known items)
         config.json          the run's TrainConfig (+ data_dir)
         config.pbtxt         Triton's model configuration for the same model.onnx (export/triton.py);
                              Triton reads it one level up: copy it to <repo>/<name>/ (docs/export.md)
@@ -39,24 +44,53 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
+from safetensors.torch import save_file
 from torch import nn
 from tqdm import tqdm
 
 from export.contract.bundle import (
+    ASSIGN_FILE,
+    ASSIGN_INPUTS,
+    ASSIGN_OUTPUT,
+    CODEBOOKS,
     FORMAT_VERSION,
     FP16_FILE,
+    ID,
     INT8_FILE,
+    ITEM_CODES_FILE,
     MANIFEST_FILE,
     MODEL_FILE,
     NAME_PATTERN,
+    SID,
     BundleError,
+    ItemEncoder,
+    item_tokens,
+    read_item_codes,
     sha256,
 )
 from export.contract.fixtures import BatchMaker
-from export.contract.schema import INPUT_NAMES, MODEL_OUTPUT, FeatureSchema, SchemaError, TensorSpec, model_inputs
+from export.contract.schema import (
+    INPUT_NAMES,
+    MODEL_OUTPUT,
+    OOV,
+    FeatureSchema,
+    SchemaError,
+    TensorSpec,
+    model_inputs,
+)
 from export.fusion import FusedScorer, fused_serving_module
-from export.parity import FP16, FP32, INT8, ParityReport, check_parity, require_parity
-from export.runtime import CPU, DISABLED_OPTIMIZERS, session_options
+from export.parity import (
+    FP16,
+    FP32,
+    INT8,
+    CodeReport,
+    ParityReport,
+    check_codes,
+    check_parity,
+    require_codes,
+    require_parity,
+)
+from export.runtime import CPU, DISABLED_OPTIMIZERS, session_options, synthetic_content
 from export.triton import CONFIG_FILE, triton_config
 from training.checkpoint import (
     BEST_FILES,
@@ -66,10 +100,13 @@ from training.checkpoint import (
     load_run,
     load_weights,
     read_config,
+    save_weights,
 )
+from training.config import TrainConfig
 from training.data.store import DataError, load_split, load_vocabs
 from training.models.registry import GENERATOR_ARCHS, build_model
 from training.models.reranker import Reranker
+from training.models.sid import SidEncoder, find_sid
 
 if TYPE_CHECKING:
     import onnx
@@ -117,50 +154,69 @@ def export_run(
             f"({next_version(repo_dir, name)})"
         )
     try:
-        model, config, schema = load_run(run_dir)
-        shadow = "teacher" if config.model.arch in GENERATOR_ARCHS else "student"
-        if shadow == "teacher":
-            load_run(run_dir, shadow)  # the weights shipped for shadow evaluation exist and fit the model
+        trained, config, run_schema = load_run(run_dir)
+        # A sid teacher re-decodes recorded tokens, which name the served student's codes: its epoch's.
+        sid_run = config.model.item_encoder == "sid"
+        shadow = "teacher" if config.model.arch in GENERATOR_ARCHS and not sid_run else "student"
+        shadow_model = load_run(run_dir, shadow)[0] if shadow == "teacher" else trained  # they exist and fit
         _, data_dir = read_config(run_dir)
         fix = "the data set was rebuilt or replaced since training; export needs its vocabularies: retrain on it"
-        check_data_matches_run(data_dir, run_dir, schema, fix)
-        vocabs = load_vocabs(data_dir, schema)
+        check_data_matches_run(data_dir, run_dir, run_schema, fix)
+        schema, vocabs = run_schema.known_only(), load_vocabs(data_dir, run_schema).known_only(run_schema)
         validation = best_validation(run_dir)
     except (RunError, DataError, SchemaError) as exc:
         raise ExportInputError(f"cannot export {run_dir}: {exc}") from None
+    items = _known_items(run_dir, schema.n_items)
+    model = known_model(trained, config, run_schema, items)
+    sid = find_sid(model)
+    encoder = item_encoder(model, config)
 
     model_dir.mkdir(parents=True, exist_ok=True)
     tmp = model_dir / f".{version}.tmp-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
     steps = tqdm(total=4 + fp16 + int8, desc=f"export {name}/{version}", disable=not progress, leave=False)
     try:
-        val_inputs = load_split(data_dir, "val", schema).inputs if (data_dir / "val.parquet").is_file() else None
-        maker = BatchMaker(schema, val_inputs, seed=0)
-        serving = model.serving_module().eval()  # the reference every graph is gated against
+        val = load_split(data_dir, "val", run_schema).inputs if (data_dir / "val.parquet").is_file() else None
+        maker = BatchMaker(schema, None if val is None else known_inputs(val, schema.n_items), seed=0)
+        serving = model.serving_module().eval()
         steps.set_postfix_str("torch.onnx.export")
         graph = fused_serving_module(model) if fuse else serving
         export_onnx(graph, maker, tmp / MODEL_FILE)
+        codes = None
+        if sid is not None:  # the gate reads the codes back as the runtime will
+            write_sid_tables(sid, schema, tmp)
+            codes = read_item_codes(tmp / ITEM_CODES_FILE, encoder, schema.n_items)
         steps.update()
         steps.set_postfix_str("parity")
-        parity = [require_parity(check_parity(serving, tmp / MODEL_FILE, maker, FP32))]
+        # the reference every graph is gated against: the serving module; for sid the model's own path
+        # from item indices to codes, the graph reading the tokens of the bundle's stored codes
+        reference = serving if sid is None else RankScores(model)
+        tokens = item_tokens(encoder, codes, schema.n_items)
+        code_report = None if sid is None else require_codes(check_codes(sid, schema, tmp, tmp / ASSIGN_FILE))
+        parity = [require_parity(check_parity(reference, tmp / MODEL_FILE, maker, FP32, tokens=tokens))]
         steps.update()
         extra = ((fp16, FP16_FILE, convert_fp16, FP16), (int8, INT8_FILE, quantize_int8, INT8))
         for wanted, file, convert, tolerance in extra:
             if wanted:
                 steps.set_postfix_str(file)
                 convert(tmp / MODEL_FILE, tmp / file)
-                parity.append(require_parity(check_parity(serving, tmp / file, maker, tolerance)))
+                parity.append(require_parity(check_parity(reference, tmp / file, maker, tolerance, tokens=tokens)))
                 steps.update()
         steps.set_postfix_str("files")
         schema.save(tmp / "schema.json")
         vocabs.save(tmp / "vocab.json")
-        shutil.copyfile(run_dir / BEST_FILES[shadow], tmp / "teacher.safetensors")
-        shutil.copyfile(run_dir / "items.safetensors", tmp / "items.safetensors")
+        if model is trained:  # no cold items: the run's files as they are
+            shutil.copyfile(run_dir / BEST_FILES[shadow], tmp / "teacher.safetensors")
+            shutil.copyfile(run_dir / "items.safetensors", tmp / "items.safetensors")
+        else:
+            save_weights(known_model(shadow_model, config, run_schema, items), tmp / "teacher.safetensors")
+            save_file({k: v.contiguous() for k, v in items.items()}, str(tmp / "items.safetensors"))
         shutil.copyfile(run_dir / "config.json", tmp / "config.json")
         (tmp / CONFIG_FILE).write_text(triton_config(name, schema))
         steps.update()
         kernels = {r.model_file: graph_kernels(tmp / r.model_file) for r in parity}
         graph_info = {"fused": isinstance(graph, FusedScorer), "kernels": kernels}
+        graph_info |= {"item_encoder": encoder_entry(encoder, code_report)}
         manifest = build_manifest(
             tmp, name, version, schema, config.model.arch, run_dir, data_dir, validation, parity, graph_info
         )
@@ -175,6 +231,205 @@ def export_run(
     finally:
         steps.close()
     return final
+
+
+def _known_items(run_dir: Path, n_known: int) -> dict[str, torch.Tensor]:
+    """The run's item side tables, cut to the items seen in training (what a bundle knows)."""
+    from safetensors.torch import load_file
+
+    try:
+        items = load_file(str(Path(run_dir) / "items.safetensors"))
+        return {k: items[k][:n_known] for k in ("item_cat", "item_num")}
+    except (OSError, KeyError) as exc:
+        raise ExportInputError(
+            f"{run_dir}/items.safetensors: cannot read the item tables ({exc}); re-run `psad train`"
+        ) from None
+
+
+def known_model(
+    model: Reranker, config: TrainConfig, run_schema: FeatureSchema, items: dict[str, torch.Tensor]
+) -> Reranker:
+    """`model` rebuilt on the bundle's schema (run_schema.known_only(): the items seen in training),
+    its item rows cut to them (`items`: the side tables, cut); the model itself when every item is
+    known. The rows cut never reach a known item's score (an "id" model reads them as OOV, a "sid"
+    model gives them codes from their content), so both score known items alike."""
+    schema = run_schema.known_only()
+    if schema.n_items == run_schema.n_items:
+        return model
+    known = build_model(config.model, schema, items["item_cat"], items["item_num"])
+    state, cut = model.state_dict(), {}
+    for key, want in known.state_dict().items():
+        have = state[key]
+        if have.shape[:1] == (run_schema.n_items,) and want.shape == (schema.n_items, *have.shape[1:]):
+            have = have[: schema.n_items]
+        if have.shape != want.shape:
+            raise ExportError(f"cannot cut {key} {tuple(have.shape)} to the known items: expected {tuple(want.shape)}")
+        cut[key] = have
+    known.load_state_dict(cut)
+    return known.eval()
+
+
+def known_inputs(inputs: dict[str, np.ndarray], n_known: int) -> dict[str, np.ndarray]:
+    """Model inputs with the items a bundle does not know (rows past n_known) as OOV, as it reads them."""
+    return {
+        **inputs,
+        **{k: np.where(inputs[k] < n_known, inputs[k], OOV) for k in ("cand_items", "hist_items")},
+    }
+
+
+def item_encoder(model: Reranker, config: TrainConfig) -> ItemEncoder:
+    sid = find_sid(model)
+    if sid is None:
+        return ItemEncoder(ID, config.model.d_model)
+    return ItemEncoder(SID, config.model.d_model, sid.levels, sid.codebook_size)
+
+
+def encoder_entry(encoder: ItemEncoder, codes: CodeReport | None) -> dict[str, Any]:
+    """The manifest's item_encoder entry; for sid also what the code checks found."""
+    return encoder.to_dict() | ({} if codes is None else {"parity": codes.to_dict()})
+
+
+class RankScores(nn.Module):
+    """model.rank_scores on the model inputs positionally (items as vocabulary indices): the parity
+    reference of a sid graph, which reads tokens."""
+
+    def __init__(self, model: Reranker):
+        super().__init__()
+        self.model = model
+
+    def forward(self, *tensors: torch.Tensor) -> torch.Tensor:
+        return self.model.rank_scores(dict(zip(INPUT_NAMES, tensors, strict=True)))
+
+
+def write_sid_tables(sid: SidEncoder, schema: FeatureSchema, bundle: Path) -> None:
+    """A sid bundle's code tables: item_codes.npy, assign.onnx, and model.onnx's codebooks as the one
+    initializer CODEBOOKS."""
+    codes = sid.known_codes().numpy()
+    if codes.shape != (schema.n_items, sid.levels):
+        raise ExportError(f"known_codes() is {codes.shape}, expected (n_items={schema.n_items}, {sid.levels})")
+    np.save(bundle / ITEM_CODES_FILE, codes.astype(np.uint8))
+    export_assigner(sid, schema, bundle / ASSIGN_FILE)
+    name_codebooks(bundle / MODEL_FILE, sid.codebooks.detach().float().numpy(), codes[OOV])
+
+
+def export_assigner(sid: SidEncoder, schema: FeatureSchema, path: Path) -> None:
+    """assign.onnx: content_cat int64 [batch, n] and content_num float32 [batch, m] -> codes int64
+    [batch, levels], the batch axis dynamic."""
+    import onnx
+    from torch.export import Dim
+
+    cat, num = synthetic_content(schema, EXAMPLE_SHAPE[1], np.random.default_rng(0))
+    batch = Dim("batch", min=1)
+    args = (torch.from_numpy(cat), torch.from_numpy(num))
+    graph = dynamo_export(
+        sid.assigner().eval(), args, ASSIGN_INPUTS, ASSIGN_OUTPUT, ({0: batch}, {0: batch}), "the sid assigner"
+    )
+    output = graph.graph.output
+    dims = [d.dim_value or d.dim_param for d in output[0].type.tensor_type.shape.dim] if len(output) == 1 else []
+    if [o.name for o in output] != [ASSIGN_OUTPUT] or len(dims) != 2 or dims[1] != sid.levels:
+        raise ExportError(
+            f"the exported assigner has outputs {[o.name for o in output]} {dims}, expected codes [batch, {sid.levels}]"
+        )
+    for value in [*graph.graph.input, *output]:
+        value.type.tensor_type.shape.dim[0].dim_param = "batch"
+    onnx.checker.check_model(graph, full_check=True)
+    onnx.save_model(graph, str(path))
+
+
+def code_sum_table(codebooks: np.ndarray, oov_codes: np.ndarray) -> np.ndarray:
+    """[2 + K^L, d]: row = served token (0 padding, 1 OOV), the sum of its codes' vectors
+    (fusion.TokenTable's table)."""
+    levels, size, dim = codebooks.shape
+    table = codebooks[0]
+    for codebook in codebooks[1:]:
+        table = (table[:, None, :] + codebook[None, :, :]).reshape(-1, dim)
+    oov = int(np.sum(oov_codes * size ** np.arange(levels - 1, -1, -1)))
+    return np.concatenate([table[:1], table[oov : oov + 1], table])
+
+
+def _table_nodes(table_name: str, oov_codes: np.ndarray, size: int, dim: int) -> tuple[list, list]:
+    """Nodes building code_sum_table from CODEBOOKS into `table_name`, and their constant inputs."""
+    from onnx import helper, numpy_helper
+
+    levels = len(oov_codes)
+    oov = int(np.sum(oov_codes * size ** np.arange(levels - 1, -1, -1)))
+    name = f"{CODEBOOKS}_table"
+    consts = {
+        "rows": np.array([-1, dim], dtype=np.int64),
+        "axis0": np.array([0], dtype=np.int64),
+        "axis1": np.array([1], dtype=np.int64),
+        "first": np.array([0], dtype=np.int64),
+        "oov": np.array([oov], dtype=np.int64),
+        **{f"level{level}": np.array(level, dtype=np.int64) for level in range(levels)},
+    }
+    inits = [numpy_helper.from_array(v, f"{name}_{k}") for k, v in consts.items()]
+    nodes = [helper.make_node("Gather", [CODEBOOKS, f"{name}_level0"], [f"{name}_0"], f"{name}_gather0")]
+    for level in range(1, levels):
+        c, t = f"{name}_c{level}", f"{name}_{level - 1}"
+        nodes += [
+            helper.make_node("Gather", [CODEBOOKS, f"{name}_level{level}"], [c], f"{name}_gather{level}"),
+            helper.make_node("Unsqueeze", [t, f"{name}_axis1"], [f"{t}_u"], f"{name}_unsqueeze_t{level}"),
+            helper.make_node("Unsqueeze", [c, f"{name}_axis0"], [f"{c}_u"], f"{name}_unsqueeze_c{level}"),
+            helper.make_node("Add", [f"{t}_u", f"{c}_u"], [f"{name}_sum{level}"], f"{name}_add{level}"),
+            helper.make_node(
+                "Reshape", [f"{name}_sum{level}", f"{name}_rows"], [f"{name}_{level}"], f"{name}_flat{level}"
+            ),
+        ]
+    full = f"{name}_{levels - 1}"
+    nodes += [
+        helper.make_node("Gather", [full, f"{name}_first"], [f"{name}_pad"], f"{name}_pad"),
+        helper.make_node("Gather", [full, f"{name}_oov"], [f"{name}_oov_row"], f"{name}_oov_row"),
+        helper.make_node("Concat", [f"{name}_pad", f"{name}_oov_row", full], [table_name], f"{name}_concat", axis=0),
+    ]
+    return nodes, inits
+
+
+def name_codebooks(path: Path, codebooks: np.ndarray, oov_codes: np.ndarray) -> None:
+    """Give the graph's codebooks one initializer CODEBOOKS [levels, codebook_size, dim], whatever
+    form the exporter left them in (a flattened [levels * codebook_size, dim] copy is reshaped by a
+    node, and fusion.TokenTable's table of code sums is rebuilt from them by nodes; ONNX Runtime folds
+    both when it loads the graph), so that a bundle can be checked against its manifest without
+    running it, and holds no table that grows with the codes' combinations."""
+    import onnx
+    from onnx import helper, numpy_helper
+
+    model = onnx.load(str(path))
+    graph = model.graph
+    levels, size, dim = codebooks.shape
+    table = code_sum_table(codebooks, oov_codes)
+    for t in graph.initializer:
+        if tuple(t.dims) == table.shape and np.allclose(numpy_helper.to_array(t), table, rtol=0, atol=1e-6):
+            graph.initializer.remove(t)
+            nodes, inits = _table_nodes(t.name, oov_codes, size, dim)
+            graph.initializer.extend([numpy_helper.from_array(codebooks.astype(np.float32), CODEBOOKS), *inits])
+            for node in reversed(nodes):
+                graph.node.insert(0, node)
+            onnx.checker.check_model(model, full_check=True)
+            onnx.save_model(model, str(path))
+            return
+    forms = {(levels, size, dim), (levels * size, dim)}  # as trained, or flattened for one gather
+    found = [
+        t
+        for t in graph.initializer
+        if tuple(t.dims) in forms and np.array_equal(numpy_helper.to_array(t).reshape(codebooks.shape), codebooks)
+    ]
+    if len(found) != 1:
+        raise ExportError(
+            f"{path}: expected one initializer holding the codebooks {list(codebooks.shape)}, found {len(found)}; "
+            "the served item lookup must read them from one table"
+        )
+    old = found[0]
+    graph.initializer.remove(old)
+    graph.initializer.append(numpy_helper.from_array(codebooks.astype(np.float32), CODEBOOKS))
+    if tuple(old.dims) == codebooks.shape:
+        for node in graph.node:
+            node.input[:] = [CODEBOOKS if i == old.name else i for i in node.input]
+    else:
+        shape = numpy_helper.from_array(np.array(old.dims, dtype=np.int64), f"{CODEBOOKS}_flat_shape")
+        graph.initializer.append(shape)
+        graph.node.insert(0, helper.make_node("Reshape", [CODEBOOKS, shape.name], [old.name], f"{CODEBOOKS}_flat"))
+    onnx.checker.check_model(model, full_check=True)
+    onnx.save_model(model, str(path))
 
 
 def next_version(repo_dir: Path, name: str) -> int:
@@ -227,27 +482,36 @@ def export_onnx(module: nn.Module, maker: BatchMaker, path: Path) -> None:
     specs = model_inputs(maker.schema)
     dims = {"batch": Dim("batch", min=1), "list": Dim("list", min=1), "history": Dim("history", min=0)}
     dynamic = tuple({axis: dims[d] for axis, d in enumerate(s.dims) if d in dims} for s in specs)
+    # one dynamic_shapes entry per forward parameter: *tensors takes all nine
+    graph = dynamo_export(module, args, INPUT_NAMES, MODEL_OUTPUT.name, (dynamic,), "the serving module")
+    _name_axes(graph, specs)
+    onnx.checker.check_model(graph, full_check=True)
+    onnx.save_model(graph, str(path))
+
+
+def dynamo_export(
+    module: nn.Module, args: tuple, inputs: tuple[str, ...], output: str, dynamic: tuple, what: str
+) -> onnx.ModelProto:
+    """torch.onnx's dynamo exporter, optimised, opset OPSET, its registration chatter quiet; an
+    ExportError naming `what` when it fails."""
     try:
         with _quiet("torch.onnx._internal.exporter._registration"):
             program = torch.onnx.export(
                 module,
                 args,
-                input_names=list(INPUT_NAMES),
-                output_names=[MODEL_OUTPUT.name],
-                dynamic_shapes=(dynamic,),  # one entry per forward parameter: *tensors takes all nine
+                input_names=list(inputs),
+                output_names=[output],
+                dynamic_shapes=dynamic,
                 opset_version=OPSET,
                 dynamo=True,
                 optimize=True,
                 verbose=False,
             )
     except Exception as exc:
-        raise ExportError(f"torch.onnx.export failed for the serving module: {exc}") from exc
+        raise ExportError(f"torch.onnx.export failed for {what}: {exc}") from exc
     if program is None:  # only the legacy exporter (dynamo=False) returns None
         raise ExportError(f"torch.onnx.export(dynamo=True) returned no ONNX program (torch {torch.__version__})")
-    graph = program.model_proto
-    _name_axes(graph, specs)
-    onnx.checker.check_model(graph, full_check=True)
-    onnx.save_model(graph, str(path))
+    return program.model_proto
 
 
 @contextlib.contextmanager
@@ -306,11 +570,15 @@ def convert_fp16(src: Path, dst: Path) -> None:
 def quantize_int8(src: Path, dst: Path) -> None:
     """int8 dynamic quantisation: the MatMuls with a constant operand get int8 weights and activations
     quantised per call, the gathered tables 8-bit values; MatMuls of two activations (the
-    attention's) stay float32."""
+    attention's) stay float32. Weights use 7 bits (reduce_range): on x86 CPUs without VNNI, ONNX
+    Runtime's u8 x s8 kernels saturate their 16-bit intermediate sums with full-range weights, and
+    the scores drift far beyond the parity gate's tolerance."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     with _quiet(""):
-        quantize_dynamic(src, dst, weight_type=QuantType.QInt8, extra_options={"MatMulConstBOnly": True})
+        quantize_dynamic(
+            src, dst, weight_type=QuantType.QInt8, reduce_range=True, extra_options={"MatMulConstBOnly": True}
+        )
 
 
 def graph_kernels(path: Path, disabled: tuple[str, ...] = DISABLED_OPTIMIZERS) -> int:
@@ -340,6 +608,7 @@ def build_manifest(
     parity: list[ParityReport],
     graph: dict[str, Any],
 ) -> dict[str, Any]:
+    """graph: fused, kernels and item_encoder (the manifest's entry of that name)."""
     import onnx
     import onnxruntime
     import onnxscript
@@ -359,7 +628,8 @@ def build_manifest(
         "inputs": [spec(s) for s in model_inputs(schema)],
         "outputs": [spec(MODEL_OUTPUT)],
         "opset": OPSET,
-        "graph": graph,
+        "graph": {k: v for k, v in graph.items() if k != "item_encoder"},
+        "item_encoder": graph["item_encoder"],
         "schema_version": schema.version,
         "schema": schema.to_dict(),
         "software": {

@@ -7,15 +7,21 @@ slot). Each rewrite is exact algebra on the trained weights, folded once at expo
 
 - user: the base vector folded into the first categorical's rows, standardisation into the
   projections; the user vector stays [B,1,d], so it broadcasts against candidates without reshapes;
-- memory: the history gathers from the candidates' item table (one extra zero row, which a layer
-  norm maps to its bias) and from an action table with one extra row (no_history minus that bias),
-  so the always-visible no-history slot is one padded index, not a vector expanded and concatenated;
+- memory: the history's item vectors get one zero slot in front (which a layer norm maps to its
+  bias) and its actions one extra row of the action table (no_history minus that bias), so the
+  always-visible no-history slot is one pad, not a vector expanded and concatenated;
 - attention without head reshapes: each head's query is projected into the full width with the
   other heads' dimensions zero (the softmax scale and the gate's factor 2 folded in), plus two
   dimensions, 1 and -softplus(decay), which meet the keys' padding bias and log-age: one MatMul
   gives the masked, age-decayed logits of every head. The out projection is folded into per-head
   values, so the read-out is two MatMuls and a sum over heads;
 - both gates in one projection; the student's masked mean as a MatMul, its output layer a vector.
+
+- items: an "id" model gathers from its item table; a "sid" model gathers from the sum of every
+  code combination (TokenTable, rebuilt from the codebooks when ONNX Runtime loads the graph) while
+  K^L <= MAX_TABLE_ROWS, and beyond that decodes each token in float64 arithmetic (a handful of
+  kernels where the integer floor division of the plain graph takes a dozen) and sums one codebook
+  vector per level (TokenDecode).
 
 Only PSAD has a fused form (baselines export their own serving module).
 """
@@ -26,9 +32,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from export.contract.schema import ModelInputs
-from training.models.embeddings import MASKED_LOGIT
+from export.contract.bundle import MAX_TABLE_ROWS
+from export.contract.schema import N_RESERVED, OOV, ModelInputs
+from training.models.embeddings import MASKED_LOGIT, TableLookup
 from training.models.psad import PSAD
+from training.models.sid import TokenLookup
 from training.models.student import PAD_SCORE
 from training.models.upn import TimeAwareAttention
 
@@ -106,10 +114,73 @@ class FusedRead(nn.Module):
         return weights @ values + self.out_bias
 
 
+FLOAT64_EXACT = 2**53  # integers below this are exact in float64, and so is floor(n / K^j)
+
+
+def _token_decode(lookup: nn.Module) -> nn.Module:
+    """TokenTable for few code combinations, TokenDecode where float64 holds every token number
+    exactly, the lookup itself otherwise."""
+    if not isinstance(lookup, TokenLookup):
+        raise TypeError(f"a sid model's served lookup is a TokenLookup, got {type(lookup).__name__}")
+    combinations = lookup.codebook_size ** _const(lookup.offsets).numel()
+    if combinations <= MAX_TABLE_ROWS:
+        return TokenTable(lookup)
+    return TokenDecode(lookup) if combinations <= FLOAT64_EXACT else lookup
+
+
+class TokenTable(nn.Module):
+    """Served sid tokens -> code sums in ONE gather, as the id graph reads its item table: the sum of
+    every code combination, row = token (row 0 padding, row 1 OOV's codes; K^L rows after them, 4 MB
+    at the defaults). The exporter replaces the table by its construction from the codebooks
+    (exporter.name_codebooks), so the file holds the codebooks only and ONNX Runtime folds the
+    construction into the table when it loads the graph."""
+
+    table: torch.Tensor
+
+    def __init__(self, lookup: TokenLookup):
+        super().__init__()
+        levels = _const(lookup.offsets).numel()
+        tokens = torch.arange(N_RESERVED + lookup.codebook_size**levels)
+        self.register_buffer("table", lookup(tokens))  # the lookup's own decoding: one source of truth
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return F.embedding(tokens, self.table)
+
+
+class TokenDecode(nn.Module):
+    """Served sid tokens -> code sums [..., d], as the sid lookup (sid.TokenLookup) reads them, in
+    fewer kernels: OOV becomes the token of the missing-content codes, and each level's code is
+    floor(number / K^(L-1-l)) mod K in float64 (exact below FLOAT64_EXACT). Padding (token 0) reads
+    as some codes, not zeros: every padded slot is masked out, and the no-history slot is padded
+    after the lookup."""
+
+    flat: torch.Tensor
+    divisors: torch.Tensor
+    offsets: torch.Tensor
+    oov_token: torch.Tensor
+
+    def __init__(self, lookup: TokenLookup):
+        super().__init__()
+        radix = _const(lookup.radix).long()
+        self.codebook_size = lookup.codebook_size
+        self.register_buffer("flat", _const(lookup.flat))  # [L*K, d], level l's codes at rows l*K..
+        self.register_buffer("divisors", radix.double())
+        self.register_buffer("offsets", _const(lookup.offsets).long())
+        self.register_buffer("oov_token", N_RESERVED + (_const(lookup.oov_codes).long() * radix).sum())
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        number = torch.where(tokens == OOV, self.oov_token, tokens) - N_RESERVED
+        codes = torch.floor(number[..., None].double() / self.divisors).long() % self.codebook_size
+        vectors = F.embedding(codes + self.offsets, self.flat)  # [..., L, d]
+        total = vectors[..., 0, :]
+        for level in range(1, vectors.shape[-2]):  # added level by level: ONNX Runtime's ReduceSum over
+            total = total + vectors[..., level, :]  # a middle axis is slower than L - 1 Adds here
+        return total
+
+
 class FusedScorer(nn.Module):
     """PSAD's UPN + student as one lean graph: the model inputs, positionally -> scores [B,L]."""
 
-    item_table: torch.Tensor
     user_base: torch.Tensor
     user_cats: torch.Tensor | None
     user_offsets: torch.Tensor
@@ -133,8 +204,7 @@ class FusedScorer(nn.Module):
         self.use_upn = cfg.use_upn
         gate_scale = 2.0 if cfg.use_upn else 1.0  # 2 sigmoid(.) of the gates, folded into what they scale
         with torch.no_grad():
-            table = items.table()
-            self.register_buffer("item_table", torch.cat([table, table.new_zeros(1, table.shape[1])]))
+            self.items = TableLookup(items.table()) if items.sid is None else _token_decode(items.served())
             self.item_norm = _layer_norm(items.norm, gate_scale)
             self.history_norm = _layer_norm(items.norm)
             self.cand_num = _folded_standardisation(
@@ -158,7 +228,6 @@ class FusedScorer(nn.Module):
             self.register_buffer("positions", None if positions is None else _const(positions.weight) * gate_scale)
             self.max_list = upn.max_list
             if cfg.use_upn:
-                self.n_items = len(table)
                 self.n_actions = upn.actions.weight.shape[0]
                 no_history = _const(upn.no_history) - self.history_norm.bias  # LN(zero row) = its bias
                 self.register_buffer("action_table", torch.cat([_const(upn.actions.weight), no_history[None]]))
@@ -185,13 +254,14 @@ class FusedScorer(nn.Module):
     def forward(self, *tensors: torch.Tensor) -> torch.Tensor:
         inputs = ModelInputs(*tensors)
         u = self._user(inputs.user_cat, inputs.user_num)  # [B,1,d]
-        x = F.embedding(inputs.cand_items, self.item_table)
+        x, history = self._items(inputs)
         if self.cand_num is not None:
             x = x + self.cand_num(inputs.cand_num)
         x = self.item_norm(x)  # times 2 when a gate follows
         position_scale: torch.Tensor | float = 1.0
         if self.use_upn:
-            keys, values = self._memory(inputs)
+            assert history is not None
+            keys, values = self._memory(inputs, history)
             u = u + self.user_read(u, *self.user_read.memory(keys, values))
             u = self.user_norm_out(u)
             gate, position_scale = torch.sigmoid(u @ self.gates_weight + self.gates_bias).chunk(2, dim=-1)
@@ -213,12 +283,22 @@ class FusedScorer(nn.Module):
             u = u + self.user_num(user_num)[:, None]
         return self.user_norm_in(u)
 
-    def _memory(self, inputs: ModelInputs[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    def _items(self, inputs: ModelInputs[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Item vectors of the candidates [B,L,d] and, with UPN, of the history [B,H,d]: for sid
+        decoded in one pass (a decode is a dozen kernels, a gather one)."""
+        if not self.use_upn:
+            return self.items(inputs.cand_items), None
+        if isinstance(self.items, TableLookup):
+            return self.items(inputs.cand_items), self.items(inputs.hist_items)
+        length = inputs.cand_items.shape[1]
+        both = self.items(torch.cat([inputs.cand_items, inputs.hist_items], dim=1))
+        return both[:, :length], both[:, length:]
+
+    def _memory(self, inputs: ModelInputs[torch.Tensor], history: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys [B,H+1,d+2] (the padding bias and log-age as two more dimensions) and values [B,H+1,d]
-        of the history, slot 0 the no-history slot."""
-        items = F.pad(inputs.hist_items, (1, 0), value=self.n_items)
+        of the history (its item vectors [B,H,d]), slot 0 the no-history slot."""
         actions = F.pad(inputs.hist_actions, (1, 0), value=self.n_actions)
-        slots = self.history_norm(F.embedding(items, self.item_table))
+        slots = self.history_norm(F.pad(history, (0, 0, 1, 0)))
         slots = slots + F.embedding(actions, self.action_table)
         keys, values = (slots @ self.kv_weight + self.kv_bias).chunk(2, dim=-1)
         bias = torch.stack(

@@ -8,6 +8,10 @@ provider, then reports the one actually active: onnxruntime-gpu falls back to CP
 line, so the provider a bundle reports is read back from the session, and a fallback is logged
 as a warning.
 
+Items: the graph reads `item_tokens[index]` for each vocabulary index (the index itself for an
+"id" bundle, the item's sid token for a "sid" one); a sid bundle also opens assign.onnx, which
+gives a new item its codes from its content (Bundle.assign), with the scorer's settings.
+
 Threads: a serving process runs one session per worker process, so intra-op threads default to
 1 (pass more for large batches), inter-op threads to 1 with sequential execution, and idle pool
 threads do not spin (spinning buys a little latency alone but steals cores from neighbours).
@@ -25,7 +29,24 @@ from typing import Any
 
 import numpy as np
 
-from export.contract.bundle import DEVICES, FP16_FILE, INT8_FILE, MODEL_FILE, BundleError, verify_bundle
+from export.contract.bundle import (
+    ASSIGN_FILE,
+    ASSIGN_INPUTS,
+    ASSIGN_OUTPUT,
+    DEVICES,
+    FP16_FILE,
+    INT8_FILE,
+    ITEM_CODES_FILE,
+    MANIFEST_FILE,
+    MODEL_FILE,
+    SID,
+    BundleError,
+    ItemEncoder,
+    item_tokens,
+    read_item_codes,
+    verify_bundle,
+)
+from export.contract.content import sid_tokens
 from export.contract.fixtures import BatchMaker
 from export.contract.schema import (
     INPUT_NAMES,
@@ -55,15 +76,55 @@ class Bundle:
     provider: str  # the execution provider actually active, e.g. "CPUExecutionProvider"
     threads: int
     session: Any  # onnxruntime.InferenceSession
+    encoder: ItemEncoder
+    item_tokens: np.ndarray  # int64 [n_items]: vocabulary index -> what the graph reads
+    assign_session: Any = None  # sid: onnxruntime.InferenceSession on assign.onnx
     check_inputs: InputCheck = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         self.check_inputs = InputCheck(self.schema)
 
+    @property
+    def item_encoder(self) -> str:
+        return self.encoder.kind
+
     def score(self, inputs: dict[str, np.ndarray]) -> np.ndarray:
-        """Assembled model inputs (export.contract.inputs.assemble) -> float32 scores [batch, list]."""
+        """Model inputs as the graph reads them (export.contract.inputs.assemble; a sid bundle's items
+        as tokens, see tokens()) -> float32 scores [batch, list]."""
         self.check_inputs(inputs)
         return self.session.run([MODEL_OUTPUT.name], {n: inputs[n] for n in INPUT_NAMES})[0]
+
+    def tokens(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Model inputs with vocabulary indices -> the same inputs with the items the graph reads."""
+        return {
+            **inputs,
+            "cand_items": self.item_tokens[inputs["cand_items"]],
+            "hist_items": self.item_tokens[inputs["hist_items"]],
+        }
+
+    def assign(self, content_cat: np.ndarray, content_num: np.ndarray) -> np.ndarray:
+        """New items' encoded content (export.contract.content.encode_content, stacked) -> int64
+        tokens [N] of the codes assign.onnx gives them (sid bundles only)."""
+        if self.assign_session is None:
+            raise ValueError(
+                f"bundle {self.path}: item_encoder is {self.item_encoder!r}; only sid bundles assign codes"
+            )
+        n_cat, n_num = len(self.schema.content_categorical), len(self.schema.content_numeric)
+        for name, array, dtype, width in (
+            ("content_cat", content_cat, np.int64, n_cat),
+            ("content_num", content_num, np.float32, n_num),
+        ):
+            if not isinstance(array, np.ndarray) or array.dtype != dtype or array.ndim != 2 or array.shape[1] != width:
+                got = f"{array.dtype} {array.shape}" if isinstance(array, np.ndarray) else type(array).__name__
+                raise ValueError(f"{name}: expected a numpy {np.dtype(dtype)} array [N, {width}], got {got}")
+        if len(content_cat) != len(content_num):
+            raise ValueError(f"content_cat has {len(content_cat)} rows, content_num {len(content_num)}: one per item")
+        if not len(content_cat):
+            return np.zeros(0, dtype=np.int64)
+        feeds = {"content_cat": content_cat, "content_num": content_num}
+        wanted = {i.name for i in self.assign_session.get_inputs()}  # an input the graph never reads is dropped
+        codes = self.assign_session.run([ASSIGN_OUTPUT], {k: v for k, v in feeds.items() if k in wanted})[0]
+        return sid_tokens(codes, self.encoder.codebook_size)
 
 
 class InputCheck:
@@ -122,6 +183,8 @@ def load_bundle(
     if model_file not in manifest["files"]:
         raise BundleError(f"{path}: no {model_file} in this bundle; export it with `psad export {flag}`")
     session = _session(path / model_file, device, threads or 1, spinning)
+    encoder = ItemEncoder.from_dict(manifest["item_encoder"], str(path / MANIFEST_FILE))  # verified already
+    codes = read_item_codes(path / ITEM_CODES_FILE, encoder, schema.n_items) if encoder.kind == SID else None
     bundle = Bundle(
         path=path,
         name=str(manifest["name"]),
@@ -132,6 +195,11 @@ def load_bundle(
         provider=session.get_providers()[0],
         threads=threads or 1,
         session=session,
+        encoder=encoder,
+        item_tokens=item_tokens(encoder, codes, schema.n_items),
+        assign_session=_assigner(path / ASSIGN_FILE, encoder, device, threads or 1, spinning)
+        if codes is not None
+        else None,
     )
     if device != "cpu" and bundle.provider != CUDA:
         import onnxruntime as ort
@@ -180,6 +248,24 @@ def _session(model: Path, device: str, threads: int, spinning: bool):
         raise BundleError(f"{model}: ONNX Runtime cannot load it ({_ort_error(exc)})") from None
 
 
+def _assigner(model: Path, encoder: ItemEncoder, device: str, threads: int, spinning: bool):
+    """A session on assign.onnx whose inputs and output are those of the format, `levels` codes wide."""
+    session = _session(model, device, threads, spinning)
+    names = [i.name for i in session.get_inputs()]
+    outputs = [(o.name, o.shape) for o in session.get_outputs()]
+    fix = "re-export the bundle (assign.onnx does not match its manifest)"
+    if not set(names) <= set(ASSIGN_INPUTS):
+        raise BundleError(f"{model}: inputs {names}, expected some of {list(ASSIGN_INPUTS)}; {fix}")
+    if len(outputs) != 1 or outputs[0][0] != ASSIGN_OUTPUT or len(outputs[0][1]) != 2:
+        raise BundleError(f"{model}: outputs {outputs}, expected one {ASSIGN_OUTPUT!r} [batch, levels]; {fix}")
+    if outputs[0][1][1] != encoder.levels:
+        raise BundleError(
+            f"{model}: output {ASSIGN_OUTPUT!r} is {outputs[0][1][1]} codes wide, the manifest says "
+            f"levels={encoder.levels}; {fix}"
+        )
+    return session
+
+
 def _ort_error(exc: Exception) -> str:
     """ONNX Runtime's message on one line (it spans several), for one-line errors and log fields."""
     return f"{type(exc).__name__}: {' '.join(str(exc).split())}"
@@ -190,6 +276,21 @@ def _warm_up(bundle: Bundle) -> None:
     maker = BatchMaker(bundle.schema, seed=0)
     s = bundle.schema
     for shape in ((1, s.max_list, s.max_history), (1, min(10, s.max_list), 0), (32, s.max_list, s.max_history)):
-        inputs = maker.make(*shape)
+        inputs = bundle.tokens(maker.make(*shape))
         for _ in range(WARMUP_RUNS):
             bundle.score(inputs)
+    if bundle.assign_session is not None:
+        content = synthetic_content(s, s.max_list, np.random.default_rng(0))
+        for _ in range(WARMUP_RUNS):
+            bundle.assign(*content)
+
+
+def synthetic_content(schema: FeatureSchema, n: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """n items' encoded content drawn from the schema (any category, numerics around their mean):
+    inputs for assign.onnx that no real item needs to have."""
+    cat = [rng.integers(0, f.cardinality, n) for f in schema.content_categorical]
+    num = [rng.normal(f.mean, 2 * f.std, n) for f in schema.content_numeric]
+    return (
+        np.stack(cat, axis=1).astype(np.int64) if cat else np.zeros((n, 0), np.int64),
+        np.stack(num, axis=1).astype(np.float32) if num else np.zeros((n, 0), np.float32),
+    )

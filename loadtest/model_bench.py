@@ -8,8 +8,9 @@ teacher.safetensors weights: latency does not depend on them) under
 torch.inference_mode. Runs on the CPU, and on CUDA as well when a GPU is present. --profile
 adds ONNX Runtime's per-operator profile of the target cell: where the time goes.
 
---compare-unfused (with --run) also exports the run's plain graph, and --int8 adds the bundle's
-int8 graph: every graph of a cell is timed in the same alternating rounds as eager PyTorch, so
+--compare-unfused (with --run) also exports the run's plain graph, --int8 adds the bundle's
+int8 graph, and --versus adds another bundle of the same data set (the id model a sid one
+replaces): every graph of a cell is timed in the same alternating rounds as eager PyTorch, so
 the host's drift falls on all of them, and each graph's kernels per call (the nodes of the graph
 ONNX Runtime runs) are reported beside its p50 by list length.
 """
@@ -46,6 +47,7 @@ GRAPHS = {
     "unfused": "the plain serving module's graph",
     "before": "that graph with every ONNX Runtime fusion on (SkipLayerNormalization too), as served before issue 19",
     "int8": "model_int8.onnx",
+    "versus": "the --versus bundle's model.onnx (e.g. the id model a sid one replaces)",
 }
 
 
@@ -251,20 +253,24 @@ def format_graphs(cells: list[Cell], kernels: dict[str, int]) -> str:
 
 def graph_quality(variants: list[Variant], split: str, batch: int = 256) -> str:
     """NDCG@10 of every graph on one split of the served bundle's data set, each against the served
-    graph with a paired 95% interval: what a lossy graph (int8) costs in ranking quality."""
-    from training.data.store import load_split
+    graph with a paired 95% interval: what a lossy graph (int8) costs in ranking quality. Items the
+    bundle does not know (a cold-item split's) are read as OOV; a sid bundle reads tokens."""
+    from export.contract.schema import OOV
+    from training.data.store import load_schema, load_split
     from training.metrics import ndcg_at_k, paired_bootstrap, ranking_from_scores
 
     bundles = {v.label: v.load("cpu", threads=1, spinning=False) for v in variants}
     served = bundles[SERVED]
     data_dir = Path(served.manifest["source"]["data"])
-    data = load_split(data_dir, split, served.schema)
+    data = load_split(data_dir, split, load_schema(data_dir))  # the data set's, cold items included
     mask = data.inputs["cand_mask"]
     per_list = {}
     for label, bundle in bundles.items():
+        n = bundle.schema.n_items
+        known = {k: np.where(v < n, v, OOV) if k.endswith("_items") else v for k, v in data.inputs.items()}
         scores = np.concatenate(
             [
-                bundle.score({k: v[start : start + batch] for k, v in data.inputs.items()})
+                bundle.score(bundle.tokens({k: v[start : start + batch] for k, v in known.items()}))
                 for start in range(0, len(data), batch)
             ]
         )
@@ -412,6 +418,10 @@ def bench_model_command(
     quality: Annotated[
         str | None, typer.Option("--quality", help="Also NDCG@10 of every graph on this split (val) of the data set.")
     ] = None,
+    versus: Annotated[
+        Path | None,
+        typer.Option("--versus", help="Also time this bundle (same data set) on the same inputs, in the same rounds."),
+    ] = None,
     out: Annotated[Path | None, typer.Option("--out", help="Write the report as markdown here.")] = None,
 ) -> None:
     """Model latency percentiles and throughput: ONNX Runtime versus PyTorch eager."""
@@ -428,6 +438,7 @@ def bench_model_command(
     command += ["--threads", str(threads), "--batches", batches, "--lists", lists, "--histories", histories]
     command += ["--seconds", str(seconds), "--iters", str(iters)] + ["--spinning"] * spinning + ["--profile"] * profile
     command += ["--compare-unfused"] * compare_unfused + ["--int8"] * int8 + (["--quality", quality] if quality else [])
+    command += ["--versus", str(versus)] if versus else []
     command += ["--out", str(out)] if out else []
     if out is not None:
         _check_out(out)
@@ -445,6 +456,8 @@ def bench_model_command(
             variants += [Variant("unfused", plain), Variant("before", plain, ort_defaults=True)]
         if int8:
             variants.append(Variant("int8", bundle, int8=True))
+        if versus is not None:
+            variants.append(Variant("versus", versus))
         cells, notes = run_bench(variants, threads, *sizes, seconds, iters, spinning, progress=True)
         kernels = {v.label: graph_kernels(v.model_file, v.disabled) for v in variants}
         report = [

@@ -13,6 +13,7 @@ from export.cli import export_command
 from loadtest.model_bench import bench_model_command
 from loadtest.peers.run import bench_peers_command
 from loadtest.service_bench.run import bench_service_command
+from psad.load_items import items_load_command
 from psad.load_profiles import profiles_load_command
 from psad.shadow.cli import shadow_app
 from psad.up import up_command
@@ -36,6 +37,10 @@ profiles_app = typer.Typer(help="User profiles in Redis.", no_args_is_help=True)
 profiles_app.command("load")(profiles_load_command)
 profiles_app.command("mark")(profiles_mark_command)
 app.add_typer(profiles_app, name="profiles")
+
+items_app = typer.Typer(help="Item content in Redis (sid bundles rank new items from it).", no_args_is_help=True)
+items_app.command("load")(items_load_command)
+app.add_typer(items_app, name="items")
 
 bench = typer.Typer(help="Benchmarks that print figures (see docs/benchmarks.md).", no_args_is_help=True)
 bench.command("model")(bench_model_command)

@@ -20,7 +20,7 @@ from operator import attrgetter, itemgetter
 from typing import Annotated, Any, Literal, NamedTuple
 
 from fastapi.exceptions import RequestValidationError
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Discriminator, Field, Tag
 from pydantic.json_schema import JsonDict
 
 from export.contract.schema import RANK_SCORE, FeatureSchema
@@ -29,6 +29,16 @@ from service.settings import Settings
 # Numbers reach the model as float32: bound them well inside its range so no input becomes inf.
 FLOAT32_SAFE = 1e30
 Feature = Annotated[float, Field(ge=-FLOAT32_SAFE, le=FLOAT32_SAFE)]
+# A content value: a categorical feature's raw value or a numeric feature's number; which one a
+# feature takes is the model's, checked when the item is resolved (a flagged fallback, not a 422).
+ContentValue = Annotated[
+    Annotated[Annotated[str, Field(max_length=1000)], Tag("string")] | Annotated[Feature, Tag("number")],
+    Discriminator(
+        lambda v: "string" if isinstance(v, str) else "number" if type(v) in (int, float) else None,
+        custom_error_type="content_value",
+        custom_error_message="a content value is a string (a categorical feature's raw value) or a number",
+    ),
+]
 
 
 class _Strict(BaseModel):
@@ -51,6 +61,16 @@ class Candidate(_Strict):
     )
     features: dict[str, Feature] | None = Field(
         None, description="Other per-candidate numeric features, by schema name (candidate_numeric)."
+    )
+    content: dict[str, ContentValue] | None = Field(
+        None,
+        description=(
+            "The item's content, content feature -> raw value (a string for a categorical feature, as the data "
+            "set wrote it; a number for a numeric one): a sid model ranks an item its vocabulary does not hold "
+            "from it (before any content in Redis). Ignored for items the model knows and by id models. A "
+            "feature the model does not know, a value of the wrong kind, or no content at all: the item is "
+            "scored as out-of-vocabulary and the answer flagged (item_content_invalid, item_content_missing)."
+        ),
     )
 
 
@@ -105,6 +125,8 @@ class Degraded(StrEnum):
     MODEL_ERROR = "model_error"  # the model call raised: the ranking stage's order
     MODEL_NONFINITE = "model_nonfinite"  # the model returned non-finite scores: the ranking stage's order
     INTERNAL_ERROR = "internal_error"  # any other failure in the pipeline: the ranking stage's order
+    ITEM_CONTENT_MISSING = "item_content_missing"  # sid: a new item without content (request or Redis): OOV
+    ITEM_CONTENT_INVALID = "item_content_invalid"  # sid: a new item whose content fails validation: OOV
 
 
 class RankedItem(BaseModel):

@@ -10,8 +10,13 @@ lengths); results are scattered back to each request.
 Degradation, never a 5xx storm: a profile read that fails or exceeds its budget gives a
 cold-start profile; a model failure (an exception or non-finite scores) gives the ranking stage's
 order; a store that answers without its load marker (emptied: service.health.StoreHealth) gives
-whatever it holds, flagged `profiles_missing`. Each is flagged in the response (degraded_reasons)
-and counted in psad_degraded_total.
+whatever it holds, flagged `profiles_missing`; with a sid bundle, an item its vocabulary does not
+hold and whose content is missing or invalid is scored as out-of-vocabulary, flagged
+`item_content_missing` or `item_content_invalid` (service.features). Each is flagged in the
+response (degraded_reasons) and counted in psad_degraded_total.
+
+Item content (sid bundles only): the new candidates' stored content is read in the profiles' round
+trip; new items that only the histories name take a second one, only when there are any.
 
 Shadow sampling: each list the model scored whose request id is sampled is offered to the shadow
 writer (service.shadow) once its answer is built, as references (a ScoredList: the batch's
@@ -31,13 +36,14 @@ from typing import Any, cast
 
 import numpy as np
 
+from export.contract.schema import OOV
 from export.runtime import Bundle
 from service import metrics, tracing
 from service.api import Degraded, RerankRequest
-from service.features import Job, build_inputs, given_scores, request_time
+from service.features import SID, Job, build_inputs, given_scores, request_time
 from service.health import StoreHealth
 from service.model_store import ModelStore
-from service.profiles import STORE_ERRORS, ProfileStore, RawProfile
+from service.profiles import STORE_ERRORS, ProfileStore, RawProfile, StoredContent, member_item
 from service.settings import Settings
 from service.shadow import ScoredList, ShadowWriter
 
@@ -57,13 +63,14 @@ def run_batch(bundle: Bundle, jobs: list[Job]) -> list[Outcome]:
     """Assemble and score a batch (runs in a worker thread); never raises."""
     t0 = time.perf_counter()
     try:
-        inputs, corrupt = build_inputs(jobs, bundle.schema, bundle.vocabs)
+        built = build_inputs(jobs, bundle)
     except Exception:
         log.warning("feature assembly failed", exc_info=True)
         return [Outcome(None, [Degraded.INTERNAL_ERROR]) for _ in jobs]
     t1 = time.perf_counter()
     metrics.STAGE.feature_assembly.observe(t1 - t0)
-    base = [[Degraded.PROFILE_CORRUPT] if c else [] for c in corrupt]
+    inputs = built.inputs
+    base = [[Degraded.PROFILE_CORRUPT, *r] if c else r for c, r in zip(built.corrupt, built.reasons, strict=True)]
     try:
         scores = bundle.score(inputs)
     except Exception:
@@ -184,16 +191,27 @@ class Reranker:
         self.budget_s = settings.redis_budget_ms / 1000
 
     async def read_profiles(
-        self, requests: list[RerankRequest], now: list[float], max_history: int
-    ) -> tuple[Sequence[RawProfile | None], list[Degraded | None]]:
-        """Raw profiles (None = cold start after a failed read) and each request's degradation
+        self, requests: list[RerankRequest], now: list[float], bundle: Bundle
+    ) -> tuple[Sequence[RawProfile | None], list[Degraded | None], dict[str, StoredContent]]:
+        """Raw profiles (None = cold start after a failed read), each request's degradation
         reason, if any: its failed read's (with Redis Cluster, one node may fail alone), else
-        profiles_missing while the store has no load marker."""
+        profiles_missing while the store has no load marker; and for a sid bundle the stored
+        content of the new items the lists name (service.features resolves them)."""
         t0 = time.perf_counter()
         raws: Sequence[RawProfile | None]
+        contents: dict[str, StoredContent] = {}
         n = len(requests)
+        users = [r.user_id for r in requests]
+        sid = bundle.item_encoder == SID
         try:
-            raws = await self.profiles.read([r.user_id for r in requests], now, max_history, self.budget_s)
+            if sid:
+                new = new_candidates(requests, bundle)
+                raws, contents = await self.profiles.read_with_items(
+                    users, now, bundle.schema.max_history, new, self.budget_s
+                )
+                contents.update(await self.read_history_items(raws, bundle, {*new}, t0))
+            else:
+                raws = await self.profiles.read(users, now, bundle.schema.max_history, self.budget_s)
             missing = Degraded.PROFILES_MISSING if self.health.missing else None
             reasons = [Degraded.REDIS_UNAVAILABLE if raw is None else missing for raw in raws]
         except TimeoutError:
@@ -204,7 +222,23 @@ class Reranker:
         metrics.STAGE.profile_read.observe(t1 - t0)
         if tracing.TRACER is not None:
             tracing.stage("profile_read", t0, t1)
-        return raws, reasons
+        return raws, reasons, contents
+
+    async def read_history_items(
+        self, raws: Sequence[RawProfile | None], bundle: Bundle, read: set[str], t0: float
+    ) -> dict[str, StoredContent]:
+        """The stored content of the new items in the histories just read that the first round trip
+        did not fetch: a second round trip, only when there are any, within what is left of the budget."""
+        members = (m for raw in raws if raw is not None for m in raw.history)
+        ids = [i for i in dict.fromkeys(member_item(m) for m in members) if i and i not in read]
+        new = [i for i, idx in zip(ids, bundle.vocabs.items.indices(ids), strict=True) if idx == OOV]
+        if not new:
+            return {}
+        left = max(self.budget_s - (time.perf_counter() - t0), 0.0)
+        try:
+            return await self.profiles.read_items(new, left)
+        except (TimeoutError, *STORE_ERRORS):  # the profiles are read: only these items fall back
+            return {}
 
     async def rerank(
         self, requests: list[RerankRequest], request_ids: list[str], bundle: Bundle | None = None
@@ -212,8 +246,8 @@ class Reranker:
         bundle = bundle or self.models.current  # taken once: a model swap does not affect this request
         now = [request_time(r) for r in requests]
         try:
-            raws, redis_reasons = await self.read_profiles(requests, now, bundle.schema.max_history)
-            jobs = [Job(r, p, t) for r, p, t in zip(requests, raws, now, strict=True)]
+            raws, redis_reasons, contents = await self.read_profiles(requests, now, bundle)
+            jobs = [Job(r, p, t, contents) for r, p, t in zip(requests, raws, now, strict=True)]
             outcomes = await self.scorer.score(bundle, jobs)
             outcomes = [
                 replace(o, reasons=[why, *o.reasons]) if why else o
@@ -245,7 +279,7 @@ class Reranker:
     async def floor(self, request: RerankRequest, request_id: str, bundle: Bundle | None = None) -> dict[str, Any]:
         """The no-model baseline: same parsing and profile read, then a sort by the given score."""
         bundle = bundle or self.models.current
-        _, (reason,) = await self.read_profiles([request], [request_time(request)], bundle.schema.max_history)
+        _, (reason,), _ = await self.read_profiles([request], [request_time(request)], bundle)
         scores = given_scores(request, bundle.schema)
         return self.respond(request, request_id, Outcome(scores, [reason] if reason else []), bundle)[0]
 
@@ -275,6 +309,13 @@ class Reranker:
             "degraded_reasons": outcome.reasons,
         }
         return answer, order
+
+
+def new_candidates(requests: Sequence[RerankRequest], bundle: Bundle) -> list[str]:
+    """The candidates of a sid bundle's lists that its vocabulary does not hold and whose request
+    carries no content for them: the items whose content is read from Redis (each once)."""
+    ids = [c.item_id for r in requests for c in r.candidates if c.content is None]
+    return list(dict.fromkeys(i for i, idx in zip(ids, bundle.vocabs.items.indices(ids), strict=True) if idx == OOV))
 
 
 def scored_list(

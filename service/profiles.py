@@ -14,6 +14,13 @@ Cluster slot and a pipeline or script may touch both):
                              store that answers without it has lost its data (an empty restart, a
                              FLUSHALL): the service flags its answers `profiles_missing`
     <prefix>:{shadow}:...    the shadow stream and the consumer's keys (export/contract/shadow.py)
+    <prefix>:i:<item_id>     hash: an item's content, feature name -> RAW value (as the user hash;
+                             export/contract/content.py encodes it), plus the field "@loaded_at"
+                             (unix s), so an item loaded with every feature missing still exists;
+                             written by `psad items load`, read only for sid bundles and only for
+                             items the bundle's vocabulary does not hold
+    <prefix>:items           string, no TTL: the item load marker, JSON {"generation", "loaded_at",
+                             "source", "items"}, written when `psad items load` completes
 
 Raw values (item ids, action names, categorical values) are stored rather than indices, so a new
 model version with new vocabularies reads the same profiles: encoding happens at read time with
@@ -99,6 +106,24 @@ def history_key(prefix: str, user_id: str) -> str:
 
 def member(timestamp: int, action: str, event_id: str, item_id: str) -> str:
     return f"{timestamp}|{action}|{event_id}|{item_id}"
+
+
+def item_key(prefix: str, item_id: str) -> str:
+    """An item's content hash (no hash tag: with Redis Cluster items spread over the slots by id)."""
+    return f"{prefix}:i:{item_id}"
+
+
+def items_marker_key(prefix: str) -> str:
+    return f"{prefix}:items"
+
+
+ITEM_LOADED_FIELD = "@loaded_at"  # in every item hash: not a feature, so content readers drop it
+
+
+def member_item(member: str) -> str:
+    """The item id of a history member ("" for a malformed one, which encode_profile skips)."""
+    parts = member.split("|", 3)
+    return parts[3] if len(parts) == 4 else ""
 
 
 def marker_key(prefix: str) -> str:
@@ -211,6 +236,29 @@ def _profile(user: Any, history: Any) -> RawProfile | None:
     return RawProfile(error="; ".join(errors)) if errors else RawProfile(_fields(user), _members(history))
 
 
+@dataclass
+class StoredContent:
+    """An item's content as stored: feature -> raw text (the load marker field dropped)."""
+
+    fields: dict[str, str] = field(default_factory=dict)
+    error: str | None = None  # Redis refused the read (a key of another type): unusable
+
+
+def _contents(item_ids: Sequence[str], replies: Sequence[Any]) -> dict[str, StoredContent]:
+    """The items found: an empty hash is an item never loaded, an unreachable node one not read."""
+    out: dict[str, StoredContent] = {}
+    for item_id, reply in zip(item_ids, replies, strict=True):
+        if isinstance(reply, UNREACHABLE):
+            continue
+        if isinstance(reply, Exception):
+            out[item_id] = StoredContent(error=str(reply))
+        elif reply:
+            fields = _fields(reply)
+            fields.pop(ITEM_LOADED_FIELD, None)
+            out[item_id] = StoredContent(fields)
+    return out
+
+
 class ProfileReader(Protocol):
     """How a ProfileStore reads: its commands sent in one round trip, their replies in order, with
     raise_on_error=False an error reply in its command's place. service.resp.RespClient is the
@@ -281,6 +329,27 @@ class ProfileStore:
         commands = self.read_commands(user_ids, now, max_history)
         replies = await self.reader.execute(commands, timeout_s, raise_on_error=False)
         return [_profile(u, h) for u, h in zip(replies[0::2], replies[1::2], strict=True)]
+
+    async def read_with_items(
+        self,
+        user_ids: Sequence[str],
+        now: Sequence[float],
+        max_history: int,
+        item_ids: Sequence[str],
+        timeout_s: float | None = None,
+    ) -> tuple[list[RawProfile | None], dict[str, StoredContent]]:
+        """`read`, plus the stored content of `item_ids` in the same round trip (one HGETALL each):
+        item id -> StoredContent for the items found."""
+        commands = self.read_commands(user_ids, now, max_history)
+        commands += [("HGETALL", item_key(self.prefix, i)) for i in item_ids]
+        replies = await self.reader.execute(commands, timeout_s, raise_on_error=False)
+        n = 2 * len(user_ids)
+        profiles = [_profile(u, h) for u, h in zip(replies[0:n:2], replies[1:n:2], strict=True)]
+        return profiles, _contents(item_ids, replies[n:])
+
+    async def read_items(self, item_ids: Sequence[str], timeout_s: float | None = None) -> dict[str, StoredContent]:
+        """The stored content of `item_ids` (one round trip): item id -> StoredContent for those found."""
+        return (await self.read_with_items((), (), 0, item_ids, timeout_s))[1]
 
     async def append(self, events: Sequence[tuple[str, str, str, int, str | None]], cap: int) -> None:
         """events: (user_id, item_id, action, timestamp, event_id or None); one script call per user,

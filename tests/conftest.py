@@ -110,3 +110,49 @@ def tiny_bundle(tiny_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Pat
 
     repo = tmp_path_factory.mktemp("models")
     return export_run(tiny_run, repo, name="psad", version=1)
+
+
+# The same chain on a cold-item split: items with content vectors, 20% of them first seen after the
+# training period; a sid run and bundle (item_encoder "sid"), and an id bundle of the same data.
+
+
+@pytest.fixture(scope="session")
+def cold_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from training.data.synthetic import SimulatorConfig, build_synthetic
+
+    out = tmp_path_factory.mktemp("data") / "cold"
+    config = SimulatorConfig(content_dim=8, cold_items=0.2)
+    build_synthetic(
+        out, lists=1200, users=80, items=150, list_length=10, max_history=20, seed=0, progress=False, config=config
+    )
+    return out
+
+
+def train_encoder(data: Path, out: Path, encoder: str) -> Path:
+    from training.config import TrainConfig
+    from training.train import train
+
+    config = TrainConfig.small_for_tests()
+    config.model.item_encoder = encoder
+    train(data, config, out, progress=False)
+    return out
+
+
+@pytest.fixture(scope="session")
+def sid_run(cold_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return train_encoder(cold_data, tmp_path_factory.mktemp("runs") / "sid", "sid")
+
+
+@pytest.fixture(scope="session")
+def sid_bundle(sid_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from export.exporter import export_run
+
+    return export_run(sid_run, tmp_path_factory.mktemp("models"), name="psad", version=1)
+
+
+@pytest.fixture(scope="session")
+def cold_id_bundle(cold_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from export.exporter import export_run
+
+    run = train_encoder(cold_data, tmp_path_factory.mktemp("runs") / "id", "id")
+    return export_run(run, tmp_path_factory.mktemp("models"), name="id", version=1)

@@ -13,7 +13,7 @@ import pytest
 from export.contract.schema import OOV, FeatureSchema, SchemaError
 from tests.conftest import ML100K, REPO
 from training.data.movielens import ML1M_GENRES, ML100K_GENRES, build_movielens, core_filter
-from training.data.store import SPLITS, DataError, load_schema, load_split
+from training.data.store import SPLITS, DataError, load_schema, load_split, load_vocabs
 from training.metrics import ndcg_at_k
 
 BASE_DAY = 11_323  # 2001-01-01, a day boundary
@@ -114,6 +114,8 @@ def test_tiny_round_trips_through_load_split(tiny: Path) -> None:
     assert [f.name for f in schema.user_categorical] == ["age", "gender", "occupation"]
     assert len(schema.item_numeric) == len(genres) and schema.item_numeric[0].name.startswith("genre_")
     assert [f.name for f in schema.item_categorical] == ["decade"]
+    assert schema.item_content == (*(f.name for f in schema.item_numeric), "decade") and schema.known_items == 0
+    assert load_vocabs(tiny, schema).item_content["decade"].tokens == ["1960s", "1970s", "1980s", "1990s", "2000s"]
     assert [f.name for f in schema.candidate_numeric] == ["rank_score"]
     for name, df in splits(tiny).items():
         data = load_split(tiny, name)

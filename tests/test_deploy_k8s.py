@@ -267,18 +267,28 @@ def test_the_rps_hpa_uses_the_metric_the_adapter_serves(tmp_path: Path) -> None:
     assert checked.returncode == 0, checked.stdout + checked.stderr
 
 
+LOAD_JOBS = {
+    "profiles-load": ["psad", "profiles", "load", "--data", "/data"],
+    "items-load": ["psad", "items", "load", "--data", "/data", "--items", "cold"],
+}
+
+
 @needs_kubectl
-def test_the_profiles_job_and_the_volumes_render_validate_and_agree_with_the_service(tmp_path: Path) -> None:
-    job_objects = kustomize(K8S / "jobs" / "profiles-load")
+@pytest.mark.parametrize("job_name", LOAD_JOBS)
+def test_the_load_jobs_and_the_volumes_render_validate_and_agree_with_the_service(
+    tmp_path: Path, job_name: str
+) -> None:
+    job_objects = kustomize(K8S / "jobs" / job_name)
     volumes = kustomize(K8S / "volumes")
     service = kustomize(K8S / "overlays" / "cpu")
     shadow = compose(tmp_path, "cpu", ("components/shadow",))
     validate(job_objects + volumes, tmp_path)
     check_wiring(job_objects + service)  # the Job reads the overlay's ConfigMap
-    job = named(job_objects, "Job", "psad-profiles-load")
+    job = named(job_objects, "Job", f"psad-{job_name}")
+    assert job["spec"]["template"]["metadata"]["labels"]["app.kubernetes.io/component"] == job_name
     spec = pod_spec(job)
     (container,) = spec["containers"]
-    assert container["command"] == ["psad", "profiles", "load", "--data", "/data"]
+    assert container["name"] == job_name and container["command"] == LOAD_JOBS[job_name]
     assert spec["securityContext"] == pod_spec(named(service, "Deployment", "psad"))["securityContext"]
     names = env_names(container)
     assert names.index("REDIS_PASSWORD") < names.index("PSAD_REDIS_URL")

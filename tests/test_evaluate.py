@@ -100,7 +100,7 @@ def test_evaluate_command_prints_a_table_and_writes_json(tiny_run: Path, tmp_pat
     result = json.loads((run / "eval_val.json").read_text())
     assert result["split"] == "val" and "overall" in result and "groups" in result
     assert format_table(result).splitlines()[1] in done.output
-    assert "overall  student" in done.output and "overall  history" in done.output
+    assert "overall    student" in done.output and "overall    history" in done.output
 
     custom = tmp_path / "out" / "m.json"
     done = CliRunner().invoke(app, ["evaluate", "--run", str(run), "--split", "test", "--json", str(custom)])

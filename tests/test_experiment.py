@@ -180,7 +180,8 @@ def test_plan_shares_runs_and_resolves_nar() -> None:
     assert plan.runs[plan.spec_run["nar"]]["block_size"] == 20
     assert plan.runs[plan.spec_run["setrank"]] == {"arch": "setrank"}
     assert plan.runs[plan.spec_run["no-upn"]] == {"arch": "psad", "block_size": 4, "use_upn": False}
-    assert len(plan.runs) == 10  # dnn, prm, dlcm, setrank, B=1, B=L, B=4 (listwise, rd, none, without UPN)
+    # dnn, prm, dlcm, setrank, B=1, B=L, B=4 (listwise, rd, none, without UPN, sid)
+    assert len(plan.runs) == 11
 
 
 def test_the_upn_ablation_is_reported_per_activity_group(tiny_data: Path, tmp_path: Path) -> None:
@@ -261,3 +262,36 @@ def test_the_time_target_is_ml100ks_unless_a_budget_is_passed(tiny_data: Path, t
     assert "1.5 min (--time-budget-min) | pass" in (tmp_path / "budget" / "results.md").read_text()
     with pytest.raises(ExperimentError, match="--time-budget-min must be > 0"):
         wall_targets(tiny_data, tmp_path / "zero", time_budget_s=0)
+
+
+def test_the_item_encoders_are_compared_on_cold_items_state_and_latency(cold_data: Path, tmp_path: Path) -> None:
+    models = ["initial", "psad-s", "psad-s-sid"]
+    report = run_experiment(cold_data, tmp_path, seeds=1, models=models, base_config=tiny_config(), progress=False)
+    cold, sid = report["cold"], report["sid"]
+    result = json.loads((tmp_path / "runs" / "psad-b4-listwise-sid" / "seed0" / "result.json").read_text())
+    rows = np.asarray(result["evaluation"]["cold"]["list_cold"])
+    assert 0 < cold["lists"] == rows.sum() < len(rows)
+    on_cold = cold["paired"]["lists with cold items"]["ndcg@10"]
+    per_list = {
+        r: np.asarray(
+            json.loads((tmp_path / "runs" / r / "seed0" / "result.json").read_text())["evaluation"]["per_list"][
+                "student"
+            ]["ndcg@10"]
+        )
+        for r in ("psad-b4-listwise-sid", "psad-b4-listwise")
+    }
+    assert on_cold["diff"] == pytest.approx(
+        (per_list["psad-b4-listwise-sid"] - per_list["psad-b4-listwise"])[rows].mean()
+    )
+    assert set(cold["models"]) == set(models)
+    assert sid["state"]["psad-s-sid"]["per_item"] == 3 and sid["state"]["psad-s"]["per_item"] == 4 * 16
+    assert all(ms > 0 for ms in sid["latency_ms"].values())
+    targets = {t["target"].split(":")[0] for t in report["targets"]}
+    assert {"lists with cold items", "all lists", "student latency at 100 candidates, 50 behaviours"} <= targets
+    text = (tmp_path / "results.md").read_text()
+    assert "## Cold items (first seen after the training period)" in text and "| psad-s-sid | 3 |" in text
+
+
+def test_sid_models_need_a_data_set_with_content(tiny_data: Path, tmp_path: Path) -> None:
+    with pytest.raises(ExperimentError, match="item_content"):
+        run_experiment(tiny_data, tmp_path, seeds=1, models=["psad-s-sid"], base_config=tiny_config(), progress=False)

@@ -2,21 +2,24 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+from export.contract.bundle import ItemEncoder, item_tokens
 from export.contract.fixtures import BatchMaker
-from export.contract.schema import INPUT_NAMES, CategoricalFeature, FeatureSchema, NumericFeature
-from export.exporter import export_onnx, graph_kernels
+from export.contract.schema import INPUT_NAMES, OOV, CategoricalFeature, FeatureSchema, NumericFeature
+from export.exporter import RankScores, export_onnx, graph_kernels
 from export.fusion import FusedScorer, fused_serving_module
 from export.parity import FP32, SHAPES, check_parity
 from tests.test_models import one_thread  # noqa: F401  (an autouse fixture: tiny tensors, one thread)
 from training.models.baselines import BASELINES
 from training.models.config import ModelConfig
 from training.models.psad import PSAD
+from training.models.sid import find_sid
 
 FULL = FeatureSchema(
     n_items=40,
@@ -29,6 +32,10 @@ FULL = FeatureSchema(
     item_numeric=(NumericFeature("popularity", 1.0, 2.0),),
     candidate_numeric=(NumericFeature("rank_score", 0.5, 0.2),),
 )
+CONTENT = dataclasses.replace(FULL, item_content=("genre", "popularity"))  # what a sid model assigns codes from
+SID = {"item_encoder": "sid", "sid_levels": 2, "sid_codebook_size": 5}
+# few code combinations: one gather from their sums (TokenTable); many: the float64 decode (TokenDecode)
+SID_FORMS = {"table": SID, "decode": {**SID, "sid_levels": 3, "sid_codebook_size": 256}}
 BARE = FeatureSchema(n_items=40, actions=("click",), max_history=8, max_list=12)  # no side features at all
 TINY = {"d_model": 8, "n_heads": 2, "teacher_layers": 1, "student_hidden": 8, "dropout": 0.0}
 # every branch of the fused graph: defaults, repeat features, no ids, no UPN, no position codes
@@ -107,3 +114,43 @@ def test_fused_graph_runs_fewer_kernels_than_the_plain_one(tmp_path: Path) -> No
     fused, plain = graph_kernels(tmp_path / "fused.onnx"), graph_kernels(tmp_path / "plain.onnx")
     before = graph_kernels(tmp_path / "plain.onnx", disabled=())  # with every ONNX Runtime fusion on
     assert fused < plain and fused < before, (fused, plain, before)
+
+
+def sid_tokens_of(model: PSAD) -> np.ndarray:
+    """The item tokens a bundle of `model` would serve (vocabulary index -> token)."""
+    sid = find_sid(model)
+    assert sid is not None
+    encoder = ItemEncoder("sid", TINY["d_model"], sid.levels, sid.codebook_size)
+    return item_tokens(encoder, sid.known_codes().numpy(), CONTENT.n_items)
+
+
+@pytest.mark.parametrize("form", SID_FORMS)
+@pytest.mark.parametrize("variant", VARIANTS, ids=lambda v: ",".join(f"{k}={v}" for k, v in v.items()) or "default")
+def test_fused_sid_scorer_computes_the_serving_modules_scores(variant: dict, form: str) -> None:
+    """On tokens (OOV among them), the fused graph's item gather scores like the sid lookup."""
+    model = trained_like(CONTENT, **SID_FORMS[form], **variant)
+    fused, plain = fused_serving_module(model), model.serving_module().eval()
+    assert isinstance(fused, FusedScorer)
+    assert type(fused.items).__name__ == {"table": "TokenTable", "decode": "TokenDecode"}[form]
+    tokens, maker = sid_tokens_of(model), BatchMaker(CONTENT, seed=1)
+    for shape in ((1, 1, 0), (2, 10, 1), (3, 7, 13), (5, 30, 8)):
+        inputs = maker.make(*shape)
+        inputs["cand_items"][0, 0] = inputs["hist_items"][-1, :1] = OOV  # items without usable content
+        inputs = {**inputs, "cand_items": tokens[inputs["cand_items"]], "hist_items": tokens[inputs["hist_items"]]}
+        mask = inputs["cand_mask"]
+        want, got = scores(plain, inputs), scores(fused, inputs)
+        np.testing.assert_allclose(got[mask], want[mask], atol=1e-5, rtol=0)
+        assert (got[~mask] == want[~mask]).all()
+
+
+@pytest.mark.parametrize("form", SID_FORMS)
+def test_fused_sid_onnx_graph_passes_the_parity_gate_with_fewer_kernels(tmp_path: Path, form: str) -> None:
+    """Against the model's own path from item indices to codes, at all 27 gate shapes; and fewer
+    kernels than the plain sid graph."""
+    model = trained_like(CONTENT, seed=4, **SID_FORMS[form], history_match=True)
+    maker = BatchMaker(CONTENT, seed=0)
+    export_onnx(fused_serving_module(model), maker, tmp_path / "fused.onnx")
+    export_onnx(model.serving_module().eval(), maker, tmp_path / "plain.onnx")
+    report = check_parity(RankScores(model), tmp_path / "fused.onnx", maker, FP32, SHAPES, tokens=sid_tokens_of(model))
+    assert report.passed, report.table()
+    assert graph_kernels(tmp_path / "fused.onnx") < graph_kernels(tmp_path / "plain.onnx")

@@ -15,6 +15,10 @@ Versus the initial order: each ranker's mean gain in NDCG@10, MRR (and utility) 
 order on the same lists, with a paired bootstrap 95% interval. On a small split (ml100k's 99 test
 lists) the interval is wider than the gains, and says so: a gain whose interval spans 0 is noise.
 
+Cold items (a data set with schema.known_items: catalogue items first seen after the training
+period): the metrics again on the lists that hold a cold candidate, and on the cold items' ranks
+(NDCG@10 and MRR with only the cold items' labels kept, over the lists where a cold item was clicked).
+
 User-activity groups: a list's activity is the number of behaviours its user logged strictly
 before it (behaviours.parquet; the history its features are cut from, before the cut to
 max_history). On MovieLens that is the user's ratings so far; on trivago, the session's (and
@@ -151,6 +155,33 @@ def activity_groups(data_dir: Path, split: str, data: ListData) -> tuple[np.ndar
     return np.digitize(activity, [q1, q2], right=True), {"light_max": q1, "medium_max": q2}
 
 
+def cold_candidates(data: ListData, schema: FeatureSchema) -> np.ndarray | None:
+    """bool [N, L]: the candidates the training period never saw, or None when the data set has no cold items."""
+    if not schema.known_items:
+        return None
+    return data.inputs["cand_mask"] & (data.inputs["cand_items"] >= schema.n_known_items)
+
+
+def cold_evaluation(
+    perms: dict[str, np.ndarray], data: ListData, cold: np.ndarray, metrics: dict[str, dict[str, np.ndarray]]
+) -> tuple[dict[str, Any], dict[str, dict[str, list[float]]]]:
+    """The cold-item summary (lists holding one, and the cold items' ranks) and, per ranker, the
+    COMPARED metrics of the cold items' ranks per list where a cold item was clicked."""
+    mask = data.inputs["cand_mask"]
+    labels = np.where(cold, data.labels, 0.0)
+    clicked = (labels > 0).any(1)
+    lists = cold.any(1)
+    ranks = {r: per_list_metrics(p[clicked], labels[clicked], mask[clicked]) for r, p in perms.items()}
+    summary = {
+        "lists": int(lists.sum()),
+        "lists_with_cold_clicks": int(clicked.sum()),
+        "candidate_share": float(cold.sum() / max(mask.sum(), 1)),
+        "cold_lists": summarise(metrics, lists) if lists.any() else {},
+        "cold_items": summarise(ranks, slice(None)) if clicked.any() else {},
+    }
+    return summary, compared_per_list(ranks)
+
+
 def summarise(metrics: dict[str, dict[str, np.ndarray]], rows: np.ndarray | slice) -> dict[str, dict[str, float]]:
     return {ranker: {name: float(values[rows].mean()) for name, values in m.items()} for ranker, m in metrics.items()}
 
@@ -193,8 +224,13 @@ def evaluate_run(
         "groups": {g: summarise(metrics, groups == i) for i, g in enumerate(GROUPS) if (groups == i).any()},
         "vs_initial": versus_initial(metrics),
     }
+    cold = cold_candidates(data, schema)
+    if cold is not None:
+        result["cold"], cold_per_list = cold_evaluation(perms, data, cold, metrics)
     if per_list:
         result["per_list"] = compared_per_list(metrics)
+        if cold is not None:
+            result["cold"] |= {"per_list": cold_per_list, "list_cold": cold.any(1).tolist()}
     return result
 
 
@@ -221,14 +257,27 @@ def versus_initial(metrics: dict[str, dict[str, np.ndarray]]) -> dict[str, dict[
 def format_table(result: dict) -> str:
     """A readable table: one row per (group, ranker), one column per metric."""
     names = list(result["overall"][result["rankers"][0]])
-    header = f"{'group':<8} {'ranker':<8} {'lists':>7} " + " ".join(f"{n:>9}" for n in names)
+    header = f"{'group':<10} {'ranker':<8} {'lists':>7} " + " ".join(f"{n:>9}" for n in names)
     lines = [f"{result['split']} split of {result['data_dir']}: {result['lists']:,} lists", header, "-" * len(header)]
     sections = [("overall", result["lists"], result["overall"])]
     sections += [(g, result["activity"]["lists"][g], result["groups"][g]) for g in GROUPS if g in result["groups"]]
     for group, count, rows in sections:
         for ranker, values in rows.items():
             cells = " ".join(f"{values[n]:>9.4f}" for n in names)
-            lines.append(f"{group:<8} {ranker:<8} {count:>7,} {cells}")
+            lines.append(f"{group:<10} {ranker:<8} {count:>7,} {cells}")
+    cold = result.get("cold")
+    if cold:
+        for group, count, key in (
+            ("cold lists", cold["lists"], "cold_lists"),
+            ("cold items", cold["lists_with_cold_clicks"], "cold_items"),
+        ):
+            for ranker, values in cold[key].items():
+                cells = " ".join(f"{values.get(n, np.nan):>9.4f}" for n in names)
+                lines.append(f"{group:<10} {ranker:<8} {count:>7,} {cells}")
+        lines.append(
+            f"cold = items first seen after training ({cold['candidate_share']:.1%} of candidates); cold lists: "
+            "the lists holding one; cold items: only the cold items' labels, on lists where one was clicked"
+        )
     bounds = result["activity"]
     lines.append(
         f"activity = the user's behaviours before the list: light <= {bounds['light_max']:g} < medium "

@@ -30,6 +30,7 @@ import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -81,8 +82,17 @@ SPECS: dict[str, ModelSpec] = {
         ModelSpec(
             "no-upn", "student", {"arch": "psad", "block_size": 4, "use_upn": False}, "PSAD-S without UPN (no history)"
         ),
+        ModelSpec(
+            "psad-s-sid",
+            "student",
+            {"arch": "psad", "block_size": 4, "item_encoder": "sid"},
+            "PSAD-S with IntRR item codes from content (item_encoder sid)",
+        ),
     )
 }
+SID_PAIR = ("psad-s-sid", "psad-s")  # the item encoders compared: sid against id, same model otherwise
+SID_LATENCY_SHAPE = (100, 50)  # candidates, behaviours: where the sid latency target is set
+CATALOGUE = 10_000_000  # items: the catalogue size the served-state target is set for
 BASELINE_NAMES = ("dnn", "prm", "dlcm", "setrank", "seq2slate", "nar")  # trained; fixed orders are listed apart
 
 
@@ -103,6 +113,8 @@ def run_name(overrides: dict[str, Any], base_distill: str) -> str:
             name += f"-{overrides['student_loss']}"
         if overrides.get("use_upn") is False:
             name += "-noupn"
+    if overrides.get("item_encoder", "id") != "id":
+        name += f"-{overrides['item_encoder']}"
     return name
 
 
@@ -200,6 +212,8 @@ def fixed_metrics(data_dir: Path, schema: Any, max_list: int) -> dict:
         GROUPS,
         activity_groups,
         click_model,
+        cold_candidates,
+        cold_evaluation,
         compared_per_list,
         fixed_rankings,
         list_metrics,
@@ -208,15 +222,21 @@ def fixed_metrics(data_dir: Path, schema: Any, max_list: int) -> dict:
     )
 
     data = load_lists(data_dir, "test", schema, max_list)
-    metrics = list_metrics(fixed_rankings(data), data, click_model(data_dir))
+    perms = fixed_rankings(data)
+    metrics = list_metrics(perms, data, click_model(data_dir))
     groups, bounds = activity_groups(data_dir, "test", data)
-    return {
+    out = {
         "overall": summarise(metrics, slice(None)),
         "groups": {g: summarise(metrics, groups == i) for i, g in enumerate(GROUPS) if (groups == i).any()},
         "per_list": compared_per_list(metrics),
         "list_groups": [GROUPS[i] for i in groups],
         "activity": bounds,
     }
+    cold = cold_candidates(data, schema)
+    if cold is not None:
+        summary, per_list = cold_evaluation(perms, data, cold, metrics)
+        out["cold"] = {**summary, "per_list": per_list, "list_cold": cold.any(1).tolist()}
+    return out
 
 
 def simulator_references(data_dir: Path, schema: Any, max_list: int) -> dict[str, dict[str, float]] | None:
@@ -278,33 +298,122 @@ def seed_means(evaluations: list[dict], ranker: str) -> dict[str, np.ndarray]:
     return {n: np.mean([np.asarray(e["per_list"][ranker][n]) for e in evaluations], axis=0) for n in names}
 
 
-def measure_latency(run_dir: Path, ranker: str, data_dir: Path, length: int, history: int) -> tuple[float, int]:
-    """Median ms per list on ONE CPU thread, eager PyTorch, inference_mode, batch 1; and decoding steps."""
+def timed_ranker(run_dir: Path, ranker: str, data_dir: Path, length: int, history: int) -> tuple[Callable, int]:
+    """What one list costs to rank, as a call on a batch of 1 (the teacher's decoding, or the served
+    module on the inputs a bundle serves), and its decoding steps."""
     import torch
 
     from export.contract.fixtures import BatchMaker
     from training.checkpoint import load_run
     from training.evaluate import load_lists, to_tensors
+    from training.models.reranker import served_inputs
 
     model, config, schema = load_run(run_dir, ranker)
     lists = load_lists(data_dir, "test", schema, config.max_list)
     inputs = to_tensors(BatchMaker(schema, lists.inputs).make(1, length, history, pad_last=False), torch.device("cpu"))
-    infer = model.teacher_decode if ranker == "teacher" else model.rank_scores
-    steps = model.decode_steps(length) if ranker == "teacher" else 1
+    if ranker == "teacher":
+        return (lambda: model.teacher_decode(inputs)), model.decode_steps(length)
+    scorer, served = model.serving_module().eval(), served_inputs(model, inputs)
+    return (lambda: scorer(*served)), 1
+
+
+def median_ms(calls: list[Callable], repeats: int = LATENCY_REPEATS) -> list[float]:
+    """Median ms per call of each of `calls` on ONE CPU thread, inference_mode, measured in
+    alternation (round k times every call once), so that a slower spell of the machine hits all alike."""
+    import torch
+
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
+    times: list[list[float]] = [[] for _ in calls]
     try:
         with torch.inference_mode():
-            for _ in range(5):
-                infer(inputs)
-            times = []
-            for _ in range(LATENCY_REPEATS):
-                start = time.perf_counter()
-                infer(inputs)
-                times.append(time.perf_counter() - start)
+            for call in calls * 5:
+                call()
+            for _ in range(repeats):
+                for call, spent in zip(calls, times, strict=True):
+                    start = time.perf_counter()
+                    call()
+                    spent.append(time.perf_counter() - start)
     finally:
         torch.set_num_threads(threads)
-    return 1000.0 * statistics.median(times), steps
+    return [1000.0 * statistics.median(t) for t in times]
+
+
+def measure_latency(run_dir: Path, ranker: str, data_dir: Path, length: int, history: int) -> tuple[float, int]:
+    """Median ms per list on ONE CPU thread, eager PyTorch, inference_mode, batch 1; and decoding steps."""
+    call, steps = timed_ranker(run_dir, ranker, data_dir, length, history)
+    return median_ms([call])[0], steps
+
+
+def cold_summary(cold: dict[str, list[dict]], per_list: dict[str, dict[str, np.ndarray]]) -> dict | None:
+    """The cold-item section: every model's metrics on the lists holding a cold item and on the cold
+    items' ranks (mean and std over seeds), and sid minus id paired on all lists, those lists and those
+    ranks. cold: model -> its seeds' evaluation["cold"] (absent: the data set has no cold items)."""
+    if not cold:
+        return None
+    first = next(iter(cold.values()))[0]
+    rows = np.asarray(first["list_cold"], dtype=bool)
+    models = {}
+    ranks: dict[str, dict[str, np.ndarray]] = {}
+    for name, evaluations in cold.items():
+        ranker = SPECS[name].ranker
+        models[name] = {
+            part: {m: _mean_std([e[part][ranker][m] for e in evaluations]) for m in ("ndcg@10", "mrr")}
+            for part in ("cold_lists", "cold_items")
+        }
+        ranks[name] = seed_means([{"per_list": e["per_list"]} for e in evaluations], ranker)
+    paired = {}
+    a, b = SID_PAIR
+    if a in cold and b in cold:
+        on_lists = {m: {k: v[rows] for k, v in per_list[m].items() if k in ("ndcg@10", "mrr")} for m in SID_PAIR}
+        paired = {
+            "all lists": paired_differences(per_list, [SID_PAIR])[f"{a} - {b}"],
+            "lists with cold items": paired_differences(on_lists, [SID_PAIR])[f"{a} - {b}"],
+            "cold items' ranks": paired_differences(ranks, [SID_PAIR])[f"{a} - {b}"],
+        }
+    counts = {k: first[k] for k in ("lists", "lists_with_cold_clicks", "candidate_share")}
+    return {**counts, "models": models, "paired": paired}
+
+
+def sid_comparison(setup: Setup) -> dict | None:
+    """Served item state of both encoders (from the bundle format), and the latency at
+    SID_LATENCY_SHAPE of what `psad export` writes for each (the fused serving module, export/fusion.py;
+    seed 0), in PyTorch eager on the same test lists, items as each bundle serves them, in alternation.
+    The ONNX Runtime figures of the same graphs: `psad bench model --versus` (docs/benchmarks.md)."""
+    import torch
+
+    from export.contract.bundle import ItemEncoder, served_item_bytes
+    from export.contract.fixtures import BatchMaker
+    from export.fusion import fused_serving_module
+    from training.checkpoint import load_run
+    from training.evaluate import load_lists, to_tensors
+    from training.models.reranker import served_inputs
+
+    if not set(SID_PAIR) <= set(setup.models):
+        return None
+    length, history = SID_LATENCY_SHAPE
+    lists = load_lists(setup.data_dir, "test", setup.schema, setup.base.max_list)
+    inputs = to_tensors(
+        BatchMaker(setup.schema, lists.inputs).make(1, length, history, pad_last=False), torch.device("cpu")
+    )
+    calls, state = [], {}
+    for name in SID_PAIR:
+        model, config, _ = load_run(setup.run_dir(setup.plan.spec_run[name], 0))
+        calls.append(partial(fused_serving_module(model).eval(), *served_inputs(model, inputs)))
+        m = config.model
+        encoder = ItemEncoder(m.item_encoder, m.d_model, m.sid_levels, m.sid_codebook_size)
+        state[name] = catalogue_state(served_item_bytes(encoder))
+    latency = dict(zip(SID_PAIR, median_ms(calls, repeats=4 * LATENCY_REPEATS), strict=True))
+    return {"state": state, "latency_ms": latency, "shape": {"candidates": length, "behaviours": history}}
+
+
+def catalogue_state(sizes: dict[str, int]) -> dict[str, int]:
+    """served_item_bytes plus what a CATALOGUE-item catalogue takes: in the bundle, and in the service."""
+    return {
+        **sizes,
+        "catalogue": CATALOGUE * sizes["per_item"] + sizes["fixed"],
+        "catalogue_memory": CATALOGUE * sizes["runtime_per_item"] + sizes["runtime_fixed"],
+    }
 
 
 @dataclass
@@ -348,12 +457,21 @@ def prepare(
         raise ExperimentError(f"--seeds must be >= 1, got {seeds}")
     if time_budget_s is not None and not time_budget_s > 0:
         raise ExperimentError(f"--time-budget-min must be > 0, got {time_budget_s / 60:g}")
-    models = models or list(SPECS)
-    unknown = [m for m in models if m not in SPECS]
+    unknown = [m for m in models or [] if m not in SPECS]
     if unknown:
         raise ExperimentError(f"--models: unknown {unknown}; choose from {', '.join(SPECS)}")
     check_schema_files(data_dir)
     schema = load_schema(data_dir)
+    needs_content = [m for m in SPECS if SPECS[m].model.get("item_encoder") == "sid"]
+    if not schema.item_content:
+        if models and set(models) & set(needs_content):
+            raise ExperimentError(
+                f"--models: {sorted(set(models) & set(needs_content))} assign item codes from content, and "
+                f"{data_dir} declares none (schema.item_content): leave them out, or rebuild the data set with "
+                "content features (docs/data.md)"
+            )
+        models = models or [m for m in SPECS if m not in needs_content]
+    models = models or list(SPECS)
     base = TrainConfig.from_dict((base_config or TrainConfig()).to_dict())  # a copy: the caller's stays as is
     if epochs is not None:
         base.epochs = epochs
@@ -413,6 +531,7 @@ def execute(setup: Setup, progress: bool = True, on_run_done: Callable[[str, int
 
     summary: dict[str, Any] = {}
     per_list: dict[str, dict[str, np.ndarray]] = {}
+    cold: dict[str, list[dict]] = {}
     for name in tqdm(setup.models, desc="latency", disable=not progress):
         spec, run = SPECS[name], setup.plan.spec_run[name]
         if run is None:
@@ -425,6 +544,8 @@ def execute(setup: Setup, progress: bool = True, on_run_done: Callable[[str, int
             )
         summary[name] = aggregate(spec, run, evaluations, latency, steps)
         per_list[name] = seed_means(evaluations, spec.ranker)
+        if "cold" in evaluations[0]:
+            cold[name] = [e["cold"] for e in evaluations]
     others = [m for m in setup.models if m != "initial"]
     pairs = [(m, "initial") for m in others if "initial" in per_list]
     pairs += [("psad-s", m) for m in setup.models if m not in ("psad-s", "initial") and "psad-s" in per_list]
@@ -437,7 +558,8 @@ def execute(setup: Setup, progress: bool = True, on_run_done: Callable[[str, int
         "seeds": list(range(setup.seeds)),
         "list_length": setup.length,
         "history_length": setup.schema.max_history,
-        "latency": "median ms per list, 1 CPU thread, PyTorch eager, inference_mode, batch 1",
+        "latency": "median ms per list, 1 CPU thread, PyTorch eager (students: the served module), inference_mode, "
+        "batch 1",
         "base_config": setup.base.to_dict(),
         "runs": dict(setup.plan.runs),
         "trained_this_session": trained,
@@ -449,8 +571,11 @@ def execute(setup: Setup, progress: bool = True, on_run_done: Callable[[str, int
         "simulator_references": simulator_references(setup.data_dir, setup.schema, setup.base.max_list),
         "activity": fixed["activity"],
         "upn_by_group": upn_by_group(per_list, fixed["list_groups"]) if {"psad-s", "no-upn"} <= set(per_list) else None,
+        "cold": cold_summary(cold, per_list),
+        "sid": sid_comparison(setup),
     }
     report["targets"] = targets(summary, wall, resumed=len(trained) < len(setup.jobs), budget=setup.budget)
+    report["targets"] += sid_targets(report["cold"], report["sid"], summary)
     write_reports(report, setup.out)
     return report
 
@@ -578,6 +703,50 @@ def targets(models: dict[str, dict], wall: float, resumed: bool, budget: tuple[f
     ]
 
 
+def sid_targets(cold: dict | None, sid: dict | None, models: dict[str, dict]) -> list[dict]:
+    """The item-encoder targets (sid against id), where the experiment ran both."""
+    a, b = SID_PAIR
+    if sid is None:
+        return []
+    out = []
+    if cold and cold["paired"]:
+        diff = cold["paired"]["lists with cold items"][TARGET_METRIC]
+        out.append(
+            {
+                "target": f"lists with cold items: {a} above {b} ({TARGET_METRIC}, paired 95% interval excluding 0)",
+                "passed": diff["low"] > 0,
+                "detail": f"{diff['diff']:+.4f} [{diff['low']:+.4f}, {diff['high']:+.4f}] on {cold['lists']:,} lists",
+            }
+        )
+    ndcg = {n: models[n]["metrics"][TARGET_METRIC]["mean"] for n in SID_PAIR}
+    out.append(
+        {
+            "target": f"all lists: {a} within 1% (relative {TARGET_METRIC}) of {b}",
+            "passed": ndcg[a] >= 0.99 * ndcg[b],
+            "detail": f"{ndcg[a]:.4f} vs {ndcg[b]:.4f} ({ndcg[a] / ndcg[b] - 1:+.2%})",
+        }
+    )
+    state = {n: sid["state"][n]["catalogue"] for n in SID_PAIR}
+    out.append(
+        {
+            "target": f"served item state for a {CATALOGUE:,}-item catalogue: {a} at most a tenth of {b}",
+            "passed": state[a] <= state[b] / 10,
+            "detail": f"{state[a] / 1e6:.1f} MB vs {state[b] / 1e6:.1f} MB ({state[a] / state[b]:.3f}x)",
+        }
+    )
+    ms, shape = sid["latency_ms"], sid["shape"]
+    out.append(
+        {
+            "target": f"student latency at {shape['candidates']} candidates, {shape['behaviours']} behaviours: "
+            f"{a} within 10% of {b}",
+            "passed": ms[a] <= 1.1 * ms[b],
+            "detail": f"{ms[a]:.3f} vs {ms[b]:.3f} ms ({ms[a] / ms[b]:.2f}x; fused serving modules, PyTorch eager, "
+            "alternated, 1 thread)",
+        }
+    )
+    return out
+
+
 def cell(stat: dict) -> str:
     return f"{stat['mean']:.4f} ± {stat['std']:.4f}"
 
@@ -607,6 +776,7 @@ def markdown(report: dict) -> str:
         lines.append(f"| {name} | {m['ranker']} | {cells} | {m['latency_ms']:.2f} | {m['decode_steps']} |")
     lines += references_markdown(report)
     lines += paired_markdown(report)
+    lines += cold_markdown(report)
     lines += ["", "## Targets", "", "| target | result | detail |", "|---|---|---|"]
     for t in report["targets"]:
         result = {True: "pass", False: "MISS", None: "n/a"}[t["passed"]]
@@ -643,6 +813,59 @@ def markdown(report: dict) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def cold_markdown(report: dict) -> list[str]:
+    """Cold items (first seen after training): each model on all lists, the lists holding one and
+    the cold items' ranks; sid minus id paired; the served item state and latency of both encoders."""
+    cold, sid, lines = report.get("cold"), report.get("sid"), []
+    if cold:
+        lines += [
+            "",
+            "## Cold items (first seen after the training period)",
+            "",
+            f"{cold['lists']:,} test lists hold a cold candidate ({cold['candidate_share']:.1%} of candidates); a "
+            f"cold item was clicked in {cold['lists_with_cold_clicks']:,}. Cold items' ranks: NDCG@10 and MRR with "
+            "only the cold items' labels kept, on those lists.",
+            "",
+            "| model | all NDCG@10 | all MRR | cold lists NDCG@10 | cold lists MRR | cold items NDCG@10 "
+            "| cold items MRR |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for name, m in cold["models"].items():
+            overall = report["models"][name]["metrics"]
+            cells = [cell(overall["ndcg@10"]), cell(overall["mrr"])]
+            cells += [cell(m[part][k]) for part in ("cold_lists", "cold_items") for k in ("ndcg@10", "mrr")]
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
+        if cold["paired"]:
+            a, b = SID_PAIR
+            lines += ["", f"{a} minus {b}, paired 95% intervals:", "", "| on | NDCG@10 | MRR |", "|---|---|---|"]
+            for on, diffs in cold["paired"].items():
+                text = [
+                    f"{diffs[k]['diff']:+.4f} [{diffs[k]['low']:+.4f}, {diffs[k]['high']:+.4f}]"
+                    for k in ("ndcg@10", "mrr")
+                ]
+                lines.append(f"| {on} | " + " | ".join(text) + " |")
+    if sid:
+        shape = sid["shape"]
+        lines += [
+            "",
+            "## Item encoders: served state and latency",
+            "",
+            f"Served item state from the bundle format (docs/export.md), for a {CATALOGUE:,}-item catalogue; latency: "
+            f"the served graphs (the fused serving modules `psad export` writes, in PyTorch eager; ONNX Runtime: "
+            f"`psad bench model --versus`, docs/benchmarks.md) at {shape['candidates']} candidates and "
+            f"{shape['behaviours']} behaviours, batch 1, 1 thread, measured in alternation in this run.",
+            "",
+            "| model | bundle bytes/item | fixed bytes | bundle, 10M items | service memory, 10M items | ms/list |",
+            "|---|---|---|---|---|---|",
+        ]
+        for name, st in sid["state"].items():
+            lines.append(
+                f"| {name} | {st['per_item']} | {st['fixed']:,} | {st['catalogue'] / 1e6:,.1f} MB | "
+                f"{st['catalogue_memory'] / 1e6:,.1f} MB | {sid['latency_ms'][name]:.3f} |"
+            )
+    return lines
 
 
 def activity_note(report: dict) -> str:

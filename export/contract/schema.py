@@ -10,6 +10,7 @@ Index conventions (every vocabulary): 0 = padding / missing, 1 = out-of-vocabula
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import reprlib
@@ -107,6 +108,12 @@ class FeatureSchema:
         (``rank_score`` is the ranking stage's score); the initial position of a candidate
         is its index in the list the ranking stage sent.
     history: the last ``max_history`` behaviours (item, timestamp, action) before the list.
+    item_content: the item features that describe what an item is (genres, a text embedding): a
+        model with item_encoder "sid" assigns an item's codes from them, so an item first seen after
+        training is ranked from its content (training/models/sid.py).
+    known_items: items 0..known_items-1 were seen in the training period; the rows after them are
+        catalogue items first seen later (a cold-item split), which an "id" model treats as OOV and
+        an export leaves out (0: every row is known).
     """
 
     n_items: int  # item vocabulary size, reserved rows included
@@ -120,6 +127,8 @@ class FeatureSchema:
     candidate_numeric: tuple[NumericFeature, ...] = (NumericFeature(RANK_SCORE),)
     label: str = "click"  # "click" (0/1) or "graded" (0..max_label)
     max_label: float = 1.0
+    item_content: tuple[str, ...] = ()
+    known_items: int = 0
     version: int = SCHEMA_VERSION
     extra: dict[str, Any] = field(default_factory=dict)  # free-form provenance, not validated
 
@@ -137,6 +146,23 @@ class FeatureSchema:
 
     def action_index(self, action: str) -> int:
         return self.action_codes.get(action, OOV)
+
+    @property
+    def n_known_items(self) -> int:
+        """Item rows seen in the training period (reserved rows included)."""
+        return self.known_items or self.n_items
+
+    @property
+    def content_categorical(self) -> tuple[CategoricalFeature, ...]:
+        return tuple(f for f in self.item_categorical if f.name in self.item_content)
+
+    @property
+    def content_numeric(self) -> tuple[NumericFeature, ...]:
+        return tuple(f for f in self.item_numeric if f.name in self.item_content)
+
+    def known_only(self) -> FeatureSchema:
+        """The schema of a model bundle: the items seen in training only (later ones are new to it)."""
+        return dataclasses.replace(self, n_items=self.n_known_items, known_items=0)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -168,6 +194,11 @@ class FeatureSchema:
             candidate_numeric=_features(raw, "candidate_numeric", NumericFeature),
             label=_field(raw, "label", str, "schema", "click"),
             max_label=_field(raw, "max_label", float, "schema", 1.0),
+            item_content=tuple(
+                typed(c, str, f"schema.item_content[{i}]")
+                for i, c in enumerate(_field(raw, "item_content", list, "schema", []))
+            ),
+            known_items=_field(raw, "known_items", int, "schema", 0),
             version=SCHEMA_VERSION,
             extra=_field(raw, "extra", dict, "schema", {}),
         )
@@ -185,6 +216,14 @@ class FeatureSchema:
         need(self.label in ("click", "graded"), f"label must be 'click' or 'graded', got {self.label!r}")
         need(self.max_label > 0, f"max_label must be > 0, got {self.max_label}")
         need(len(set(self.actions)) == len(self.actions), f"actions has duplicates: {self.actions}")
+        need(
+            self.known_items == 0 or N_RESERVED < self.known_items <= self.n_items,
+            f"known_items must be 0 (all known) or in ({N_RESERVED}, n_items={self.n_items}], got {self.known_items}",
+        )
+        item_features = {f.name for f in self.item_categorical} | {f.name for f in self.item_numeric}
+        unknown = sorted(set(self.item_content) - item_features)
+        need(not unknown, f"item_content names {unknown}, which are not item features {sorted(item_features)}")
+        need(len(set(self.item_content)) == len(self.item_content), f"item_content has duplicates: {self.item_content}")
         groups: dict[str, tuple[CategoricalFeature | NumericFeature, ...]] = {
             "user_categorical": self.user_categorical,
             "user_numeric": self.user_numeric,
@@ -236,20 +275,28 @@ class Vocab:
 
 @dataclass
 class Vocabularies:
-    """All vocabularies of a data set: items, plus one per categorical user feature.
+    """All vocabularies of a data set: items, one per categorical user feature, and one per
+    categorical content feature (the service encodes a new item's content with it).
 
-    Item categorical features need none at serving time: they are baked into the model.
+    Other item categorical features need none at serving time: they are baked into the model.
     """
 
     items: Vocab
     user_categorical: dict[str, Vocab]
+    item_content: dict[str, Vocab] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "version": SCHEMA_VERSION,
             "items": self.items.tokens,
             "user_categorical": {k: v.tokens for k, v in self.user_categorical.items()},
+            "item_content": {k: v.tokens for k, v in self.item_content.items()},
         }
+
+    def known_only(self, schema: FeatureSchema) -> Vocabularies:
+        """The vocabularies of a model bundle: the items seen in training only (FeatureSchema.known_only)."""
+        items = Vocab(self.items.tokens[: schema.n_known_items - N_RESERVED])
+        return dataclasses.replace(self, items=items)
 
     def save(self, path: Path) -> None:
         Path(path).write_text(json.dumps(self.to_dict()))
@@ -261,9 +308,11 @@ class Vocabularies:
         if raw.get("version") != SCHEMA_VERSION:
             raise SchemaError(f"{path}: version {raw.get('version')!r}, expected {SCHEMA_VERSION}")
         user = _field(raw, "user_categorical", dict, where, {})
+        content = _field(raw, "item_content", dict, where, {})
         vocabs = cls(
             items=Vocab(_field(raw, "items", list, where)),
             user_categorical={k: Vocab(typed(v, list, f"{where}.user_categorical.{k}")) for k, v in user.items()},
+            item_content={k: Vocab(typed(v, list, f"{where}.item_content.{k}")) for k, v in content.items()},
         )
         if len(vocabs.items) != schema.n_items:
             raise SchemaError(f"{path}: {len(vocabs.items)} item rows but schema.n_items={schema.n_items}")
@@ -271,6 +320,13 @@ class Vocabularies:
             v = vocabs.user_categorical.get(f.name)
             if v is None or len(v) != f.cardinality:
                 raise SchemaError(f"{path}: user_categorical.{f.name} missing or size differs from the schema")
+        for f in schema.content_categorical:
+            v = vocabs.item_content.get(f.name)
+            if v is None or len(v) != f.cardinality:
+                raise SchemaError(
+                    f"{path}: item_content.{f.name} (a categorical content feature) missing or size differs from "
+                    "the schema; rebuild the data set with `psad data build`"
+                )
         return vocabs
 
 

@@ -49,7 +49,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from export.contract import shadow
 from export.contract.bundle import NAME_PATTERN
-from export.contract.schema import INPUT_NAMES
+from export.contract.schema import INPUT_NAMES, ModelInputs
 from export.runtime import InputCheck
 from psad.shadow import results
 from psad.shadow.agreement import agreement, order_by_scores
@@ -184,6 +184,7 @@ class Teacher:
 
     check: InputCheck
     model: Reranker
+    served: Any = None  # sid: the item lookup of the recorded tokens (ItemEmbedding.served()); id: None
 
     @property
     def generator(self) -> bool:
@@ -198,8 +199,10 @@ class Teacher:
         tensors = {name: torch.from_numpy(np.array(inputs[name])) for name in INPUT_NAMES}
         with torch.inference_mode():
             if self.generator:
-                return self.model.teacher_decode(tensors)[0, :n].numpy().astype(np.int32)  # type: ignore[operator]
-            return order_by_scores(self.model.rank_scores(tensors)[0, :n].float().numpy())
+                perm = self.model.teacher_decode(tensors, served=self.served)  # type: ignore[operator]
+                return perm[0, :n].numpy().astype(np.int32)
+            scores = self.model.score(ModelInputs.from_batch(tensors), self.served)  # type: ignore[operator]
+            return order_by_scores(scores[0, :n].float().numpy())
 
 
 class Teachers:
@@ -238,6 +241,7 @@ class Teachers:
     def _load(self, model: str, version: int) -> Teacher:
         from export.contract.bundle import BundleError, verify_bundle
         from export.exporter import load_torch_model
+        from training.models.embeddings import ItemEmbedding
 
         if not MODEL_NAME.fullmatch(model):
             raise Poison("version", f"field meta.model: {model!r} is not a model name")
@@ -248,7 +252,8 @@ class Teachers:
         except BundleError as exc:
             raise Poison("version", f"bundle {model}/{version} cannot be loaded: {exc}") from None
         log.info("loaded the teacher of %s/%s (%s) from %s", model, version, type(net).__name__, path)
-        return Teacher(InputCheck(schema), net)
+        items = next(m for m in net.modules() if isinstance(m, ItemEmbedding))
+        return Teacher(InputCheck(schema), net, items.served() if items.sid is not None else None)
 
 
 class Metrics:

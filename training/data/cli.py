@@ -18,6 +18,17 @@ app.add_typer(build, name="build")
 
 OUT = typer.Option(..., "--out", help="Output directory of the data set.")
 HISTORY = typer.Option(50, "--max-history", min=0, max=1000, help="Behaviours kept per list (H).")
+COLD_ITEMS = typer.Option(
+    False,
+    "--cold-items",
+    help="Keep val/test interactions on items unseen in train, as cold items (docs/data.md#cold-items).",
+)
+COLD_SHARE = typer.Option(
+    0.0,
+    "--cold-share",
+    help="Also make this share of the films rated in val/test cold: their training-period interactions "
+    "are dropped (implies --cold-items; docs/data.md#cold-items).",
+)
 
 
 def _run(builder: Callable[[], dict]) -> None:
@@ -33,10 +44,16 @@ def _run(builder: Callable[[], dict]) -> None:
     typer.echo(f"built {lists:,} lists in {elapsed:.1f}s ({lists / max(elapsed, 1e-9):,.0f} lists/s)")
 
 
-def _movielens(fmt: str, source: Path, out: Path, max_history: int, seed: int) -> None:
+def _movielens(
+    fmt: str, source: Path, out: Path, max_history: int, seed: int, cold_items: bool, cold_share: float
+) -> None:
     from training.data.movielens import build_movielens
 
-    _run(lambda: build_movielens(source, out, fmt=fmt, max_history=max_history, seed=seed))
+    _run(
+        lambda: build_movielens(
+            source, out, fmt=fmt, max_history=max_history, seed=seed, cold_items=cold_items, cold_share=cold_share
+        )
+    )
 
 
 @build.command("ml100k")
@@ -45,9 +62,11 @@ def ml100k(
     out: Path = OUT,
     max_history: int = HISTORY,
     seed: int = typer.Option(0, min=0, help="Seed of the initial ranker."),
+    cold_items: bool = COLD_ITEMS,
+    cold_share: float = COLD_SHARE,
 ) -> None:
     """MovieLens-100K (ReChorus recipe; see docs/data.md)."""
-    _movielens("ml100k", source, out, max_history, seed)
+    _movielens("ml100k", source, out, max_history, seed, cold_items, cold_share)
 
 
 @build.command("ml1m")
@@ -58,9 +77,11 @@ def ml1m(
     out: Path = OUT,
     max_history: int = HISTORY,
     seed: int = typer.Option(0, min=0, help="Seed of the initial ranker."),
+    cold_items: bool = COLD_ITEMS,
+    cold_share: float = COLD_SHARE,
 ) -> None:
     """MovieLens-1M ('::'-separated files), same recipe as ml100k (see docs/data.md#movielens)."""
-    _movielens("ml1m", source, out, max_history, seed)
+    _movielens("ml1m", source, out, max_history, seed, cold_items, cold_share)
 
 
 @build.command("generic")
@@ -117,9 +138,19 @@ def synthetic(
     temperature: float = typer.Option(
         None, "--temperature", help="plackett-luce only: softmax temperature on rank scores, > 0 (unset: 1)."
     ),
+    content_dim: int = typer.Option(
+        0,
+        "--content-dim",
+        help="Item content features content_0..content_{D-1}: a noisy projection of what "
+        "drives relevance (0: none; docs/simulator.md#content).",
+    ),
+    content_noise: float = typer.Option(0.5, "--content-noise", help="Std of the noise on each content feature."),
+    cold_items: float = typer.Option(
+        0.0, "--cold-items", help="Share of items first seen after the training period (docs/simulator.md#cold-items)."
+    ),
 ) -> None:
     """Click simulator with known ground truth (expected utility of any permutation)."""
-    from training.data.synthetic import build_synthetic
+    from training.data.synthetic import SimulatorConfig, build_synthetic
 
     _run(
         lambda: build_synthetic(
@@ -132,5 +163,6 @@ def synthetic(
             seed=seed,
             logging_policy=logging_policy,
             temperature=temperature,
+            config=SimulatorConfig(content_dim=content_dim, content_noise=content_noise, cold_items=cold_items),
         )
     )

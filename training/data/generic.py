@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -348,23 +349,27 @@ def numeric_feature(name: str, values: np.ndarray) -> NumericFeature:
 
 
 def _encode_side(
-    table: pd.DataFrame, key: str, ids: list[str]
+    table: pd.DataFrame, key: str, ids: list[str], fit_rows: int | None = None
 ) -> tuple[pd.DataFrame, list[CategoricalFeature], list[NumericFeature], dict[str, Vocab]]:
-    """Features of `ids` in order (missing rows -> categorical 0, numeric mean): strings -> categorical."""
+    """Features of `ids` in order (missing rows -> categorical 0, numeric mean): strings -> categorical.
+
+    Vocabularies and standardisation come from the first `fit_rows` ids (None: all): a cold-item split
+    fits them on the known items, so a value first seen on a cold item is OOV, as it is to a model.
+    """
     rows = table.set_index(key).reindex(ids)
+    fit = rows.iloc[:fit_rows]
     encoded = pd.DataFrame(index=range(len(ids)))
     cats, nums, vocabs = [], [], {}
     for col in rows.columns:
         values = rows[col]
         if pd.api.types.is_numeric_dtype(values) or pd.api.types.is_bool_dtype(values):
-            feat = numeric_feature(str(col), values.dropna().to_numpy(dtype=np.float64))
+            feat = numeric_feature(str(col), fit[col].dropna().to_numpy(dtype=np.float64))
             encoded[col] = values.fillna(feat.mean).to_numpy(dtype=np.float32)
             nums.append(feat)
         else:
-            known = values.dropna().astype(str)
-            vocab = Vocab(sorted(known.unique()))
+            vocab = Vocab(sorted(fit[col].dropna().astype(str).unique()))
             codes = np.zeros(len(ids), dtype=np.int64)
-            codes[values.notna().to_numpy()] = vocab.indices(known.tolist())
+            codes[values.notna().to_numpy()] = vocab.indices(values.dropna().astype(str).tolist())
             encoded[col] = codes
             cats.append(CategoricalFeature(str(col), max(len(vocab), N_RESERVED + 1)))
             vocabs[str(col)] = vocab
@@ -433,13 +438,21 @@ def write_logs(
     logs: Logs,
     split: pd.Series,
     *,
-    item_ids: list[str],
+    item_ids: Sequence[str],
     actions: tuple[str, ...],
     max_history: int,
     extra: dict,
     progress: bool,
+    content: Sequence[str] = (),
+    cold_item_ids: Sequence[str] = (),
 ) -> dict:
     """Write `logs` as a data set; `split` gives each impression row's split, `item_ids` the item vocabulary.
+
+    `content` names the item feature columns that describe what an item is (schema.item_content);
+    `cold_item_ids` are catalogue items first seen after the training period: they follow
+    `item_ids` in the vocabulary (schema.known_items marks where), so lists and histories keep them
+    apart instead of folding them into OOV, and side-feature vocabularies and statistics are fit on
+    the known items only.
 
     Lists shorter than 2 are dropped. The summary gains `initial_order`: NDCG@10 of the stored
     (ranking-stage) order vs a random order on val and test, so users see what rerankers must beat;
@@ -447,12 +460,19 @@ def write_logs(
     the figures it explains.
     """
     imp = logs.impressions
-    vocab = Vocab(item_ids)
+    check_content(logs.items, content)
+    known_ids, cold_ids = [str(i) for i in item_ids], [str(i) for i in cold_item_ids]
+    both = sorted(set(known_ids) & set(cold_ids))
+    if both:
+        raise DataError(f"cold_item_ids: {both[:5]} are also in item_ids; a cold item is one not seen in training")
+    all_ids = known_ids + cold_ids
+    vocab = Vocab(all_ids)
     n_items = len(vocab)
+    n_known = N_RESERVED + len(known_ids)
     reserved = [""] * N_RESERVED  # rows 0 (pad) and 1 (OOV): missing features
-    item_table, item_cat, item_num, _ = _encode_side(logs.items, "item_id", reserved + item_ids)
+    item_table, item_cat, item_num, item_vocabs = _encode_side(logs.items, "item_id", reserved + all_ids, n_known)
     items = pd.concat(
-        [pd.DataFrame({"item_index": np.arange(n_items, dtype=np.int64), "item_id": reserved + item_ids}), item_table],
+        [pd.DataFrame({"item_index": np.arange(n_items, dtype=np.int64), "item_id": reserved + all_ids}), item_table],
         axis=1,
     )
     user_ids = sorted(set(imp["user_id"]) | set(logs.behaviours["user_id"]))
@@ -487,9 +507,15 @@ def write_logs(
         candidate_numeric=tuple(numeric_feature(c, train_rows[c].to_numpy()) for c in cand_cols),
         label="graded" if graded else "click",
         max_label=float(imp["label"].max()) if graded else 1.0,
+        item_content=tuple(content),
+        known_items=n_known if cold_ids else 0,
         extra=extra,
     )
-    vocabs = Vocabularies(items=vocab, user_categorical=user_vocabs)
+    vocabs = Vocabularies(
+        items=vocab,
+        user_categorical=user_vocabs,
+        item_content={c: item_vocabs[c] for c in content if c in item_vocabs},
+    )
     with staged(out) as staging:
         stats = write_dataset(staging, schema, vocabs, users, items, behaviours, splits)
         stats["initial_order"] = {s: order_quality(splits[s]["labels"]) for s in ("val", "test")}
@@ -501,6 +527,20 @@ def write_logs(
         if "split" in stats:
             tqdm.write(format_split(stats["split"]))
     return stats
+
+
+def check_content(items: pd.DataFrame, content: Sequence[str]) -> None:
+    """Each content name is an item feature column, once: a typo would silently leave content out."""
+    features = [str(c) for c in items.columns if c != "item_id"]
+    for name in content:
+        if name not in features:
+            raise DataError(
+                f"content: {name!r} is not an item feature column; choose from {features} "
+                "(the columns of the items table besides item_id)"
+            )
+    repeated = sorted({c for c in content if list(content).count(c) > 1})
+    if repeated:
+        raise DataError(f"content: {repeated} named more than once; name each content column once")
 
 
 def format_split(split: dict) -> str:

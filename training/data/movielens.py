@@ -3,7 +3,14 @@
 Recipe (docs/data.md#movielens): rating >= 4 is a click; 5-core filter on clicks; global time
 split 80/10/10 on day boundaries; val/test users and items must occur in train; a displayed list
 is a run of at most 20 consecutive interactions of one user within one split; its history is
-that user's interactions strictly before the list (click for rating >= 4, else view).
+that user's interactions strictly before the list (click for rating >= 4, else view). The genre
+flags and the decade are the items' content (schema.item_content).
+
+With `cold_items`, val/test interactions on items unseen in train are kept (users unseen in
+train are still dropped): those items are the cold items, first seen after the training period.
+MovieLens has few (most films were rated from the start), so `cold_share` also holds out a
+seeded share of the films rated in val/test: their training-period interactions are dropped, as
+if they had entered the catalogue at the val cut.
 
 MovieLens logs no displayed order, so an initial ranker (training/data/initial_ranker.py) fit on
 the first half of the training period orders every later list. Training lists from that first
@@ -39,6 +46,8 @@ DAY = 86_400
 CLICK_RATING = 4
 CORE = 5
 LIST_RUN = 20
+COLD_STREAM = 20  # the held-out items' random stream: (seed, COLD_STREAM), apart from the ranker's (seed)
+GENRE_PREFIX = "genre_"  # item columns genre_<name>: 0/1 flags, with `decade` the items' content
 RANKER_FRACTION = 0.5  # share of training interactions (day boundary) the initial ranker is fit on
 ML1M_GENRES = (
     "Action", "Adventure", "Animation", "Children's", "Comedy", "Crime", "Documentary", "Drama", "Fantasy",
@@ -174,7 +183,7 @@ def read_movielens(source: Path, fmt: str) -> tuple[pd.DataFrame, pd.DataFrame, 
 
 
 def genre_column(genre: str) -> str:
-    return "genre_" + re.sub(r"[^a-z0-9]+", "_", genre.lower().replace("'", "")).strip("_")
+    return GENRE_PREFIX + re.sub(r"[^a-z0-9]+", "_", genre.lower().replace("'", "")).strip("_")
 
 
 def core_filter(ratings: pd.DataFrame, k: int = CORE) -> pd.DataFrame:
@@ -196,14 +205,45 @@ def day_cuts(ts: np.ndarray, fractions: tuple[float, ...]) -> list[int]:
     return [int(days[np.argmin(np.abs(before - f))]) * DAY for f in fractions]
 
 
+def hold_out_items(ratings: pd.DataFrame, share: float, seed: int, *, what: str) -> pd.DataFrame:
+    """Drop the training-period interactions of a seeded `share` of the items rated after it, which
+    so enter the catalogue at the val cut: a cold-item split for logs whose items are nearly all old."""
+    later = np.unique(ratings.loc[ratings["split"] != "train", "item_id"])
+    n = int(round(share * len(later)))
+    if n == 0:
+        raise DataError(
+            f"{what}: --cold-share {share} of the {len(later)} films rated after training is none; raise it"
+        )
+    held = np.random.default_rng([seed, COLD_STREAM]).choice(later, size=n, replace=False)
+    return ratings[~(ratings["item_id"].isin(held) & (ratings["split"] == "train"))]
+
+
 def _features(table: pd.DataFrame, key: str, ids: np.ndarray) -> np.ndarray:
     """Dense ranker inputs: numeric columns as is, string columns one-hot."""
     rows = table.set_index(key).loc[ids]
     return pd.get_dummies(rows, dtype=np.float64).to_numpy(dtype=np.float64)
 
 
-def build_movielens(source: Path, out: Path, *, fmt: str, max_history: int, seed: int, progress: bool = True) -> dict:
-    """Build ml100k / ml1m with the ReChorus recipe; lists are ordered by the initial ranker."""
+def build_movielens(
+    source: Path,
+    out: Path,
+    *,
+    fmt: str,
+    max_history: int,
+    seed: int,
+    cold_items: bool = False,
+    cold_share: float = 0.0,
+    progress: bool = True,
+) -> dict:
+    """Build ml100k / ml1m with the ReChorus recipe; lists are ordered by the initial ranker.
+
+    `cold_items` keeps val/test interactions on items unseen in train as cold items (a cold-item
+    split); the initial ranker scores them from their features, as it scores any item it was not fit on.
+    `cold_share` (implies `cold_items`) first makes that share of the films rated in val/test cold.
+    """
+    if not 0.0 <= cold_share < 1.0:
+        raise DataError(f"--cold-share must be a share in [0, 1), got {cold_share}")
+    cold_items = cold_items or cold_share > 0
     ratings, users, items = read_movielens(source, fmt)
     ratings = ratings.assign(label=(ratings["rating"] >= CLICK_RATING).astype(np.int64))
     ratings = core_filter(ratings)
@@ -215,15 +255,21 @@ def build_movielens(source: Path, out: Path, *, fmt: str, max_history: int, seed
     cuts = day_cuts(ratings["timestamp"].to_numpy(), SPLIT_FRACTIONS)
     ts = ratings["timestamp"]
     ratings = ratings.assign(split=np.select([ts < cuts[0], ts < cuts[1]], ["train", "val"], "test"))
+    if cold_share:
+        ratings = hold_out_items(ratings, cold_share, seed, what=str(source))
     train = ratings[ratings["split"] == "train"]
     later = ratings["split"] != "train"
-    unseen = later & ~(ratings["user_id"].isin(train["user_id"]) & ratings["item_id"].isin(train["item_id"]))
-    ratings = ratings[~unseen].sort_values(["user_id", "timestamp", "item_id"], kind="stable").reset_index(drop=True)
+    seen = ratings["user_id"].isin(train["user_id"])
+    if not cold_items:
+        seen &= ratings["item_id"].isin(train["item_id"])
+    ratings = ratings[~later | seen].sort_values(["user_id", "timestamp", "item_id"], kind="stable")
+    ratings = ratings.reset_index(drop=True)
     empty = [s for s in ("train", "val", "test") if not (ratings["split"] == s).any()]
     if empty:
+        dropped = "users unseen in train" if cold_items else "users and items unseen in train"
         raise DataError(
-            f"{source}: split(s) {empty} empty after the day split and dropping val/test users and items unseen "
-            f"in train ({len(ratings)} interactions over {ts.floordiv(DAY).nunique()} days): too little data"
+            f"{source}: split(s) {empty} empty after the day split and dropping val/test {dropped} "
+            f"({len(ratings)} interactions over {ts.floordiv(DAY).nunique()} days): too little data"
         )
 
     ranker_cut = day_cuts(train["timestamp"].to_numpy(), (RANKER_FRACTION,))[0]
@@ -261,13 +307,17 @@ def build_movielens(source: Path, out: Path, *, fmt: str, max_history: int, seed
         "split": time_split(cuts),
         "ranker_cut": ranker_cut,
         "ranker": {**asdict(ranker.config), "seed": seed, "fit_interactions": int(fit.sum())},
+        **({"cold_share": cold_share} if cold_share else {}),
     }
-    train_items = ratings.loc[ratings["split"] == "train", "item_id"].unique()
+    in_train = ratings["split"] == "train"
+    train_items = set(ratings.loc[in_train, "item_id"])
     return write_logs(
         out,
         logs,
         shown["period"],
         item_ids=sorted(train_items, key=int),
+        cold_item_ids=sorted(set(ratings.loc[~in_train, "item_id"]) - train_items, key=int),
+        content=[c for c in items.columns if c.startswith(GENRE_PREFIX)] + ["decade"],
         actions=DERIVED_ACTIONS,
         max_history=max_history,
         extra=extra,

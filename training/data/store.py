@@ -117,7 +117,7 @@ def write_dataset(
             if name in splits:
                 writer.write(splits[name])
         summaries[name] = writer.summary
-    return write_stats(out, summaries, n_users=len(users), n_items=schema.n_items)
+    return write_stats(out, summaries, n_users=len(users), n_items=schema.n_items, known_items=schema.known_items)
 
 
 def write_side_tables(
@@ -136,8 +136,13 @@ def write_side_tables(
 
 @dataclass
 class SplitSummary:
-    """Running totals of one split: the build summary without holding the split in memory."""
+    """Running totals of one split: the build summary without holding the split in memory.
 
+    With `known_items` (schema.known_items, > 0 in a cold-item split) it also counts the candidates
+    that are cold items (index >= known_items), so a build says how much of val/test tests them.
+    """
+
+    known_items: int = 0
     lists: int = 0
     users: set[str] = field(default_factory=set)
     candidates: int = 0
@@ -145,6 +150,9 @@ class SplitSummary:
     clicked: int = 0
     first_timestamp: int | None = None
     last_timestamp: int | None = None
+    cold_lists: int = 0
+    cold_candidates: int = 0
+    cold_clicks: int = 0
 
     def add(self, table: pa.Table) -> None:
         if table.num_rows == 0:
@@ -159,6 +167,13 @@ class SplitSummary:
         first, last = span["min"].as_py(), span["max"].as_py()
         self.first_timestamp = first if self.first_timestamp is None else min(first, self.first_timestamp)
         self.last_timestamp = last if self.last_timestamp is None else max(last, self.last_timestamp)
+        if self.known_items:
+            cold = pc.greater_equal(pc.list_flatten(table["items"]), self.known_items)
+            rows = pc.filter(pc.list_parent_indices(table["items"]), cold)
+            self.cold_lists += len(pc.unique(rows))
+            self.cold_candidates += int(pc.sum(cold).as_py() or 0)
+            clicked = pc.and_(cold, pc.greater(pc.list_flatten(table["labels"]), 0))
+            self.cold_clicks += int(pc.sum(clicked).as_py() or 0)
 
     def to_dict(self) -> dict:
         return {
@@ -169,6 +184,14 @@ class SplitSummary:
             "click_rate": self.clicked / self.candidates if self.candidates else 0.0,
             "first_timestamp": self.first_timestamp,
             "last_timestamp": self.last_timestamp,
+            **(self.cold_dict() if self.known_items else {}),
+        }
+
+    def cold_dict(self) -> dict:
+        return {
+            "lists_with_cold_items": self.cold_lists,
+            "cold_candidate_share": self.cold_candidates / self.candidates if self.candidates else 0.0,
+            "cold_item_clicks": self.cold_clicks,
         }
 
 
@@ -183,7 +206,7 @@ class SplitWriter:
         self.path = Path(out) / f"{split}.parquet"
         self.split = split
         self.required = [*LIST_COLUMNS, *(f"cand_{f.name}" for f in schema.candidate_numeric)]
-        self.summary = SplitSummary()
+        self.summary = SplitSummary(known_items=schema.known_items)
         self._writer: pq.ParquetWriter | None = None
 
     def write(self, lists: pd.DataFrame | pa.Table) -> None:
@@ -208,8 +231,14 @@ class SplitWriter:
             raise DataError(f"split {self.split!r} is empty: the source has too little data after filtering")
 
 
-def write_stats(out: Path, summaries: dict[str, SplitSummary], n_users: int, n_items: int) -> dict:
-    stats = {"users": n_users, "items": n_items - 2, "splits": {s: summaries[s].to_dict() for s in SPLITS}}
+def write_stats(
+    out: Path, summaries: dict[str, SplitSummary], n_users: int, n_items: int, known_items: int = 0
+) -> dict:
+    """stats.json; a cold-item split (known_items > 0) also gets `cold_items`, the items after the known ones."""
+    stats: dict = {"users": n_users, "items": n_items - 2}
+    if known_items:
+        stats["cold_items"] = n_items - known_items
+    stats["splits"] = {s: summaries[s].to_dict() for s in SPLITS}
     (Path(out) / "stats.json").write_text(json.dumps(stats, indent=2))
     return stats
 
@@ -255,6 +284,14 @@ def format_summary(stats: dict) -> str:
             f"{s['mean_history_length']:>7.2f} {s['click_rate']:>10.4f}  "
             f"{_utc(s.get('first_timestamp')):<16}  {_utc(s.get('last_timestamp')):<16}"
         )
+    if "cold_items" in stats:
+        rows[0] += f"   cold items {stats['cold_items']:,} (first seen after the training period)"
+        rows.append(f"{'split':<6} {'lists with cold':>15} {'cold share':>10} {'cold clicks':>11}")
+        for name, s in stats["splits"].items():
+            rows.append(
+                f"{name:<6} {s['lists_with_cold_items']:>15,} {s['cold_candidate_share']:>10.4f} "
+                f"{s['cold_item_clicks']:>11,}"
+            )
     return "\n".join(rows)
 
 

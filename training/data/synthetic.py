@@ -44,6 +44,8 @@ RETRIEVAL_POOL = 100  # random items the retrieval stage scores for the relevant
 LOGGING_POLICIES = ("initial", "shuffle", "plackett-luce")
 DEFAULT_LOGGING_POLICY = "plackett-luce"  # docs/simulator.md#logging-policy says why
 DEFAULT_TEMPERATURE = 1.0
+MAX_CONTENT_DIM = 1024
+VAL_CUT, TEST_CUT = 0.8, 0.9  # shares of lists (by time) before the val and the test split
 
 
 @dataclass(frozen=True)
@@ -257,6 +259,39 @@ class SimulatorConfig:
     rank_noise: float = 0.5  # noise of the ranking stage's score
     quality_noise: float = 0.5  # noise of the observed quality feature
     behaviours_per_user: float = 4.0  # mean log size per user, in units of max(max_history, 10)
+    content_dim: int = 0  # D: item numeric features content_0..content_{D-1}, declared as the items' content
+    content_noise: float = 0.5  # std of the Gaussian noise on each content feature (the signal's is about 1)
+    cold_items: float = 0.0  # share of items introduced at the train/val cut: in no training list or earlier log
+
+    def check(self, items: int, list_length: int) -> None:
+        """The content and cold-item settings, against the catalogue they apply to."""
+        rules = [
+            (
+                0 <= self.content_dim <= MAX_CONTENT_DIM,
+                f"--content-dim must be in 0..{MAX_CONTENT_DIM}, got {self.content_dim}",
+            ),
+            (
+                bool(np.isfinite(self.content_noise)) and self.content_noise >= 0,
+                f"--content-noise must be a finite number >= 0, got {self.content_noise}",
+            ),
+            (0 <= self.cold_items < 1, f"--cold-items must be a share in [0, 1), got {self.cold_items}"),
+        ]
+        for ok, message in rules:
+            if not ok:
+                raise DataError(f"synthetic: {message}")
+        cold = self.n_cold(items)
+        if self.cold_items > 0 and cold == 0:
+            raise DataError(
+                f"synthetic: --cold-items {self.cold_items} of {items} items is no item; raise --cold-items or --items"
+            )
+        if items - cold < list_length:
+            raise DataError(
+                f"synthetic: --cold-items {self.cold_items} leaves {items - cold} items for the training period, "
+                f"fewer than --list-length ({list_length}); lower --cold-items or raise --items"
+            )
+
+    def n_cold(self, items: int) -> int:
+        return int(round(self.cold_items * items))
 
 
 class World:
@@ -298,6 +333,19 @@ class World:
         """beta <z_u(t), v_i> + gamma q_i (the click logit without bias) of items [n, K]: float32 [n, K]."""
         affinity = np.einsum("nd,nkd->nk", self.interest(user, ts), self.item_vec[item])
         return self.cfg.affinity_scale * affinity + self.cfg.quality_weight * self.item_quality[item]
+
+    def content(self, dim: int, noise: float, rng: np.random.Generator) -> np.ndarray:
+        """Noisy content vectors [items, dim]: a fixed random projection of what drives relevance, plus noise.
+
+        Relevance is beta <z, v_i> + gamma q_i = beta <(z, 1), x_i> with x_i = (v_i, gamma / beta q_i), so
+        x_i is what a content-based encoder needs to recover; each feature's signal has variance ~|x_i|^2 ~ 1.
+        """
+        cfg = self.cfg
+        latent = np.concatenate(
+            [self.item_vec, (cfg.quality_weight / cfg.affinity_scale) * self.item_quality[:, None]], axis=1
+        )
+        projection = rng.standard_normal((latent.shape[1], dim))
+        return (latent @ projection + noise * rng.standard_normal((len(latent), dim))).astype(np.float32)
 
     def arrays(self) -> dict[str, np.ndarray]:
         names = (
@@ -378,13 +426,41 @@ def _behaviours(world: World, n_per_user: float, rng: np.random.Generator, progr
     item = np.empty(len(user), dtype=np.int64)
     click = np.empty(len(user), dtype=bool)
     for s in _chunks(len(user), FEED, "behaviours", progress):
-        feed = rng.integers(len(world.item_vec), size=(s.stop - s.start, FEED))
-        rel = world.relevance(user[s], ts[s], feed)
-        pick = np.argmax(rel + _gumbel(rng, rel.shape), axis=1)[:, None]
-        item[s] = np.take_along_axis(feed, pick, axis=1)[:, 0]
-        logit = cfg.bias + np.take_along_axis(rel, pick, axis=1)[:, 0]
-        click[s] = rng.random(len(logit)) < 1 / (1 + np.exp(-logit))
+        item[s], click[s] = _browse(world, user[s], ts[s], len(world.item_vec), rng)
     return user, ts, item, click
+
+
+def _browse(
+    world: World, user: np.ndarray, ts: np.ndarray, n_items: int, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray]:
+    """One behaviour per row from a feed of the first `n_items` items: (item, whether it was a click)."""
+    feed = rng.integers(n_items, size=(len(user), FEED))
+    rel = world.relevance(user, ts, feed)
+    pick = np.argmax(rel + _gumbel(rng, rel.shape), axis=1)[:, None]
+    logit = world.cfg.bias + np.take_along_axis(rel, pick, axis=1)[:, 0]
+    return np.take_along_axis(feed, pick, axis=1)[:, 0], rng.random(len(logit)) < 1 / (1 + np.exp(-logit))
+
+
+def _rebrowse_before(
+    world: World,
+    log: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray],
+    known: int,
+    cut: int,
+    rng: np.random.Generator,
+    progress: bool,
+) -> None:
+    """Redraw in place, from a feed of the known items only, each behaviour on a cold item (index >= known)
+    before `cut`: cold items are not in the catalogue yet. Times and users stay, so the log stays sorted."""
+    user, ts, item, click = log
+    redo = np.flatnonzero((item >= known) & (ts < cut))
+    for s in _chunks(len(redo), FEED, "cold behaviours", progress):
+        rows = redo[s]
+        item[rows], click[rows] = _browse(world, user[rows], ts[rows], known, rng)
+
+
+def _cuts(ts: np.ndarray) -> np.ndarray:
+    """The val and test cuts (timestamps) of time-sorted list timestamps: 80 / 10 / 10 by list."""
+    return ts[[int(VAL_CUT * len(ts)), int(TEST_CUT * len(ts))]]
 
 
 def _lists(
@@ -393,23 +469,27 @@ def _lists(
     policy: LoggingPolicy,
     n: int,
     length: int,
-    rngs: tuple[np.random.Generator, np.random.Generator],
+    rngs: tuple[np.random.Generator, np.random.Generator, np.random.Generator],
+    known: int,
     progress: bool,
 ):
     """Lists in time order: candidates (ranking-stage order), rank scores, attractions, the position each
     candidate was shown at (drawn by ``policy`` from the second generator) and the clicks under that order.
 
     Retrieval: a pool of distinct random items; the n_rel most relevant of its first `pool` items
-    (Gumbel top-k on the current relevance) plus its last length - n_rel items (random ones).
+    (Gumbel top-k on the current relevance) plus its last length - n_rel items (random ones). Before
+    the val cut the pool holds only the first `known` items, redrawn from the third generator (so the
+    other draws are those of a build without cold items).
     """
     cfg = world.cfg
-    rng, order_rng = rngs
+    rng, order_rng, cold_rng = rngs
     items = len(world.item_vec)
     user = rng.choice(len(world.user_activity), size=n, p=world.user_activity / world.user_activity.sum())
     ts = np.sort(rng.integers(START, START + int(cfg.span_days * DAY), size=n))
     n_rel = min(length, max(1, round(cfg.relevant_fraction * length)))
     n_rand = length - n_rel
-    pool = min(items - n_rand, max(RETRIEVAL_POOL, 4 * n_rel))
+    pool = min(known - n_rand, max(RETRIEVAL_POOL, 4 * n_rel))
+    training = ts < _cuts(ts)[0]
     cand = np.empty((n, length), dtype=np.int64)
     attraction = np.empty((n, length), dtype=np.float32)
     rank_score = np.empty((n, length), dtype=np.float32)
@@ -417,6 +497,9 @@ def _lists(
     shown_position = np.empty((n, length), dtype=np.float32)
     for s in _chunks(n, pool + n_rand, "lists", progress):
         drawn = _distinct(rng, s.stop - s.start, pool + n_rand, items)
+        if known < items:
+            early = np.flatnonzero(training[s])
+            drawn[early] = _distinct(cold_rng, len(early), pool + n_rand, known)
         rel = world.relevance(user[s], ts[s], drawn)
         top = np.argpartition(-(rel[:, :pool] + _gumbel(rng, (len(rel), pool))), n_rel - 1, axis=1)[:, :n_rel]
         picked = np.concatenate([top, np.arange(pool, pool + n_rand) + np.zeros((len(rel), 1), np.int64)], axis=1)
@@ -484,20 +567,26 @@ def build_synthetic(
     _check_arguments(lists, users, items, list_length, max_history, seed)
     policy = LoggingPolicy(logging_policy, temperature)
     cfg = config or SimulatorConfig()
+    cfg.check(items, list_length)
     model = ClickModel()
     rng = np.random.default_rng(seed)
-    rngs = (rng, rng.spawn(1)[0])  # spawning draws nothing from rng: its stream is as without policies
+    # spawning draws nothing from rng, so its stream is as without policies, content or cold items
+    order_rng, content_rng, cold_rng = rng.spawn(3)
     world = World(cfg, model.n_categories, users, items, rng)
+    known = items - cfg.n_cold(items)  # the last items are the cold ones: World draws items i.i.d.
     b_user, b_ts, b_item, b_click = _behaviours(world, cfg.behaviours_per_user * max(max_history, 10), rng, progress)
     user, ts, cand, rank_score, attraction, shown_position, clicks = _lists(
-        world, model, policy, lists, list_length, rngs, progress
+        world, model, policy, lists, list_length, (rng, order_rng, cold_rng), known, progress
     )
+    cut = _cuts(ts)
+    _rebrowse_before(world, (b_user, b_ts, b_item, b_click), known, int(cut[0]), cold_rng, progress)
 
     user_ids, item_ids = _ids("u", users), _ids("i", items)
     popularity = np.log1p(np.bincount(b_item[b_ts < START], minlength=items)).astype(np.float32)
     activity = np.log(world.user_activity).astype(np.float32)
-    cut = np.sort(ts)[[int(0.8 * lists), int(0.9 * lists)]]
     train = ts < cut[0]
+    content = world.content(cfg.content_dim, cfg.content_noise, content_rng)
+    content_features = tuple(_numeric(f"content_{j}", content[:known, j]) for j in range(cfg.content_dim))
     schema = FeatureSchema(
         n_items=items + 2,
         actions=ACTIONS,
@@ -506,9 +595,15 @@ def build_synthetic(
         user_categorical=(CategoricalFeature("segment", cfg.n_segments + 2),),
         user_numeric=(_numeric("activity", activity),),
         item_categorical=(CategoricalFeature("category", model.n_categories + 2),),
-        item_numeric=(_numeric("quality", world.item_quality_obs), _numeric("popularity", popularity)),
+        item_numeric=(
+            _numeric("quality", world.item_quality_obs),
+            _numeric("popularity", popularity),
+            *content_features,
+        ),
         candidate_numeric=(_numeric(RANK_SCORE, rank_score[train]),),
         label="click",
+        item_content=tuple(f.name for f in content_features),
+        known_items=known + 2 if known < items else 0,
         extra={"source": "synthetic", "seed": seed, "click_model": "simulator.json", **policy.describe()},
     )
     vocabs = Vocabularies(
@@ -525,6 +620,8 @@ def build_synthetic(
             "category": np.concatenate([[0, 0], world.item_category + 2]).astype(np.int64),
             "quality": np.concatenate([[0, 0], world.item_quality_obs]).astype(np.float32),
             "popularity": np.concatenate([[0, 0], popularity]).astype(np.float32),
+            # reserved rows get the mean: standardised, "no content"
+            **{f.name: np.r_[[f.mean] * 2, content[:, j]].astype(np.float32) for j, f in enumerate(content_features)},
         }
     )
     action_index = np.array([schema.action_index(a) for a in ACTIONS], dtype=np.int64)
@@ -561,5 +658,8 @@ def build_synthetic(
             **policy.describe(),
         }
         (staging / "stats.json").write_text(json.dumps(stats, indent=2))
-        model.save(staging, world.arrays(), cfg, policy)
+        truth = {"item_content": content} if cfg.content_dim else {}
+        if known < items:
+            truth["item_cold"] = np.arange(items) >= known
+        model.save(staging, {**world.arrays(), **truth}, cfg, policy)
     return stats

@@ -30,6 +30,8 @@ serving signature for every model) but not read.
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -39,6 +41,7 @@ from training.models import losses
 from training.models.config import ModelConfig
 from training.models.embeddings import EncoderBlock, ItemEmbedding, UserEmbedding
 from training.models.reranker import Reranker
+from training.models.sid import with_anchor
 from training.models.student import PAD_SCORE
 from training.models.upn import HistoryMatch
 
@@ -65,13 +68,16 @@ class PersonalCandidates(nn.Module):
         self.positions = nn.Embedding(schema.max_list, d) if positional else None
         self.match = HistoryMatch(cfg, schema) if cfg.history_match else None
 
-    def forward(self, inputs: ModelInputs[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        self, inputs: ModelInputs[torch.Tensor], served: nn.Module | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """served: ItemEmbedding.served() for inference (the inputs hold what a bundle serves), or None."""
         weight = inputs.hist_mask.unsqueeze(-1).to(torch.float32)
-        pooled = (self.items(inputs.hist_items) * weight).sum(1) / weight.sum(1).clamp(min=1.0)
+        pooled = (self.items(inputs.hist_items, served=served) * weight).sum(1) / weight.sum(1).clamp(min=1.0)
         u = self.user_norm(self.user(inputs.user_cat, inputs.user_num) + self.history(pooled))
-        x = self.items(inputs.cand_items, inputs.cand_num)
+        x = self.items(inputs.cand_items, inputs.cand_num, served)
         if self.match is not None:
-            x = x + self.match(inputs)
+            x = x + self.match(inputs, partial(self.items.identity, served=served))
         if self.positions is None:
             return x, u
         length = inputs.cand_items.shape[1]
@@ -98,13 +104,15 @@ class Baseline(Reranker):
     def label_loss(self, scores: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         return losses.listwise_softmax_loss(scores, labels, mask)
 
-    def score(self, inputs: ModelInputs[torch.Tensor]) -> torch.Tensor:
-        """Scores [B,L] (PAD_SCORE on padded slots)."""
-        x, u = self.inputs(inputs)
+    def score(self, inputs: ModelInputs[torch.Tensor], served: nn.Module | None = None) -> torch.Tensor:
+        """Scores [B,L] (PAD_SCORE on padded slots); served: as PersonalCandidates.forward."""
+        x, u = self.inputs(inputs, served)
         return self.head(x, u, inputs.cand_mask).masked_fill(~inputs.cand_mask, PAD_SCORE)
 
     def forward(self, inputs: dict[str, torch.Tensor], labels: torch.Tensor, step: int = 0) -> dict[str, torch.Tensor]:
-        return {"loss": self.label_loss(self.rank_scores(inputs), labels, inputs["cand_mask"])}
+        return with_anchor(
+            self, inputs, {"loss": self.label_loss(self.rank_scores(inputs), labels, inputs["cand_mask"])}
+        )
 
     def rank_scores(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
         return self.score(ModelInputs.from_batch(inputs))
@@ -114,14 +122,16 @@ class Baseline(Reranker):
 
 
 class Serving(nn.Module):
-    """Positional inputs (ModelInputs order) -> scores: what export writes to ONNX; shares parameters."""
+    """Positional inputs (ModelInputs order) -> scores: what export writes to ONNX; shares parameters,
+    plus a snapshot of the served item lookup (build it after training)."""
 
     def __init__(self, model: Baseline):
         super().__init__()
         self.model = model
+        self.items = model.inputs.items.served()
 
     def forward(self, *tensors: torch.Tensor) -> torch.Tensor:
-        return self.model.score(ModelInputs(*tensors))
+        return self.model.score(ModelInputs(*tensors), self.items)
 
 
 class DNN(Baseline):

@@ -18,10 +18,13 @@ from pydantic import AfterValidator, BeforeValidator, ConfigDict, ValidationErro
 from pydantic.dataclasses import dataclass
 from pydantic_core import ErrorDetails, PydanticCustomError
 
+from export.contract.content import MAX_CODEBOOK_SIZE  # a code fits one byte in a bundle's item_codes.npy
+
 ARCHS = ("psad", "dnn", "prm", "dlcm", "setrank")
 STUDENT_LOSSES = ("listwise", "bce")
 DISTILL_LOSSES = ("listwise", "rd", "none")
 TEACHER_TARGETS = ("own", "shown")
+ITEM_ENCODERS = ("id", "sid")
 
 # What a value of the wrong type should have been, by pydantic error type.
 _EXPECTED = {
@@ -152,7 +155,18 @@ class ModelConfig:
     teacher_layers: Annotated[int, at_least(0)] = 2  # transformer blocks in the teacher's candidate-set encoder
     student_hidden: Annotated[int, at_least(1)] = 128  # hidden width of the student's per-candidate MLP
     dropout: Annotated[float, fraction()] = 0.1
-    item_ids: bool = True  # False: items are known by their features only, no per-item id embedding (embeddings.py)
+    # how an item becomes a vector, for UPN, teacher, student and every baseline alike (embeddings.py):
+    # "id" = an id embedding + side tables; "sid" = IntRR codes assigned from the item's content (sid.py)
+    item_encoder: Annotated[str, one_of(ITEM_ENCODERS)] = "id"
+    item_ids: bool = True  # "id" only; False: items are known by their features only, no per-item id embedding
+    sid_levels: Annotated[int, at_least(1)] = 3  # sid: codebook levels L, one code per level
+    sid_codebook_size: Annotated[
+        int, rule(f"an integer in [2, {MAX_CODEBOOK_SIZE}]", lambda k: 2 <= k <= MAX_CODEBOOK_SIZE)
+    ] = 32
+    sid_anchor_weight: Annotated[float, at_least(0.0)] = 0.1  # sid: weight of the UID anchor loss (docs/model.md)
+    # sid: chance that a known item's ID embedding is withheld from the assignment in a training step, so
+    # the content-only path that new items take is trained too
+    sid_uid_dropout: Annotated[float, fraction()] = 0.3
     # B: slots the teacher fills per decoding step; 1 = AR, >= list length = NAR
     block_size: Annotated[int, at_least(1, " (1 = autoregressive)")] = 4
     # student label loss: "listwise" (softmax CE) or "bce" (pointwise)

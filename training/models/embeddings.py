@@ -14,8 +14,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from export.contract.schema import FeatureSchema, NumericFeature
+from export.contract.schema import OOV, FeatureSchema, NumericFeature
 from training.models.config import ModelConfig
+from training.models.sid import SidEncoder
 
 MASKED_LOGIT = -1e4  # finite: a row with every key masked stays finite, then reads out zeros
 
@@ -33,15 +34,22 @@ def _projection(n_in: int, d: int) -> nn.Linear | None:
 class ItemEmbedding(nn.Module):
     """Item index (+ per-impression candidate numerics) -> [.., d_model].
 
-    Sum of: id embedding, one embedding per item categorical feature (looked up in the baked
-    item table), a projection of the standardised item numerics, and, for candidates, a
-    projection of the standardised candidate numerics (e.g. the ranking stage's rank_score).
+    model.item_encoder = "id": the sum of an id embedding, one embedding per item categorical feature
+    (looked up in the baked item table), a projection of the standardised item numerics, and, for
+    candidates, a projection of the standardised candidate numerics (e.g. the ranking stage's score).
+    An item row the training period never saw (schema.known_items) is looked up as OOV, as a bundle,
+    which knows only those items, serves it.
+    model.item_encoder = "sid": the sum of the item's codes (sid.py), assigned from its content, plus
+    the candidate numerics; other item side features are not read (a bundle holds no per-item table).
 
     model.item_ids = False drops the id embedding. Where many candidates at test time never appear
     in a training list (new hotels on trivago: docs/data.md), their ids keep their random initial
     embedding: noise on top of the features that do generalise, which docs/model.md measures.
     Without item side tables every item then embeds alike, and only candidate numerics and
     UPN's identity test (history_match) tell candidates apart.
+
+    Served graphs read items through served() (a precomputed table, or the sid token lookup): the
+    `served` argument of forward() and identity().
     """
 
     def __init__(self, cfg: ModelConfig, schema: FeatureSchema, item_cat: torch.Tensor, item_num: torch.Tensor):
@@ -59,29 +67,38 @@ class ItemEmbedding(nn.Module):
         if not torch.isfinite(item_num).all():
             raise ValueError("item_num has NaN or infinite values: fix the items table")
         self.d_model = d
-        self.ids = nn.Embedding(n, d, padding_idx=0) if cfg.item_ids else None
-        self.cats = nn.ModuleList(nn.Embedding(f.cardinality, d, padding_idx=0) for f in schema.item_categorical)
-        mean = torch.tensor([f.mean for f in schema.item_numeric], dtype=torch.float32)
-        std = torch.tensor([f.std for f in schema.item_numeric], dtype=torch.float32)
-        self.register_buffer("item_cat", item_cat.to(torch.long).clone())
-        self.register_buffer("item_num", ((item_num.to(torch.float32) - mean) / std).clone())  # standardised
-        self.item_num_proj = _projection(n_num, d)
+        self.n_known = schema.n_known_items
+        self.sid = SidEncoder(cfg, schema, item_cat, item_num) if cfg.item_encoder == "sid" else None
+        side = self.sid is None
+        self.ids = nn.Embedding(self.n_known, d, padding_idx=0) if side and cfg.item_ids else None
+        self.cats = nn.ModuleList(
+            nn.Embedding(f.cardinality, d, padding_idx=0) for f in (schema.item_categorical if side else ())
+        )
+        item_numeric = schema.item_numeric if side else ()
+        mean = torch.tensor([f.mean for f in item_numeric], dtype=torch.float32)
+        std = torch.tensor([f.std for f in item_numeric], dtype=torch.float32)
+        self.register_buffer("item_cat", item_cat.to(torch.long).clone() if side else item_cat.new_zeros((n, 0)))
+        self.register_buffer("item_num", ((item_num.to(torch.float32)[:, : len(mean)] - mean) / std).clone())
+        self.item_num_proj = _projection(len(item_numeric), d)
         _standardiser(self, "cand_num", schema.candidate_numeric)
         self.cand_num_proj = _projection(len(schema.candidate_numeric), d)
         self.norm = nn.LayerNorm(d)
 
     def forward(
-        self, items: torch.Tensor, cand_num: torch.Tensor | None = None, table: torch.Tensor | None = None
+        self, items: torch.Tensor, cand_num: torch.Tensor | None = None, served: nn.Module | None = None
     ) -> torch.Tensor:
-        """items: int64 [...]; cand_num: float32 [..., n_candidate_numeric] or None (history items);
-        table: table() precomputed for inference (one gather instead of one per side table), or None."""
-        x = F.embedding(items, table) if table is not None else self.lookup(items)
+        """items: int64 [...] (indices; tokens when `served` is a sid lookup); cand_num: float32
+        [..., n_candidate_numeric] or None (history items); served: served() for inference, or None."""
+        x = served(items) if served is not None else self.lookup(items)
         if cand_num is not None and self.cand_num_proj is not None:
             x = x + self.cand_num_proj((cand_num - self.cand_num_mean) / self.cand_num_std)
         return self.norm(x)
 
     def lookup(self, items: torch.Tensor) -> torch.Tensor:
-        """The per-item part (id + side tables), before candidate numerics and normalisation."""
+        """The per-item part (id + side tables, or the code sum), before candidate numerics and normalisation."""
+        if self.sid is not None:
+            return self.sid(items)
+        items = self.known(items)
         x = self.ids(items) if self.ids is not None else self.item_num.new_zeros((*items.shape, self.d_model))
         if len(self.cats):
             cat = self.item_cat[items]
@@ -91,9 +108,45 @@ class ItemEmbedding(nn.Module):
             x = x + self.item_num_proj(self.item_num[items])
         return x
 
+    def known(self, items: torch.Tensor) -> torch.Tensor:
+        """Indices with the rows the training period never saw replaced by OOV."""
+        return torch.where(items < self.n_known, items, OOV)
+
+    def identity(self, items: torch.Tensor, served: nn.Module | None = None) -> torch.Tensor:
+        """What tells two items apart as served: the index (unseen rows as OOV) or the sid token."""
+        if served is not None:
+            return served.identity(items)
+        return self.sid.tokens(items) if self.sid is not None else self.known(items)
+
+    def served_items(self, items: torch.Tensor) -> torch.Tensor:
+        """Item indices of a data set -> what a bundle of this model serves for them (served()'s inputs)."""
+        return self.sid.served_tokens(items) if self.sid is not None else self.known(items)
+
     def table(self) -> torch.Tensor:
-        """lookup() of every item [n_items, d]: what the served graph gathers from."""
-        return self.lookup(torch.arange(len(self.item_cat), device=self.item_cat.device))
+        """lookup() of every known item [n_known, d]: what an "id" served graph gathers from."""
+        return self.lookup(torch.arange(self.n_known, device=self.item_cat.device))
+
+    def served(self) -> nn.Module:
+        """The item lookup of a served graph, taken now (after training): the items' table, or the sid
+        token lookup."""
+        if self.sid is not None:
+            return self.sid.served()
+        with torch.no_grad():
+            return TableLookup(self.table())
+
+
+class TableLookup(nn.Module):
+    """Item indices -> rows of a precomputed item table: one gather instead of one per side table."""
+
+    def __init__(self, table: torch.Tensor):
+        super().__init__()
+        self.register_buffer("table", table.clone())
+
+    def forward(self, items: torch.Tensor) -> torch.Tensor:
+        return F.embedding(items, self.table)
+
+    def identity(self, items: torch.Tensor) -> torch.Tensor:
+        return items
 
 
 class UserEmbedding(nn.Module):

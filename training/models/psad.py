@@ -6,7 +6,7 @@ One forward pass computes the three losses of online distillation:
              or (teacher_target "shown") the click model of the displayed order inputs[SHOWN]
   student  = label loss of the student's scores (listwise softmax CE or BCE)
   distill  = student vs perm
-  loss     = teacher + student + distill_weight * distill
+  loss     = teacher + student + distill_weight * distill (+ the sid anchor, sid.py)
 Online only UPN + student run (serving_module); the teacher stays for offline evaluation.
 """
 
@@ -19,6 +19,7 @@ from export.contract.schema import FeatureSchema, ModelInputs
 from training.models import losses
 from training.models.config import ModelConfig
 from training.models.reranker import Reranker
+from training.models.sid import with_anchor
 from training.models.student import Student
 from training.models.teacher import Teacher, decode_steps
 from training.models.upn import UPN
@@ -30,19 +31,19 @@ class StudentScorer(nn.Module):
     """UPN + student: the model inputs, positionally in ModelInputs order -> scores [B,L].
 
     This is what export writes to ONNX. It shares the parameters of PSAD, plus a snapshot of the
-    item table (ItemEmbedding.table(), taken here: build the scorer after training), so the
-    served graph makes one gather per item instead of one per side table.
+    served item lookup (ItemEmbedding.served(), taken here: build the scorer after training): the item
+    table, so the served graph makes one gather per item instead of one per side table, or the sid
+    token lookup.
     """
 
     def __init__(self, upn: UPN, student: Student):
         super().__init__()
         self.upn = upn
         self.student = student
-        with torch.no_grad():
-            self.register_buffer("item_table", upn.items.table(), persistent=False)
+        self.items = upn.items.served()
 
     def forward(self, *tensors: torch.Tensor) -> torch.Tensor:
-        x, u = self.upn(*tensors, item_table=self.item_table)
+        x, u = self.upn(*tensors, served=self.items)
         return self.student(x, u, ModelInputs(*tensors).cand_mask)
 
 
@@ -56,8 +57,10 @@ class PSAD(Reranker):
         self.teacher = Teacher(cfg, schema.max_list)
         self.student = Student(cfg)
 
-    def _represent(self, inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.upn(*ModelInputs.from_batch(inputs))
+    def _represent(
+        self, inputs: dict[str, torch.Tensor], served: nn.Module | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.upn(*ModelInputs.from_batch(inputs), served=served)
 
     def forward(self, inputs: dict[str, torch.Tensor], labels: torch.Tensor, step: int = 0) -> dict[str, torch.Tensor]:
         cfg, mask = self.cfg, inputs["cand_mask"]
@@ -87,17 +90,19 @@ class PSAD(Reranker):
             weights = losses.rd_weights(scores, perm, mask, cfg.rd_k, cfg.rd_lambda, mu)
             distill = losses.rd_distill_loss(scores, perm, weights, cfg.rd_alpha)
         total = teacher + student + cfg.distill_weight * distill
-        return {"loss": total, "teacher": teacher, "student": student, "distill": distill}
+        return with_anchor(self, inputs, {"loss": total, "teacher": teacher, "student": student, "distill": distill})
 
     def rank_scores(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
         """The student's scores [B,L], higher first; padded slots get student.PAD_SCORE."""
         return self.student(*self._represent(inputs), inputs["cand_mask"])
 
     @torch.no_grad()
-    def teacher_decode(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
-        """The teacher's greedy permutation [B,L]: perm[b, r] = candidate index at rank r."""
+    def teacher_decode(self, inputs: dict[str, torch.Tensor], served: nn.Module | None = None) -> torch.Tensor:
+        """The teacher's greedy permutation [B,L]: perm[b, r] = candidate index at rank r. served: the
+        item lookup (ItemEmbedding.served()) when the inputs hold what a bundle serves (shadow
+        evaluation re-decodes recorded lists), None for data-set indices."""
         mask = inputs["cand_mask"]
-        x, u = self._represent(inputs)
+        x, u = self._represent(inputs, served)
         return self.teacher.decode(self.teacher.encode(x, mask), u, mask)
 
     def decode_steps(self, list_length: int) -> int:

@@ -10,6 +10,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from export.contract.schema import ModelInputs
+from training.models.embeddings import ItemEmbedding
+
 
 class Reranker(nn.Module):
     """A base for PSAD and the baselines; it holds no parameters, so checkpoints keep their names."""
@@ -25,3 +28,13 @@ class Reranker(nn.Module):
     def serving_module(self) -> nn.Module:
         """A module whose forward(*tensors) scores the model inputs positionally: what export writes to ONNX."""
         raise NotImplementedError
+
+
+def served_inputs(model: nn.Module, inputs: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+    """A batch of data-set item indices as a bundle of `model` serves it, positionally (serving_module's
+    inputs): items the training period never saw as OOV ("id") or by their content's codes ("sid")."""
+    items = next(m for m in model.modules() if isinstance(m, ItemEmbedding))
+    batch = ModelInputs.from_batch(inputs)
+    return list(
+        batch._replace(cand_items=items.served_items(batch.cand_items), hist_items=items.served_items(batch.hist_items))
+    )

@@ -22,6 +22,8 @@ query, which an item first seen after training never learns; an equality test ne
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from functools import partial
 from typing import NamedTuple
 
 import torch
@@ -76,10 +78,16 @@ class HistoryMatch(nn.Module):
         self.n_actions = schema.n_actions
         self.proj = nn.Linear(schema.n_actions + 2, cfg.d_model)
 
-    def forward(self, inputs: ModelInputs[torch.Tensor]) -> torch.Tensor:
-        return self.proj(
-            self.features(inputs.cand_items, inputs.hist_items, inputs.hist_actions, inputs.hist_age, inputs.hist_mask)
+    def forward(
+        self, inputs: ModelInputs[torch.Tensor], identity: Callable[[torch.Tensor], torch.Tensor] | None = None
+    ) -> torch.Tensor:
+        """identity: what tells items apart (ItemEmbedding.identity); None = the inputs as given (served)."""
+        cand, hist = (
+            (inputs.cand_items, inputs.hist_items)
+            if identity is None
+            else map(identity, (inputs.cand_items, inputs.hist_items))
         )
+        return self.proj(self.features(cand, hist, inputs.hist_actions, inputs.hist_age, inputs.hist_mask))
 
     def features(self, cand_items, hist_items, hist_actions, hist_age, hist_mask) -> torch.Tensor:
         """[B,L] candidates against the [B,H] history (oldest first) -> [B,L,A+2]: log1p counts per
@@ -128,21 +136,19 @@ class UPN(nn.Module):
         self.match = HistoryMatch(cfg, schema) if cfg.use_upn and cfg.history_match else None
         self.norm = nn.LayerNorm(d)
 
-    def forward(
-        self, *tensors: torch.Tensor, item_table: torch.Tensor | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """tensors: the model inputs, positionally; item_table: ItemEmbedding.table() precomputed for
-        inference, or None (training)."""
+    def forward(self, *tensors: torch.Tensor, served: nn.Module | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """tensors: the model inputs, positionally; served: ItemEmbedding.served() for inference (the
+        inputs then hold what a bundle serves), or None (training)."""
         inputs = ModelInputs(*tensors)
         u = self.user(inputs.user_cat, inputs.user_num)
-        x = self.items(inputs.cand_items, inputs.cand_num, item_table)
+        x = self.items(inputs.cand_items, inputs.cand_num, served)
         position_scale = 1.0
         if self.cfg.use_upn:
-            memory = self._memory(inputs, item_table)
+            memory = self._memory(inputs, served)
             u = self.user_norm(u + self.user_read(u[:, None], memory)[:, 0])
             x = x * (2 * torch.sigmoid(self.gate(u)))[:, None] + self.cand_read(x, memory)
             if self.match is not None:
-                x = x + self.match(inputs)
+                x = x + self.match(inputs, partial(self.items.identity, served=served))
             position_scale = (2 * torch.sigmoid(self.position_gate(u)))[:, None]
         if self.positions is not None:
             length = inputs.cand_items.shape[1]
@@ -150,8 +156,8 @@ class UPN(nn.Module):
             x = x + self.positions(index)[None] * position_scale
         return self.norm(x), u
 
-    def _memory(self, inputs: ModelInputs[torch.Tensor], item_table: torch.Tensor | None) -> Memory:
-        h = self.items(inputs.hist_items, table=item_table) + self.actions(inputs.hist_actions)
+    def _memory(self, inputs: ModelInputs[torch.Tensor], served: nn.Module | None) -> Memory:
+        h = self.items(inputs.hist_items, served=served) + self.actions(inputs.hist_actions)
         batch, heads = inputs.hist_mask.shape[0], self.cfg.n_heads
         slots = torch.cat([self.no_history.expand(batch, 1, -1), h], dim=1)
         k, v = self.memory_kv(slots).unflatten(-1, (2, heads, -1)).permute(2, 0, 3, 1, 4).unbind(0)  # [B,h,H+1,dh]
